@@ -1,0 +1,83 @@
+"""Argument checks shared by the model and the stream.
+
+Everything a kernel relies on (dtype, shape, C-contiguity, alignment, ranges)
+is established here, before any kernel runs, with messages that name the
+argument and what was expected.  Inputs are never written: a conversion makes
+a new array, and outputs may not overlap inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["as_float_array", "as_lengths", "check_out_array", "check_no_overlap"]
+
+
+def as_float_array(value, name: str, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a C-contiguous, aligned array of ``dtype`` (a copy only when needed)."""
+    arr = value if type(value) is np.ndarray else _asarray(value, name)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floating-point numbers (float16/32/64), got dtype {arr.dtype}")
+    if arr.dtype != dtype or not (arr.flags.c_contiguous and arr.flags.aligned):
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+    return arr
+
+
+def _asarray(value, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be array-like (numpy array, CPU tensor, nested lists): {exc}") from None
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got an object array (ragged or mixed input?)")
+    return arr
+
+
+def as_lengths(value, batch: int, steps: int, unbatched: bool) -> np.ndarray:
+    """Validate sequence lengths: integers in [0, steps], one per batch row; returns int64 (batch,)."""
+    arr = _asarray(value, "lengths")
+    expected = "a scalar or shape (1,)" if unbatched else f"shape ({batch},)"
+    if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
+        raise TypeError(f"lengths must hold integers, got dtype {arr.dtype}")
+    if unbatched and arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.shape != (batch,):
+        raise ValueError(f"lengths must have {expected} (one length per sequence), got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("lengths must be finite integers, got NaN or infinity")
+        if not np.all(arr == np.round(arr)):
+            raise ValueError("lengths must be whole numbers, got fractional values")
+    if arr.size and (arr.min() < 0 or arr.max() > steps):
+        raise ValueError(
+            f"lengths must lie in [0, {steps}] (the number of time steps), got values from {arr.min()} to {arr.max()}"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_out_array(arr, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """An output buffer must be exactly what the kernel writes: dtype, shape, C-contiguous, writeable."""
+    if type(arr) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if not (arr.flags.c_contiguous and arr.flags.aligned):
+        raise ValueError(f"{name} must be C-contiguous and aligned")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return arr
+
+
+def check_no_overlap(outputs: dict, inputs: dict) -> None:
+    """Refuse outputs that share memory with an input or with each other."""
+    names = list(outputs)
+    for i, name in enumerate(names):
+        out = outputs[name]
+        for other, arr in inputs.items():
+            if arr is not None and np.may_share_memory(out, arr):
+                raise ValueError(f"{name} shares memory with {other}; outputs must not overlap inputs")
+        for other in names[i + 1 :]:
+            if np.may_share_memory(out, outputs[other]):
+                raise ValueError(f"{name} and {other} share memory")

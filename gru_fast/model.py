@@ -1,0 +1,442 @@
+"""The engine's model: GRU weights in kernel layout, and the calls that run them.
+
+A :class:`GRU` is built from per-layer ``(W, R, B)`` arrays in ONNX layout and
+gate order (z, r, h) — the one canonical form every converter produces.  At
+construction the weights are laid out once for the kernels:
+
+* ``W`` and ``R`` transposed to (I, 3H) and (H, 3H), so a row of input or state
+  times the matrix streams contiguous memory;
+* the input and recurrent biases of z and r pre-summed (and of n when
+  ``linear_before_reset`` is 0; with 1 the recurrent n bias stays separate,
+  inside the reset product);
+* everything in one flat, 64-byte aligned ``params`` array with an int64
+  ``meta`` table of offsets (see :mod:`gru_fast.kernels`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numba
+import numpy as np
+
+from . import kernels
+from ._config import PARALLEL_LOCK
+from ._memory import address
+from ._validate import as_float_array, as_lengths, check_no_overlap, check_out_array
+from .activations import Activation, parse_activations
+
+__all__ = ["GRU", "Stream"]
+
+_DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
+_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+# Below these sizes a parallel region or a BLAS call costs more than it saves.
+_PARALLEL_MIN_WORK = 1 << 17  # multiply-adds per unit of work
+_BLAS_MIN_ROWS = 8
+_WORKSPACES_PER_THREAD = 8
+
+
+def _as_dtype(dtype) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in _DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def _aligned_empty(n: int, dtype: np.dtype) -> np.ndarray:
+    """A 1-D array of n elements whose data starts on a 64-byte boundary."""
+    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start : start + n * dtype.itemsize].view(dtype)
+
+
+class GRU:
+    """A stacked, optionally bidirectional GRU for inference.
+
+    Parameters
+    ----------
+    layers : sequence of (W, R, B)
+        One entry per stacked layer in ONNX layout and gate order (z, r, h):
+        ``W`` (D, 3H, I_l), ``R`` (D, 3H, H), ``B`` (D, 6H) = [Wb, Rb] or None.
+        ``I_0`` is the input size and ``I_l = D * H`` above it.  Copied.
+    direction : {"forward", "reverse", "bidirectional"}
+        ONNX's direction; "reverse" runs each sequence from its last valid step.
+    linear_before_reset : bool
+        True for PyTorch (reset applied after the recurrent product), False for
+        the original GRU (ONNX default, Keras ``reset_after=False``).
+    activations, activation_alpha, activation_beta : optional
+        ONNX's activation attributes (see :mod:`gru_fast.activations`).
+    clip : float, optional
+        Clamp every gate pre-activation to [-clip, clip] (ONNX ``clip``).
+    batch_first : bool
+        Whether x and y are (B, T, ...) instead of (T, B, ...).
+    dtype : {"float32", "float64"}, optional
+        Compute precision; float64 when W is float64, else float32.
+    provenance : dict, optional
+        JSON-able facts about where the weights came from; kept by :func:`gru_fast.save`.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence,
+        *,
+        direction: str = "forward",
+        linear_before_reset: bool = True,
+        activations: Sequence[str] | None = None,
+        activation_alpha: Sequence[float] | None = None,
+        activation_beta: Sequence[float] | None = None,
+        clip: float | None = None,
+        batch_first: bool = False,
+        dtype=None,
+        provenance: dict | None = None,
+    ):
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"direction must be one of {sorted(_DIRECTIONS)}, got {direction!r}")
+        if isinstance(layers, tuple) and len(layers) == 3 and not isinstance(layers[0], (tuple, list)):
+            raise TypeError("layers must be a list of (W, R, B) tuples, one per layer; wrap a single layer in a list")
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers must hold at least one (W, R, B) layer")
+        num_directions = _DIRECTIONS[direction]
+        first_w = np.asarray(layers[0][0])
+        if dtype is None:
+            dtype = np.float64 if first_w.dtype == np.float64 else np.float32
+        self.dtype = _as_dtype(dtype)
+        self.direction = direction
+        self.num_directions = num_directions
+        self.linear_before_reset = bool(linear_before_reset)
+        self.batch_first = bool(batch_first)
+        if clip is not None:
+            clip = float(clip)
+            if not (np.isfinite(clip) and clip > 0):
+                raise ValueError(f"clip must be a positive finite number or None, got {clip}")
+        self.clip = clip
+        self.activations: tuple[Activation, ...] = parse_activations(
+            activations, activation_alpha, activation_beta, num_directions
+        )
+        self.provenance = dict(provenance or {})
+        self._weights = self._check_layers(layers)
+        self.num_layers = len(self._weights)
+        self.hidden_size = self._weights[0][1].shape[2]
+        self.input_size = self._weights[0][0].shape[2]
+        self.has_bias = self._weights[0][2] is not None
+        self._params, self._meta = self._pack()
+        self._marker = self.dtype.type(0)
+        self._params_addr = address(self._params)
+        self._meta_addr = address(self._meta)
+        self._local = threading.local()
+
+    # ---- construction -------------------------------------------------------
+
+    def _check_layers(self, layers):
+        D = self.num_directions
+        checked = []
+        hidden = None
+        has_bias = None
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, (tuple, list)) or len(layer) != 3:
+                raise ValueError(f"layers[{index}] must be a (W, R, B) tuple, B may be None")
+            W, R, B = (None if a is None else np.asarray(a) for a in layer)
+            for name, arr in (("W", W), ("R", R), ("B", B)):
+                if name != "B" and arr is None:
+                    raise ValueError(f"layers[{index}].{name} is missing")
+                if arr is not None and arr.dtype.kind not in "fiu":
+                    raise TypeError(f"layers[{index}].{name} must be numeric, got dtype {arr.dtype}")
+            if R.ndim != 3 or R.shape[0] != D or R.shape[1] != 3 * R.shape[2] or R.shape[2] < 1:
+                raise ValueError(
+                    f"layers[{index}].R must have shape ({D}, 3*H, H) for direction {self.direction!r}, got {R.shape}"
+                )
+            H = R.shape[2]
+            if hidden is not None and H != hidden:
+                raise ValueError(f"layers[{index}] has hidden size {H}, layer 0 has {hidden}")
+            hidden = H
+            expected_in = None if index == 0 else D * H
+            if W.ndim != 3 or W.shape[:2] != (D, 3 * H) or W.shape[2] < 1 or (
+                expected_in is not None and W.shape[2] != expected_in
+            ):
+                want = f"({D}, {3 * H}, {'I' if expected_in is None else expected_in})"
+                raise ValueError(f"layers[{index}].W must have shape {want}, got {W.shape}")
+            if B is not None and B.shape != (D, 6 * H):
+                raise ValueError(f"layers[{index}].B must have shape ({D}, {6 * H}) or be None, got {B.shape}")
+            if has_bias is not None and (B is not None) != has_bias:
+                raise ValueError("either every layer has a bias B or none has")
+            has_bias = B is not None
+            for name, arr in (("W", W), ("R", R), ("B", B)):
+                if arr is not None and not np.all(np.isfinite(arr)):
+                    raise ValueError(f"layers[{index}].{name} holds NaN or infinity")
+            cast = lambda a: None if a is None else np.array(a, dtype=self.dtype, copy=True)  # noqa: E731
+            checked.append((cast(W), cast(R), cast(B)))
+        return checked
+
+    def _pack(self):
+        """Lay the weights out once for the kernels (see the module docstring)."""
+        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        align = 16  # elements: 64 bytes in float32
+
+        def padded(n):
+            return -(-n // align) * align
+
+        sizes = []
+        for W, R, B in self._weights:
+            n_in = W.shape[2]
+            sizes.append(padded(n_in * 3 * H) + padded(3 * H * H) + padded(3 * H) + padded(H))
+        params = _aligned_empty(kernels.PARAM_HEADER + D * sum(sizes), self.dtype)
+        params[:] = 0
+        meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
+        meta[kernels.META_LAYERS] = L
+        meta[kernels.META_DIRECTIONS] = D
+        meta[kernels.META_HIDDEN] = H
+        meta[kernels.META_INPUT] = self.input_size
+        meta[kernels.META_LBR] = int(self.linear_before_reset)
+        meta[kernels.META_REVERSE] = int(self.direction == "reverse")
+        params[kernels.PARAM_CLIP] = self.clip or 0.0
+        for d in range(D):
+            f, g = self.activations[2 * d], self.activations[2 * d + 1]
+            meta[kernels.META_CODES + 2 * d : kernels.META_CODES + 2 * d + 2] = (f.code, g.code)
+            params[kernels.PARAM_ACT + 4 * d : kernels.PARAM_ACT + 4 * d + 4] = (f.alpha, f.beta, g.alpha, g.beta)
+        cursor = kernels.PARAM_HEADER
+        for layer, (W, R, B) in enumerate(self._weights):
+            n_in = W.shape[2]
+            for d in range(D):
+                bias = np.zeros(6 * H, self.dtype) if B is None else B[d]
+                w_bias, r_bias = bias[: 3 * H], bias[3 * H :]
+                b_x = w_bias.copy()
+                b_x[: 2 * H] += r_bias[: 2 * H]  # z and r: both biases add up front
+                if self.linear_before_reset:
+                    b_hn = r_bias[2 * H :]  # stays inside r * (h R_n^T + Rb_n)
+                else:
+                    b_x[2 * H :] += r_bias[2 * H :]
+                    b_hn = np.zeros(H, self.dtype)
+                base = kernels.META_OFFSETS + 4 * (layer * D + d)
+                for slot, block in enumerate((W[d].T, R[d].T, b_x, b_hn)):
+                    meta[base + slot] = cursor
+                    params[cursor : cursor + block.size] = block.ravel()
+                    cursor += padded(block.size)
+        params.flags.writeable = False
+        meta.flags.writeable = False
+        return params, meta
+
+    # ---- properties ---------------------------------------------------------
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.num_directions == 2
+
+    def onnx_weights(self):
+        """The weights as a list of (W, R, B) copies in ONNX layout (B is None without bias)."""
+        return [tuple(None if a is None else a.copy() for a in layer) for layer in self._weights]
+
+    def _config(self) -> dict:
+        return dict(
+            direction=self.direction,
+            linear_before_reset=self.linear_before_reset,
+            activations=[a.name for a in self.activations],
+            activation_alpha=[a.alpha for a in self.activations if a.takes_alpha],
+            activation_beta=[a.beta for a in self.activations if a.takes_beta],
+            clip=self.clip,
+            batch_first=self.batch_first,
+            dtype=self.dtype.name,
+            provenance=self.provenance,
+        )
+
+    def astype(self, dtype) -> "GRU":
+        """A copy computing in another precision."""
+        return GRU(self._weights, **dict(self._config(), dtype=_as_dtype(dtype)))
+
+    def __reduce__(self):
+        # Pickle by weights and configuration: no kernel objects travel.
+        return (_rebuild, (self._weights, self._config()))
+
+    def __repr__(self) -> str:
+        extra = "" if self.linear_before_reset else ", linear_before_reset=False"
+        if self.batch_first:
+            extra += ", batch_first=True"
+        if self.clip is not None:
+            extra += f", clip={self.clip}"
+        if [a.name for a in self.activations[:2]] != ["Sigmoid", "Tanh"] or len(set(self.activations)) > 2:
+            extra += f", activations={[a.name for a in self.activations]}"
+        return (
+            f"GRU(input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+            f"direction={self.direction!r}{extra}, bias={self.has_bias}, dtype={self.dtype.name})"
+        )
+
+    # ---- running ------------------------------------------------------------
+
+    def _workspace(self, steps: int, batch: int) -> np.ndarray:
+        cache = getattr(self._local, "workspaces", None)
+        if cache is None:
+            cache = self._local.workspaces = {}
+        key = (steps, batch)
+        ws = cache.get(key)
+        if ws is None:
+            end = kernels.workspace_layout(steps, batch, self.hidden_size, self.num_directions, self.num_layers)[-1]
+            if len(cache) >= _WORKSPACES_PER_THREAD:
+                cache.pop(next(iter(cache)))
+            ws = cache[key] = _aligned_empty(end, self.dtype)
+        return ws
+
+    def __call__(self, x, h0=None, lengths=None, out=None):
+        """Run the model over whole sequences.
+
+        Parameters
+        ----------
+        x : array-like
+            (T, B, I), or (B, T, I) when ``batch_first``, or (T, I) unbatched.
+        h0 : array-like, optional
+            Initial state (L*D, B, H) — (L*D, H) unbatched; zeros when omitted.
+        lengths : array-like of int, optional
+            (B,) valid steps per sequence, each in [0, T] (PackedSequence
+            semantics; a length of 0 leaves that sequence's state at h0).
+        out : (y, h_n), optional
+            Arrays to write the results into (exact dtype and shape, C-contiguous).
+
+        Returns
+        -------
+        y : ndarray
+            (T, B, D*H) (batch_first: (B, T, D*H); unbatched: (T, D*H)); 0 at padded steps.
+        h_n : ndarray
+            (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
+        """
+        dtype = self.dtype
+        x = as_float_array(x, "x", dtype)
+        H, D, LD = self.hidden_size, self.num_directions, self.num_layers * self.num_directions
+        if x.ndim == 3:
+            unbatched = False
+            if self.batch_first:
+                batch, steps = x.shape[0], x.shape[1]
+            else:
+                steps, batch = x.shape[0], x.shape[1]
+        elif x.ndim == 2:
+            unbatched = True
+            steps, batch = x.shape[0], 1
+        else:
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ValueError(f"x must be 3-D {layout} or 2-D (T, I) with I={self.input_size}, got shape {x.shape}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"x must have input size {self.input_size} on its last axis, got shape {x.shape}")
+        if steps == 0 or batch == 0:
+            raise ValueError(f"x must hold at least one time step and one sequence, got shape {x.shape}")
+        state_shape = (LD, H) if unbatched else (LD, batch, H)
+        if h0 is not None:
+            h0 = as_float_array(h0, "h0", dtype)
+            if h0.shape != state_shape:
+                raise ValueError(f"h0 must have shape {state_shape} (num_layers*num_directions, batch, hidden), got {h0.shape}")
+        if lengths is not None:
+            lengths = as_lengths(lengths, batch, steps, unbatched)
+        if out is None:
+            y = np.empty(x.shape[:-1] + (D * H,), dtype)
+            h_n = np.empty(state_shape, dtype)
+        else:
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError("out must be a (y, h_n) pair of arrays")
+            y = check_out_array(out[0], "out[0] (y)", x.shape[:-1] + (D * H,), dtype)
+            h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
+            check_no_overlap({"out[0] (y)": y, "out[1] (h_n)": h_n}, {"x": x, "h0": h0, "lengths": lengths})
+        self._run(x, steps, batch, h0, lengths, y, h_n)
+        return y, h_n
+
+    def _run(self, x, steps, batch, h0, lengths, y, h_n):
+        H, D = self.hidden_size, self.num_directions
+        ws = self._workspace(steps, batch)
+        rows = steps * batch
+        blas = rows >= _BLAS_MIN_ROWS
+        threads = numba.get_num_threads()
+        chunks = max(1, min(batch, threads // D))
+        units = D * chunks
+        work_per_unit = rows // chunks * 3 * H * (H + (0 if blas else self.input_size))
+        parallel = threads > 1 and units > 1 and work_per_unit >= _PARALLEL_MIN_WORK
+        args = (
+            self._marker, self._params_addr, self._params.size, self._meta_addr, address(x), steps, batch,
+            self.batch_first and x.ndim == 3, 0 if h0 is None else address(h0),
+            0 if lengths is None else address(lengths), address(y), address(h_n), address(ws),
+        )
+        if parallel:
+            with PARALLEL_LOCK:
+                kernels.forward_parallel(*args, chunks, blas)
+        else:
+            kernels.forward_serial(*args, 1, blas)
+
+    def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
+        """A streaming session that advances every layer one time step per :meth:`Stream.step`.
+
+        ``batch_size=None`` streams a single unbatched sequence: steps take (I,)
+        and return (H,).  Only unidirectional, forward models can stream.
+        """
+        return Stream(self, batch_size, h0)
+
+
+def _rebuild(weights, config):
+    return GRU(weights, **config)
+
+
+class Stream:
+    """Step a unidirectional GRU one input frame at a time, keeping its state.
+
+    ``step(x_t)`` takes (B, I) — or (I,) for an unbatched stream — and returns
+    the last layer's new state (B, H) / (H,).  ``state`` is (L, B, H).  A step
+    with ``out=`` makes no allocation once the stream exists.
+    """
+
+    def __init__(self, model: GRU, batch_size: int | None = 1, h0=None):
+        if model.num_directions != 1 or model.direction != "forward":
+            raise ValueError(
+                f"stream() needs a forward, unidirectional model; this one is {model.direction!r} "
+                "(a reverse direction needs the whole sequence: call the model instead)"
+            )
+        self.unbatched = batch_size is None
+        batch = 1 if batch_size is None else batch_size
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        self.model = model
+        self.batch_size = int(batch)
+        H, L = model.hidden_size, model.num_layers
+        self._state = np.zeros((L, self.batch_size, H), model.dtype)
+        self._h0 = None
+        self._ws = np.empty(kernels.stream_workspace_size(self.batch_size, H), model.dtype)
+        self._x_shape = (model.input_size,) if self.unbatched else (self.batch_size, model.input_size)
+        self._y_shape = (H,) if self.unbatched else (self.batch_size, H)
+        self._lock = threading.Lock()
+        self.reset(h0)
+
+    @property
+    def state(self) -> np.ndarray:
+        """A copy of the current state, (L, B, H) — (L, H) for an unbatched stream."""
+        state = self._state.copy()
+        return state[:, 0] if self.unbatched else state
+
+    def reset(self, h0=None) -> None:
+        """Return to ``h0`` (or zeros; or the h0 the stream was created with when omitted)."""
+        if h0 is not None:
+            L, B, H = self._state.shape
+            expected = (L, H) if self.unbatched else (L, B, H)
+            h0 = as_float_array(h0, "h0", self.model.dtype)
+            if h0.shape != expected:
+                raise ValueError(f"h0 must have shape {expected} (num_layers, batch, hidden), got {h0.shape}")
+            self._h0 = h0.reshape(self._state.shape).copy()
+        if self._h0 is None:
+            self._state[...] = 0
+        else:
+            self._state[...] = self._h0
+
+    def step(self, x_t, out=None) -> np.ndarray:
+        """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
+        model = self.model
+        if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
+                and x_t.flags.aligned):
+            x_t = as_float_array(x_t, "x_t", model.dtype)
+        if x_t.shape != self._x_shape:
+            raise ValueError(f"x_t must have shape {self._x_shape}, got {x_t.shape}")
+        if out is None:
+            y = np.empty(self._y_shape, model.dtype)
+        else:
+            y = check_out_array(out, "out", self._y_shape, model.dtype)
+            check_no_overlap({"out": y}, {"x_t": x_t})
+        with self._lock:  # one stream, one state: steps from several threads take turns
+            kernels.step(model._marker, model._params_addr, model._params.size, model._meta_addr, address(x_t),
+                         self.batch_size, address(self._state), address(y), address(self._ws))
+        return y

@@ -80,7 +80,8 @@ def parse_activations(
         raise TypeError("activations must be a sequence of names, e.g. ['Sigmoid', 'Tanh']")
     names = list(names)
     if len(names) == 2 and num_directions == 2:
-        names = names * 2
+        # One [f, g] pair, with its parameters, shared by both directions.
+        return parse_activations(names, alphas, betas, 1) * 2
     if len(names) != 2 * num_directions:
         raise ValueError(
             f"activations: expected 2 names per direction ({2 * num_directions} in all), got {len(names)}"

@@ -35,6 +35,7 @@ _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 # Below these sizes a parallel region or a BLAS call costs more than it saves.
 _PARALLEL_MIN_WORK = 1 << 17  # multiply-adds per unit of work
 _BLAS_MIN_ROWS = 8
+_BATCHED_MIN_ROWS = 8
 _WORKSPACES_PER_THREAD = 8
 
 
@@ -184,7 +185,7 @@ class GRU:
         sizes = []
         for W, R, B in self._weights:
             n_in = W.shape[2]
-            sizes.append(padded(n_in * 3 * H) + padded(3 * H * H) + padded(3 * H) + padded(H))
+            sizes.append(padded(n_in * 3 * H) + padded(2 * H * H) + padded(H * H) + padded(3 * H) + padded(H))
         params = _aligned_empty(kernels.PARAM_HEADER + D * sum(sizes), self.dtype)
         params[:] = 0
         meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
@@ -212,10 +213,13 @@ class GRU:
                 else:
                     b_x[2 * H :] += r_bias[2 * H :]
                     b_hn = np.zeros(H, self.dtype)
-                base = kernels.META_OFFSETS + 4 * (layer * D + d)
-                for slot, block in enumerate((W[d].T, R[d].T, b_x, b_hn)):
+                base = kernels.META_OFFSETS + kernels.OFFSETS_PER_BLOCK * (layer * D + d)
+                r_t = R[d].T
+                blocks = (W[d].T, r_t[:, : 2 * H], r_t[:, 2 * H :], b_x, b_hn)
+                for slot, block in zip((kernels.OFFSET_W, kernels.OFFSET_RZR, kernels.OFFSET_RN,
+                                        kernels.OFFSET_BX, kernels.OFFSET_BHN), blocks):
                     meta[base + slot] = cursor
-                    params[cursor : cursor + block.size] = block.ravel()
+                    params[cursor : cursor + block.size] = np.ascontiguousarray(block).ravel()
                     cursor += padded(block.size)
         params.flags.writeable = False
         meta.flags.writeable = False
@@ -341,11 +345,20 @@ class GRU:
         return y, h_n
 
     def _run(self, x, steps, batch, h0, lengths, y, h_n):
+        """Pick the kernel strategy for this shape and run it.
+
+        * batch >= _BATCHED_MIN_ROWS: one BLAS product per step over the whole
+          batch; BLAS owns the cores, no Numba parallel region (the two pools
+          would fight over 2 cores);
+        * otherwise rows run one at a time, split into units of (direction,
+          row slice) run in parallel when each unit has enough work.
+        """
         H, D = self.hidden_size, self.num_directions
         ws = self._workspace(steps, batch)
         rows = steps * batch
         blas = rows >= _BLAS_MIN_ROWS
-        threads = numba.get_num_threads()
+        batched = batch >= _BATCHED_MIN_ROWS
+        threads = 1 if batched else numba.get_num_threads()
         chunks = max(1, min(batch, threads // D))
         units = D * chunks
         work_per_unit = rows // chunks * 3 * H * (H + (0 if blas else self.input_size))
@@ -357,9 +370,9 @@ class GRU:
         )
         if parallel:
             with PARALLEL_LOCK:
-                kernels.forward_parallel(*args, chunks, blas)
+                kernels.forward_parallel(*args, chunks, blas, False)
         else:
-            kernels.forward_serial(*args, 1, blas)
+            kernels.forward_serial(*args, 1, blas or batched, batched)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.

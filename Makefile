@@ -1,0 +1,34 @@
+# The two commands a fresh machine needs:
+#   make demo   -- set up .venv and run the quick start (gru_fast vs PyTorch, outputs and timings)
+#   make test   -- set up .venv and run the test suite
+# PyTorch is installed explicitly as torch==2.13.0: the CPU build on this project's
+# machines. Any other spec (or letting a dependency pull torch) downloads a CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -4,8 +4,12 @@ The ONNX GRU operator names two activations per direction, ``f`` for the update
 and reset gates and ``g`` for the candidate, from a fixed list.  Some take an
 ``alpha`` and/or ``beta``; the operator's ``activation_alpha`` and
 ``activation_beta`` lists are consumed in order by the activations that take
-that parameter, and a missing value falls back to the default of the
-corresponding ONNX operator (as ONNX Runtime does).
+that parameter.  The spec gives no defaults for a missing value; gru_fast uses
+ONNX Runtime's (onnxruntime/core/providers/cpu/rnn/rnn_helpers.cc): LeakyRelu
+alpha 0.01, HardSigmoid 0.2/0.5, Elu 1.0 and 0.0 for every other parameter, so
+ScaledTanh and Affine without parameters are identically 0 and
+ThresholdedRelu thresholds at 0.  Converters that mean alpha=1 (Keras'
+"linear") pass it explicitly.
 
 Kernels see an activation as an integer code plus (alpha, beta); this module is
 the only place that maps names to codes.
@@ -24,9 +28,9 @@ _TABLE = (
     (2, "Relu", False, False, 0.0, 0.0),
     (3, "HardSigmoid", True, True, 0.2, 0.5),
     (4, "LeakyRelu", True, False, 0.01, 0.0),
-    (5, "ThresholdedRelu", True, False, 1.0, 0.0),
-    (6, "ScaledTanh", True, True, 1.0, 1.0),
-    (7, "Affine", True, True, 1.0, 0.0),
+    (5, "ThresholdedRelu", True, False, 0.0, 0.0),
+    (6, "ScaledTanh", True, True, 0.0, 0.0),
+    (7, "Affine", True, True, 0.0, 0.0),
     (8, "Elu", True, False, 1.0, 0.0),
     (9, "Softsign", False, False, 0.0, 0.0),
     (10, "Softplus", False, False, 0.0, 0.0),

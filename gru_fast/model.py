@@ -390,8 +390,8 @@ def _rebuild(weights, config):
 class Stream:
     """Step a unidirectional GRU one input frame at a time, keeping its state.
 
-    ``step(x_t)`` takes (B, I) — or (I,) for an unbatched stream — and returns
-    the last layer's new state (B, H) / (H,).  ``state`` is (L, B, H).  A step
+    ``step(x_t)`` takes (B, I) and returns the last layer's new state (B, H);
+    with one row (``batch_size`` 1 or None) it also takes (I,) and returns (H,).  ``state`` is (L, B, H).  A step
     with ``out=`` makes no allocation once the stream exists.
     """
 
@@ -442,12 +442,17 @@ class Stream:
         if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
                 and x_t.flags.aligned):
             x_t = as_float_array(x_t, "x_t", model.dtype)
+        y_shape = self._y_shape
         if x_t.shape != self._x_shape:
-            raise ValueError(f"x_t must have shape {self._x_shape}, got {x_t.shape}")
+            if self.batch_size == 1 and x_t.shape == (model.input_size,):
+                y_shape = (model.hidden_size,)  # one row: (I,) -> (H,), same memory as (1, I) -> (1, H)
+            else:
+                also = f" or ({model.input_size},)" if self.batch_size == 1 and not self.unbatched else ""
+                raise ValueError(f"x_t must have shape {self._x_shape}{also}, got {x_t.shape}")
         if out is None:
-            y = np.empty(self._y_shape, model.dtype)
+            y = np.empty(y_shape, model.dtype)
         else:
-            y = check_out_array(out, "out", self._y_shape, model.dtype)
+            y = check_out_array(out, "out", y_shape, model.dtype)
             check_no_overlap({"out": y}, {"x_t": x_t})
         with self._lock:  # one stream, one state: steps from several threads take turns
             kernels.step(model._marker, model._params_addr, model._params.size, model._meta_addr, address(x_t),

@@ -1,0 +1,19 @@
+"""Benchmark harness: gru_fast against PyTorch, ONNX Runtime and OpenVINO on the cases of the issue.
+
+    python -m bench [--cases NAME ...] [--rounds N] [--out-dir bench/results] [--quick]
+    python -m pytest bench/test_bench.py --benchmark-json=bench/results/bench.json
+
+Modules: :mod:`bench.cases` (the case table, weights, inputs, FLOP formula), :mod:`bench.engines` (how each
+engine is built and timed, parity, cold start), :mod:`bench.report` (machine info, sgemm, markdown / JSON
+/ PNG output).  Every engine runs on ``THREADS`` threads.  Importing this package caps the OpenMP / BLAS
+pools through the environment (values already set are kept) before numpy or torch load their runtimes;
+:func:`bench.engines.configure_threads` then enforces the limit at run time.
+"""
+
+import os as _os
+
+THREADS = 2
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+for _var in THREAD_ENV_VARS:
+    _os.environ.setdefault(_var, str(THREADS))

@@ -1,0 +1,228 @@
+"""``python -m bench``: the full benchmark report.
+
+    python -m bench [--cases NAME ...] [--rounds N] [--out-dir bench/results] [--quick]
+
+Per case: build every installed engine from the same weights, check each against PyTorch (max abs
+error, flagged above 1e-4), then time them interleaved round by round (see bench.engines).  Then:
+gru_fast on 1 vs 2 threads, scaling in T / B / H, cold start and peak memory of a fresh process.
+Writes ``report.md``, ``report.json``, ``ratios.png`` and ``scaling.png`` to the output directory
+(``report-quick.*`` etc. with ``--quick``) and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from . import THREADS
+from .cases import CASE_BY_NAME, CASES, make_problem, scaling_cases
+from .engines import (ENGINES, Artifacts, build_runner, check_parity, cold_start, configure_threads,
+                      missing_reason, parity_ok, threadpool_summary, time_interleaved, with_threads)
+from .report import (machine_info, markdown, measure_sgemm, plot_ratios, plot_scaling, summarize_case,
+                     write_json)
+
+THREAD_CASES = ("small_batch", "throughput_64")
+COLD_START_CASE = "latency"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", metavar="NAME", choices=[c.name for c in CASES],
+                        help="cases to run (default: all): " + ", ".join(c.name for c in CASES))
+    parser.add_argument("--rounds", type=int, help="timing rounds per case (default 25; 3 with --quick)")
+    parser.add_argument("--batch-ms", type=float,
+                        help="duration of one timed batch of calls in ms (default 20; 2 with --quick)")
+    parser.add_argument("--out-dir", default="bench/results", help="where report files go")
+    parser.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")
+    parser.add_argument("--no-cold-start", action="store_true", help="skip cold start / peak memory")
+    parser.add_argument("--no-threads", action="store_true", help="skip gru_fast 1 vs 2 threads")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def _build_all(artifacts: Artifacts, engines) -> tuple[dict, dict]:
+    """-> (runners of the engines that built and passed or failed parity, per-engine result rows)."""
+    runners, rows = {}, {}
+    for engine in engines:
+        reason = missing_reason(engine)
+        if reason is not None:
+            rows[engine] = {"status": reason}
+            continue
+        try:
+            runner = build_runner(engine, artifacts)
+            err = check_parity(runner, artifacts)
+        except Exception as exc:  # noqa: BLE001 - an engine failing is a result, not a crash
+            rows[engine] = {"status": f"error: {type(exc).__name__}: {exc}"}
+            _log(f"    {engine}: {type(exc).__name__}: {exc}")
+            if engine == "gru_fast":
+                _log(traceback.format_exc())
+            continue
+        runners[engine] = runner
+        rows[engine] = {"status": "ok", "parity_err": err, "parity_ok": parity_ok(err),
+                        "config": runner.config}
+    return runners, rows
+
+
+def run_case(case, settings, workdir) -> tuple[dict, Artifacts]:
+    artifacts = Artifacts(make_problem(case, settings["seed"]), workdir / case.name)
+    runners, rows = _build_all(artifacts, ENGINES)
+    if runners:
+        timings = time_interleaved(runners, settings["rounds"], settings["batch_seconds"], settings["seed"],
+                                   budget_seconds=settings["case_budget_seconds"])
+        for engine, timing in timings.items():
+            rows[engine].update(timing.as_dict())
+    return {"name": case.name, "title": case.title, "shape": case.shape, "batch": case.batch,
+            "steps": case.steps, "input_size": case.input_size, "hidden_size": case.hidden_size,
+            "bidirectional": case.bidirectional, "stream": case.stream, "target": case.target,
+            "sgemm_target": case.sgemm_target, "flops": case.flops,
+            "reference": artifacts.reference[2], "engines": rows}, artifacts
+
+
+def run_threads(settings, artifacts_by_case, workdir) -> list[dict]:
+    rows = []
+    for name in THREAD_CASES:
+        case = CASE_BY_NAME[name]
+        artifacts = artifacts_by_case.get(name) or Artifacts(make_problem(case, settings["seed"]),
+                                                             workdir / name)
+        try:
+            base = build_runner("gru_fast", artifacts)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            rows.append({"name": name, "shape": case.shape, "us": {}, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        runners = {str(n): with_threads(base, n) for n in (1, THREADS)}
+        timings = time_interleaved(runners, settings["rounds"], settings["batch_seconds"], settings["seed"],
+                                   budget_seconds=settings["case_budget_seconds"])
+        rows.append({"name": name, "shape": case.shape,
+                     "us": {k: t.median_us for k, t in timings.items()},
+                     "timings": {k: t.as_dict() for k, t in timings.items()}})
+    return rows
+
+
+def run_scaling(settings, workdir) -> dict:
+    result = {}
+    rounds = max(3, settings["rounds"] // 3)
+    for axis, (fixed, cases) in scaling_cases(settings["quick"]).items():
+        points = []
+        for case in cases:
+            _log(f"  scaling {case.name}")
+            artifacts = Artifacts(make_problem(case, settings["seed"]), workdir / "scaling" / case.name)
+            runners, rows = _build_all(artifacts, ENGINES)
+            runners = {e: r for e, r in runners.items() if rows[e]["parity_ok"]}
+            timings = time_interleaved(runners, rounds, settings["batch_seconds"], settings["seed"],
+                                       budget_seconds=settings["case_budget_seconds"] / 4)
+            value = {"T": case.steps, "B": case.batch, "H": case.hidden_size}[axis]
+            points.append({"value": value, "shape": case.shape, "fixed": fixed,
+                           "flops": case.flops, "us": {e: t.median_us for e, t in timings.items()},
+                           "parity_err": {e: r.get("parity_err") for e, r in rows.items()},
+                           "status": {e: r["status"] for e, r in rows.items()}})
+        result[axis] = points
+    return result
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    started = time.perf_counter()
+    quick = args.quick
+    settings = {
+        "quick": quick,
+        "rounds": args.rounds or (3 if quick else 25),
+        "batch_seconds": (args.batch_ms or (2.0 if quick else 20.0)) / 1000.0,
+        "seed": args.seed,
+        # a case stops adding rounds after this long (at least 3 rounds always run)
+        "case_budget_seconds": 5.0 if quick else 40.0,
+        "threads": THREADS,
+        "cases": args.cases or [c.name for c in CASES],
+    }
+    if missing_reason("gru_fast") is not None:
+        _log(f"gru_fast cannot be imported: {missing_reason('gru_fast')}")
+        return 2
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "report-quick" if quick else "report"
+
+    report = {"settings": settings, "load_average_before": list(os.getloadavg()), "stage_seconds": {}}
+
+    @contextlib.contextmanager
+    def stage(name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            report["stage_seconds"][name] = round(time.perf_counter() - start, 2)
+
+    report["machine"] = machine_info()
+    report["thread_config"] = configure_threads(THREADS)
+    report["engines"] = list(ENGINES)
+    report["engine_status"] = {e: missing_reason(e) or "ok" for e in ENGINES}
+    _log(f"engines: {report['engine_status']}")
+    _log("measuring sgemm ...")
+    with stage("sgemm"):
+        report["sgemm"] = measure_sgemm(repeats=3 if quick else 7)
+    sgemm_gflops = report["sgemm"]["gflops"]
+    _log(f"  sgemm {sgemm_gflops:.0f} GFLOP/s")
+
+    with tempfile.TemporaryDirectory(prefix="gru_fast-bench-") as tmp:
+        workdir = Path(tmp)
+        artifacts_by_case = {}
+        report["cases"] = []
+        for name in settings["cases"]:
+            case = CASE_BY_NAME[name]
+            _log(f"case {name} ({case.shape}) ...")
+            with stage(f"case {name}"):
+                row, artifacts = run_case(case, settings, workdir)
+            artifacts_by_case[name] = artifacts
+            row["summary"] = summarize_case(case, row["engines"], sgemm_gflops)
+            report["cases"].append(row)
+            times = {e: round(r["median_us"], 1) for e, r in row["engines"].items() if "median_us" in r}
+            _log(f"  {times}  ratio {row['summary']['ratio']}")
+        report["reference"] = report["cases"][0]["reference"] if report["cases"] else "PyTorch"
+        if report["reference"] != "PyTorch":
+            report["reference"] = "numpy reference"
+        if not args.no_threads:
+            _log("gru_fast 1 vs 2 threads ...")
+            with stage("threads"):
+                report["threads"] = run_threads(settings, artifacts_by_case, workdir)
+        artifacts_by_case.clear()
+        if not args.no_scaling:
+            _log("scaling ...")
+            with stage("scaling"):
+                report["scaling"] = run_scaling(settings, workdir)
+        if not args.no_cold_start:
+            _log("cold start ...")
+            with stage("cold start"):
+                report["cold_start"] = cold_start(CASE_BY_NAME[COLD_START_CASE], workdir / "cold",
+                                                  repeats=1 if quick else 2, seed=settings["seed"])
+
+    report["load_average_after"] = list(os.getloadavg())
+    report["threadpools_at_end"] = threadpool_summary()
+    report["elapsed_s"] = time.perf_counter() - started
+    text = markdown(report)
+    files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
+    files["markdown"].write_text(text)
+    if plot_ratios(report, out_dir / f"{stem}-ratios.png"):
+        files["ratios_png"] = out_dir / f"{stem}-ratios.png"
+    if plot_scaling(report, out_dir / f"{stem}-scaling.png"):
+        files["scaling_png"] = out_dir / f"{stem}-scaling.png"
+    report["files"] = {k: str(v) for k, v in files.items()}
+    write_json(report, files["json"])
+    print(text)
+    _log(f"wrote {', '.join(str(p) for p in files.values())} in {report['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

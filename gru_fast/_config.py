@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -75,19 +76,38 @@ def _layer_loads(name: str) -> bool:
     return True
 
 
+def _first_loading(names) -> str:
+    return next((name for name in names if _layer_loads(name)), "workqueue")
+
+
 def _choose_threading_layer() -> str:
+    """The concrete layer Numba will load: a user's choice is kept, and resolved as Numba resolves it.
+
+    Numba also accepts the purposes ``safe``, ``threadsafe`` and ``forksafe`` and ``default``; what they
+    select decides whether parallel launches must be serialised (``forksafe`` is ``workqueue`` on Linux
+    without TBB, because GNU OpenMP is not fork safe).
+    """
     requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
-    if requested:
+    if requested in ("omp", "tbb", "workqueue"):
         return requested
-    for name in ("omp", "tbb"):
-        if _layer_loads(name):
-            _numba_config.THREADING_LAYER = name
-            return name
-    return "workqueue"
+    if requested == "safe":
+        return "tbb"
+    if requested == "threadsafe":
+        return _first_loading(("tbb", "omp"))
+    if requested == "forksafe":
+        return _first_loading(("tbb",) if sys.platform.startswith("linux") else ("tbb", "omp"))
+    if requested == "default":
+        return _first_loading(("tbb", "omp"))
+    if requested:
+        return requested  # unknown to us: Numba reports it at the first parallel launch
+    name = _first_loading(("omp", "tbb"))
+    if name != "workqueue":
+        _numba_config.THREADING_LAYER = name
+    return name
 
 
 _LAYER = _choose_threading_layer()
-_SERIALISE = _LAYER in ("workqueue", "default")
+_SERIALISE = _LAYER not in ("omp", "tbb")
 
 PARALLEL_LOCK: contextlib.AbstractContextManager = (
     threading.Lock() if _SERIALISE else contextlib.nullcontext()

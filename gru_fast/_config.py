@@ -25,7 +25,7 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["JIT", "PARALLEL_JIT", "PARALLEL_LOCK", "threading_layer"]
+__all__ = ["JIT", "PARALLEL_JIT", "PARALLEL_LOCK", "parallel_threads", "threading_layer"]
 
 
 def _writable(directory: Path) -> bool:
@@ -118,6 +118,56 @@ PARALLEL_LOCK: contextlib.AbstractContextManager = (
 def threading_layer() -> str:
     """The Numba threading layer gru_fast asked for (``omp``, ``tbb`` or ``workqueue``)."""
     return _LAYER
+
+
+# ---- fork -------------------------------------------------------------------
+# GNU OpenMP is not fork safe, and Numba's omp layer enforces it: once a process
+# has started the layer (the engine asks for the thread count on each call),
+# a parallel launch in a child it forks raises SIGTERM.  A pre-fork server
+# (gunicorn, multiprocessing's default on Linux) forks exactly such a process.
+# In the child, gru_fast therefore runs its serial kernels: the forking thread's
+# Numba thread count is set to 1, which makes the engine choose the serial path.
+# Threads the child starts later begin with Numba's default count, so the
+# engine must ask parallel_threads(), not numba.get_num_threads(), for its
+# thread count.  For parallel kernels in forked workers, the documented setting
+# is NUMBA_THREADING_LAYER=workqueue (or forksafe; tbb where installed).
+
+_FORKED_FROM_GNU_OPENMP = False
+
+
+def _gnu_openmp_started() -> bool:
+    from numba.np.ufunc import parallel
+
+    if _LAYER != "omp" or not parallel._is_initialized:
+        return False
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:  # pragma: no cover - omp layer unavailable
+        return False
+    return getattr(omppool, "openmp_vendor", "") == "GNU"
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_FROM_GNU_OPENMP
+    if _FORKED_FROM_GNU_OPENMP or _gnu_openmp_started():
+        _FORKED_FROM_GNU_OPENMP = True
+        import numba
+
+        numba.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def parallel_threads() -> int:
+    """Threads a parallel kernel may use in the calling thread: Numba's count, or 1 where a launch is unsafe.
+
+    A launch is unsafe in a process forked from one that started GNU OpenMP (Numba would terminate it).
+    """
+    import numba
+
+    return 1 if _FORKED_FROM_GNU_OPENMP else numba.get_num_threads()
 
 
 # ``cache=True`` everywhere: a cold compile costs about a second per signature,

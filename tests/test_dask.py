@@ -28,7 +28,7 @@ import dask.array as da
 import dask.bag as db
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 
 import gru_fast
 import gru_fast.dask as gd
@@ -123,7 +123,10 @@ def test_map_sequences_equals_torch_and_the_local_engine(client, models, rng):
     assert y.shape == local_y.shape and h_n.shape == local_h.shape
     assert y.dtype == np.float32 and h_n.dtype == np.float32
     assert y.chunks[batch_axis] == (16, 16, 13) and h_n.chunks == ((2 * LAYERS,), (16, 16, 13), (H,))
-    got_y, got_h = client.compute([y, h_n], sync=True)
+    with get_task_stream(client) as stream:
+        got_y, got_h = client.compute([y, h_n], sync=True)
+    model_calls = [task for task in stream.data if "gru_fast-run" in str(task["key"])]
+    assert len(model_calls) == 3, "computing y and h_n together must run the model once per block"
 
     assert np.array_equal(got_y, local_y) and np.array_equal(got_h, local_h)
     torch_y, torch_h = run_torch(module, x, h0, lengths)

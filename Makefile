@@ -1,5 +1,6 @@
 # The two commands a fresh machine needs:
-#   make demo   -- set up .venv and run the quick start (gru_fast vs PyTorch, outputs and timings)
+#   make demo   -- set up .venv and run `gru-fast demo`: the shipped model, checked against PyTorch and
+#                  ONNX, timed against PyTorch / ONNX Runtime (examples/quickstart.py is the Python tour)
 #   make test   -- set up .venv and run the test suite
 # PyTorch is installed explicitly as torch==2.13.0: the CPU build on this project's
 # machines. Any other spec (or letting a dependency pull torch) downloads a CUDA build.
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/gru-fast demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -4,8 +4,8 @@ Three process-wide decisions live here:
 
 * the threading layer: GNU OpenMP when it loads, TBB otherwise.  Numba's
   fallback, ``workqueue``, aborts the process when two Python threads launch
-  parallel kernels at once, so when it is the only layer available every
-  parallel launch is serialised through :data:`PARALLEL_LOCK`;
+  parallel kernels at once; gru_fast never does that whatever the layer
+  (:mod:`gru_fast.model` runs one parallel call at a time, others serially);
 * the on-disk kernel cache: next to the package when that is writable,
   otherwise a per-user directory (a read-only site-packages must not turn
   every process start into a full compile);
@@ -17,15 +17,13 @@ choice; gru_fast only fills in what was left unset.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["JIT", "PARALLEL_JIT", "PARALLEL_LOCK", "parallel_threads", "threading_layer"]
+__all__ = ["JIT", "PARALLEL_JIT", "parallel_threads", "threading_layer"]
 
 
 def _writable(directory: Path) -> bool:
@@ -107,12 +105,6 @@ def _choose_threading_layer() -> str:
 
 
 _LAYER = _choose_threading_layer()
-_SERIALISE = _LAYER not in ("omp", "tbb")
-
-PARALLEL_LOCK: contextlib.AbstractContextManager = (
-    threading.Lock() if _SERIALISE else contextlib.nullcontext()
-)
-"""Held around parallel kernel launches when the threading layer is not thread safe."""
 
 
 def threading_layer() -> str:

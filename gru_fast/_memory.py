@@ -16,7 +16,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["address", "pointer"]
+__all__ = ["address", "pointer", "atomic_add", "atomic_load", "atomic_cas", "spin_pause", "yield_cpu",
+           "int32_bits_as_float32"]
 
 
 @intrinsic
@@ -59,3 +60,111 @@ def _fast_route_agrees() -> bool:
 
 address = _address_fast if _fast_route_agrees() else _address_public
 address.__doc__ = "Data address of an ndarray (the caller guarantees it is a real ndarray)."
+
+
+# ---------------------------------------------------------------------------
+# atomics and bit casts for the kernels
+# ---------------------------------------------------------------------------
+# The cooperative kernels (see gru_fast.kernels) let two threads share the time
+# steps of one sequence.  They coordinate through int64 counters in the
+# workspace, read and written with these sequentially consistent atomics; a
+# counter's release (fetch_add) orders the thread's earlier plain stores of
+# hidden state before it, and the acquire load orders the partner's later
+# plain loads after it.
+
+
+def _int64_ptr(context, builder, addr):
+    from llvmlite import ir
+
+    return builder.inttoptr(addr, ir.IntType(64).as_pointer())
+
+
+@intrinsic
+def atomic_add(typingctx, addr, value):
+    """``old = *addr; *addr += value`` atomically on an int64 at ``addr``; returns ``old``."""
+    if not (isinstance(addr, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int64_ptr(context, builder, args[0])
+        val = context.cast(builder, args[1], signature.args[1], types.int64)
+        return builder.atomic_rmw("add", ptr, val, "seq_cst")
+
+    return types.int64(addr, value), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, addr):
+    """Acquire load of the int64 at ``addr``."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int64_ptr(context, builder, args[0])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(addr), codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, addr, expected, new):
+    """Compare-and-swap on the int64 at ``addr``; True when ``*addr`` was ``expected`` and is now ``new``."""
+    if not all(isinstance(a, types.Integer) for a in (addr, expected, new)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int64_ptr(context, builder, args[0])
+        cmp = context.cast(builder, args[1], signature.args[1], types.int64)
+        val = context.cast(builder, args[2], signature.args[2], types.int64)
+        pair = builder.cmpxchg(ptr, cmp, val, "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(addr, expected, new), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The x86 ``pause`` hint inside a spin-wait (``llvm.x86.sse2.pause``; a no-op elsewhere)."""
+    import platform
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=fnty)
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def yield_cpu(typingctx):
+    """``sched_yield()``: a waiting worker gives its core to the thread it waits for (an oversubscribed
+    machine may have descheduled that thread, and spinning would only keep it off the core)."""
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        fn = builder.module.globals.get("sched_yield") or ir.Function(builder.module, fnty, "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def int32_bits_as_float32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (vectorises, unlike ``np.ldexp``)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen

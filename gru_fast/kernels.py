@@ -13,13 +13,38 @@ with an optional clip of every pre-activation to [-clip, clip].  The parity
 tests (tests/test_parity_torch.py, tests/test_parity_onnx.py) pin these
 kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
-Data flow of a forward call, per layer:
+Matrix products
+    :func:`gemm4` and :func:`gemm1` compute ``c[j0:j1] += a @ bt[:, j0:j1]``
+    for four rows / one row, with weights pre-transposed to ``bt`` (K, N) so
+    the inner loop streams contiguous memory and vectorises; blocks of 8
+    values of k are summed in a fixed tree.  Both functions apply the same
+    operations to every element, so a result does not depend on how rows are
+    grouped, which columns a thread owns, or whether a lane is vector or
+    scalar: serial and parallel runs agree bit for bit.  Four rows per pass
+    reuse each weight load four times (about 45 GMAC/s per core here, on par
+    with OpenBLAS; see shared/docs/performance.md), so no BLAS is called and
+    no second thread pool competes for the cores.
 
-1. input projection of all time steps at once: ``xp[d] = X @ W_t[d] + b``
-   (BLAS for large problems, the same row loop as streaming otherwise);
-2. the recurrence, split into independent *units* (a direction and a slice of
-   batch rows) that each run every time step of their rows, so a parallel call
-   has one parallel region per layer, not one per step.
+Input projection
+    ``x W^T + b`` is computed ahead of the recurrence in blocks of
+    ``block_steps`` time steps (a block's projections stay in cache until the
+    recurrence reads them), into the workspace.
+
+Two ways to share a call between threads
+    ``MODE_ROWS``: *units* of (direction, slice of batch rows) are independent
+    for a whole layer: each worker claims units from an atomic counter and
+    runs every time step of its rows.  Layers follow each other: a worker
+    waits until every unit of the previous layer is done.
+    ``MODE_SPLIT``: one sequence (B smaller than the thread count) has no
+    independent rows to hand out, so the hidden units are split into
+    ``chunks`` column ranges, and *items* (step, chunk) are claimed through
+    compare-and-swap flags.  A worker runs its own chunk of each step after
+    the previous step is complete (an atomic counter of finished items).  If
+    its partner has not claimed a chunk after a while (descheduled, or the
+    threading layer ran the workers one after another), the waiting worker
+    takes that chunk itself, so the scheme cannot deadlock and never depends
+    on how many threads actually run.  Used for linear_before_reset=1, where a
+    step is one product per chunk.
 
 Kernels take raw addresses (see :mod:`gru_fast._memory`) and a scalar
 ``marker`` whose type selects float32 or float64.  Weights live in one flat
@@ -33,7 +58,14 @@ import numpy as np
 from numba import carray, njit, prange
 
 from ._config import JIT, PARALLEL_JIT
-from ._memory import pointer
+from ._math import SIGMOID, TANH, activate, clip_range, like, sigmoid, tanh
+from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
+
+# The matrix products may fuse a*b + c into one FMA (``contract``): every output element is the same
+# expression in every context, so the fusion is the same too.  The element-wise code keeps strict IEEE
+# semantics, so it rounds identically whether LLVM vectorises a loop or not (float64's libm calls make
+# the two differ) and NaN/Inf behave as in PyTorch.
+GEMM_JIT = dict(JIT, fastmath={"contract"})
 
 # ---- layout of the int64 ``meta`` table ------------------------------------
 META_LAYERS = 0
@@ -43,152 +75,186 @@ META_INPUT = 3
 META_LBR = 4
 META_REVERSE = 5  # 1 when the single direction runs backwards (ONNX "reverse")
 META_CODES = 6  # 4 entries: f, g activation codes of direction 0, then direction 1
-META_OFFSETS = 10  # then per (layer, direction): offsets in params of W^T, R_zr^T, R_n^T, b_x, b_hn
-OFFSET_W, OFFSET_RZR, OFFSET_RN, OFFSET_BX, OFFSET_BHN = 0, 1, 2, 3, 4
-OFFSETS_PER_BLOCK = 5
+META_OFFSETS = 10  # then per (layer, direction): offsets in params of W^T, R^T, b_x, b_hn
+OFFSET_W, OFFSET_R, OFFSET_BX, OFFSET_BHN = 0, 1, 2, 3
+OFFSETS_PER_BLOCK = 4
 
 # ---- layout of the header of the flat ``params`` array ---------------------
 PARAM_CLIP = 0  # 0 means no clip
 PARAM_ACT = 1  # 4 entries per direction: f alpha, f beta, g alpha, g beta
 PARAM_HEADER = 16  # weights start here (64-byte aligned in float32)
 
-# activation codes (see gru_fast.activations)
-SIGMOID, TANH, RELU, HARD_SIGMOID, LEAKY_RELU, THRESHOLDED_RELU = 0, 1, 2, 3, 4, 5
-SCALED_TANH, AFFINE, ELU, SOFTSIGN, SOFTPLUS = 6, 7, 8, 9, 10
+# ---- how a call is shared between threads -----------------------------------
+MODE_ROWS = 0
+MODE_SPLIT = 1
+
+# ---- workspace ---------------------------------------------------------------
+LINE = 8  # int64 counters sit one per 64-byte cache line
+ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
+SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
+STEAL_EVERY = 1024  # and every this many rounds takes over unclaimed chunks of the step it waits for
 
 
 def meta_size(num_layers: int, num_directions: int) -> int:
     return META_OFFSETS + OFFSETS_PER_BLOCK * num_layers * num_directions
 
 
-# ---------------------------------------------------------------------------
-# element-wise pieces
-# ---------------------------------------------------------------------------
+@njit(**JIT)
+def _padded(n):
+    return -(-n // ALIGN) * ALIGN
 
 
 @njit(**JIT)
-def _activate(v, lo, hi, code, alpha, beta):
-    """Apply activation ``code`` in place to v[lo:hi] (branch outside the loop so it vectorises)."""
-    if code == SIGMOID:
-        for i in range(lo, hi):
-            v[i] = 1.0 / (1.0 + np.exp(-v[i]))
-    elif code == TANH:
-        for i in range(lo, hi):
-            v[i] = np.tanh(v[i])
-    elif code == RELU:
-        for i in range(lo, hi):
-            v[i] = max(v[i], 0.0)
-    elif code == HARD_SIGMOID:
-        for i in range(lo, hi):
-            v[i] = min(max(alpha * v[i] + beta, 0.0), 1.0)
-    elif code == LEAKY_RELU:
-        for i in range(lo, hi):
-            if v[i] < 0:
-                v[i] = alpha * v[i]
-    elif code == THRESHOLDED_RELU:
-        for i in range(lo, hi):
-            if v[i] < alpha:
-                v[i] = 0.0
-    elif code == SCALED_TANH:
-        for i in range(lo, hi):
-            v[i] = alpha * np.tanh(beta * v[i])
-    elif code == AFFINE:
-        for i in range(lo, hi):
-            v[i] = alpha * v[i] + beta
-    elif code == ELU:
-        for i in range(lo, hi):
-            if v[i] < 0:
-                v[i] = alpha * (np.exp(v[i]) - 1.0)
-    elif code == SOFTSIGN:
-        for i in range(lo, hi):
-            v[i] = v[i] / (1.0 + abs(v[i]))
-    elif code == SOFTPLUS:
-        for i in range(lo, hi):
-            # log(1 + e^x) without overflow for large x
-            x = v[i]
-            if x > 0:
-                v[i] = x + np.log1p(np.exp(-x))
-            else:
-                v[i] = np.log1p(np.exp(x))
+def workspace_layout(steps, batch, hidden, directions, layers, mode, chunks, block_steps, workers):
+    """Offsets (in elements) in the float workspace: (zeros, mid0, mid1, scratch, scratch size, end).
 
-
-@njit(**JIT)
-def _clip(v, lo, hi, clip):
-    if clip > 0:
-        for i in range(lo, hi):
-            v[i] = min(max(v[i], -clip), clip)
-
-
-@njit(**JIT)
-def _vecmat(v, m, out):
-    """out = v @ m for C-contiguous m (n, cols), streaming the rows of m."""
-    cols = m.shape[1]
-    for j in range(cols):
-        out[j] = 0.0
-    for k in range(m.shape[0]):
-        vk = v[k]
-        row = m[k]
-        for j in range(cols):
-            out[j] += vk * row[j]
-
-
-@njit(**JIT)
-def _project_row(x, w_t, b_x, out):
-    """Input projection of one row: out = x @ W_t + b_x (all three gates)."""
-    _vecmat(x, w_t, out)
-    for j in range(out.shape[0]):
-        out[j] += b_x[j]
-
-
-@njit(**JIT)
-def _update_and_reset_gates(xp, pre_zr, hidden, f, f_alpha, f_beta, clip):
-    """pre_zr (2H) holds h R_zr^T; turn it into [z, r]."""
-    for j in range(2 * hidden):
-        pre_zr[j] += xp[j]
-    _clip(pre_zr, 0, 2 * hidden, clip)
-    _activate(pre_zr, 0, 2 * hidden, f, f_alpha, f_beta)
-
-
-@njit(**JIT)
-def _candidate_and_state(xp, h, zr, pre_n, b_hn, hidden, lbr, g, g_alpha, g_beta, clip):
-    """pre_n (H) holds h R_n^T (lbr=1) or (r*h) R_n^T (lbr=0); finish n and write h'."""
-    h2 = 2 * hidden
-    if lbr:
-        for j in range(hidden):
-            pre_n[j] = xp[h2 + j] + zr[hidden + j] * (pre_n[j] + b_hn[j])
-    else:
-        for j in range(hidden):
-            pre_n[j] += xp[h2 + j]
-    _clip(pre_n, 0, hidden, clip)
-    _activate(pre_n, 0, hidden, g, g_alpha, g_beta)
-    for j in range(hidden):
-        z = zr[j]
-        h[j] = (1.0 - z) * pre_n[j] + z * h[j]
-
-
-@njit(**JIT)
-def _reset_state(zr, h, hidden, rh):
-    for j in range(hidden):
-        rh[j] = zr[hidden + j] * h[j]
-
-
-@njit(**JIT)
-def recurrent_step(xp, h, r_zr, r_n, b_hn, pre_zr, pre_n, rh, hidden, lbr, f, f_alpha, f_beta,
-                   g, g_alpha, g_beta, clip):
-    """Advance one row one step: h <- GRU(xp, h), with xp the projected input (3H).
-
-    ``r_zr`` (H, 2H) and ``r_n`` (H, H) are R transposed; ``pre_zr`` (2H),
-    ``pre_n`` (H) and ``rh`` (H) are scratch.  Both candidate forms, see the
-    module docstring.
+    ``zeros`` is one row of H zeros (the state before the first step without h0; zeroed once when the
+    workspace is allocated, never written by a kernel), ``mid0``/``mid1`` hold
+    the sequences of the layers below the last, and each worker (MODE_ROWS) or the whole call
+    (MODE_SPLIT) has a scratch area: projected inputs of ``block_steps`` steps, recurrent products and
+    r * h for its rows.  The int64 counters and flags live in a separate array (:func:`sync_slots`).
     """
-    _vecmat(h, r_zr, pre_zr)
-    _update_and_reset_gates(xp, pre_zr, hidden, f, f_alpha, f_beta, clip)
-    if lbr:
-        _vecmat(h, r_n, pre_n)
-    else:
-        _reset_state(pre_zr, h, hidden, rh)
-        _vecmat(rh, r_n, pre_n)
-    _candidate_and_state(xp, h, pre_zr, pre_n, b_hn, hidden, lbr, g, g_alpha, g_beta, clip)
+    rows_per_unit = batch if mode == MODE_SPLIT else -(-batch // chunks)
+    n_mid = steps * batch * directions * hidden
+    o_zeros = 0
+    o_mid0 = o_zeros + _padded(hidden)
+    o_mid1 = o_mid0 + (_padded(n_mid) if layers > 1 else 0)
+    o_scratch = o_mid1 + (_padded(n_mid) if layers > 2 else 0)
+    scratch = (_padded(block_steps * rows_per_unit * 3 * hidden) + _padded(rows_per_unit * 3 * hidden)
+               + _padded(rows_per_unit * hidden))
+    n_scratch = 1 if mode == MODE_SPLIT else workers
+    return o_zeros, o_mid0, o_mid1, o_scratch, scratch, o_scratch + n_scratch * scratch
+
+
+@njit(**JIT)
+def sync_slots(steps, layers, mode, chunks):
+    """int64 slots of the synchronisation area: 2 counters per layer, then the MODE_SPLIT claim flags."""
+    flags = chunks * steps * layers if mode == MODE_SPLIT else 0
+    return LINE * (2 * layers + 1) + flags
+
+
+# ---------------------------------------------------------------------------
+# matrix products
+# ---------------------------------------------------------------------------
+
+
+@njit(**GEMM_JIT)
+def gemm4(c0, c1, c2, c3, a0, a1, a2, a3, bt, j0, j1):
+    """c_m[j0:j1] += a_m @ bt[:, j0:j1] for four rows m; bt is (K, N) with K = len(a_m)."""
+    K = bt.shape[0]
+    k = 0
+    while k + 8 <= K:
+        b0, b1, b2, b3, b4, b5, b6, b7 = bt[k], bt[k + 1], bt[k + 2], bt[k + 3], bt[k + 4], bt[k + 5], bt[k + 6], bt[k + 7]
+        x00, x01, x02, x03, x04, x05, x06, x07 = a0[k], a0[k + 1], a0[k + 2], a0[k + 3], a0[k + 4], a0[k + 5], a0[k + 6], a0[k + 7]
+        x10, x11, x12, x13, x14, x15, x16, x17 = a1[k], a1[k + 1], a1[k + 2], a1[k + 3], a1[k + 4], a1[k + 5], a1[k + 6], a1[k + 7]
+        x20, x21, x22, x23, x24, x25, x26, x27 = a2[k], a2[k + 1], a2[k + 2], a2[k + 3], a2[k + 4], a2[k + 5], a2[k + 6], a2[k + 7]
+        x30, x31, x32, x33, x34, x35, x36, x37 = a3[k], a3[k + 1], a3[k + 2], a3[k + 3], a3[k + 4], a3[k + 5], a3[k + 6], a3[k + 7]
+        for j in range(j0, j1):
+            w0, w1, w2, w3, w4, w5, w6, w7 = b0[j], b1[j], b2[j], b3[j], b4[j], b5[j], b6[j], b7[j]
+            c0[j] += ((x00 * w0 + x01 * w1) + (x02 * w2 + x03 * w3)) + ((x04 * w4 + x05 * w5) + (x06 * w6 + x07 * w7))
+            c1[j] += ((x10 * w0 + x11 * w1) + (x12 * w2 + x13 * w3)) + ((x14 * w4 + x15 * w5) + (x16 * w6 + x17 * w7))
+            c2[j] += ((x20 * w0 + x21 * w1) + (x22 * w2 + x23 * w3)) + ((x24 * w4 + x25 * w5) + (x26 * w6 + x27 * w7))
+            c3[j] += ((x30 * w0 + x31 * w1) + (x32 * w2 + x33 * w3)) + ((x34 * w4 + x35 * w5) + (x36 * w6 + x37 * w7))
+        k += 8
+    while k < K:
+        b = bt[k]
+        x0, x1, x2, x3 = a0[k], a1[k], a2[k], a3[k]
+        for j in range(j0, j1):
+            w = b[j]
+            c0[j] += x0 * w
+            c1[j] += x1 * w
+            c2[j] += x2 * w
+            c3[j] += x3 * w
+        k += 1
+
+
+@njit(**GEMM_JIT)
+def gemm1(c, a, bt, j0, j1):
+    """c[j0:j1] += a @ bt[:, j0:j1]: one row, the same operations per element as :func:`gemm4`."""
+    K = bt.shape[0]
+    k = 0
+    while k + 8 <= K:
+        b0, b1, b2, b3, b4, b5, b6, b7 = bt[k], bt[k + 1], bt[k + 2], bt[k + 3], bt[k + 4], bt[k + 5], bt[k + 6], bt[k + 7]
+        x0, x1, x2, x3, x4, x5, x6, x7 = a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], a[k + 5], a[k + 6], a[k + 7]
+        for j in range(j0, j1):
+            c[j] += ((x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j])) + ((x4 * b4[j] + x5 * b5[j]) + (x6 * b6[j] + x7 * b7[j]))
+        k += 8
+    while k < K:
+        b = bt[k]
+        x = a[k]
+        for j in range(j0, j1):
+            c[j] += x * b[j]
+        k += 1
+
+
+# ---------------------------------------------------------------------------
+# gates
+# ---------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _gates_after_reset(xp, g, b_hn, h_prev, h_out, lo, hi, hidden, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
+    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' for units [lo, hi) to ``h_out``
+    (memory apart from every input, or the loop does not vectorise)."""
+    H = hidden
+    one = like(clip, 1.0)
+    if f == SIGMOID and gc == TANH and clip == 0:
+        for j in range(lo, hi):
+            z = sigmoid(xp[j] + g[j])
+            r = sigmoid(xp[H + j] + g[H + j])
+            n = tanh(xp[2 * H + j] + r * (g[2 * H + j] + b_hn[j]))
+            h_out[j] = (one - z) * n + z * h_prev[j]
+        return
+    for j in range(lo, hi):
+        g[j] += xp[j]
+        g[H + j] += xp[H + j]
+    clip_range(g, lo, hi, clip)
+    clip_range(g, H + lo, H + hi, clip)
+    activate(g, lo, hi, f, f_alpha, f_beta)
+    activate(g, H + lo, H + hi, f, f_alpha, f_beta)
+    for j in range(lo, hi):
+        g[2 * H + j] = xp[2 * H + j] + g[H + j] * (g[2 * H + j] + b_hn[j])
+    clip_range(g, 2 * H + lo, 2 * H + hi, clip)
+    activate(g, 2 * H + lo, 2 * H + hi, gc, g_alpha, g_beta)
+    for j in range(lo, hi):
+        z = g[j]
+        h_out[j] = (one - z) * g[2 * H + j] + z * h_prev[j]
+
+
+@njit(**JIT)
+def _update_and_reset_gates(xp, g, h_prev, rh, hidden, f, f_alpha, f_beta, clip):
+    """linear_before_reset=0, first half: ``g[:2H]`` holds h R_zr^T; leave z in g[:H], r * h in ``rh``."""
+    H = hidden
+    if f == SIGMOID and clip == 0:
+        for j in range(H):
+            g[j] = sigmoid(xp[j] + g[j])
+            rh[j] = sigmoid(xp[H + j] + g[H + j]) * h_prev[j]
+        return
+    for j in range(2 * H):
+        g[j] += xp[j]
+    clip_range(g, 0, 2 * H, clip)
+    activate(g, 0, 2 * H, f, f_alpha, f_beta)
+    for j in range(H):
+        rh[j] = g[H + j] * h_prev[j]
+
+
+@njit(**JIT)
+def _candidate_and_state(xp, g, h_prev, h_out, hidden, gc, g_alpha, g_beta, clip):
+    """linear_before_reset=0, second half: ``g[2H:]`` holds (r * h) R_n^T; z is in g[:H]; write h'."""
+    H = hidden
+    one = like(clip, 1.0)
+    if gc == TANH and clip == 0:
+        for j in range(H):
+            z = g[j]
+            h_out[j] = (one - z) * tanh(xp[2 * H + j] + g[2 * H + j]) + z * h_prev[j]
+        return
+    for j in range(H):
+        g[2 * H + j] += xp[2 * H + j]
+    clip_range(g, 2 * H, 3 * H, clip)
+    activate(g, 2 * H, 3 * H, gc, g_alpha, g_beta)
+    for j in range(H):
+        z = g[j]
+        h_out[j] = (one - z) * g[2 * H + j] + z * h_prev[j]
 
 
 # ---------------------------------------------------------------------------
@@ -205,37 +271,223 @@ def _meta(meta_addr):
 
 @njit(**JIT)
 def _layer_weights(params, meta, layer, d, n_in):
-    """Views of one (layer, direction): W^T (I, 3H), R_zr^T (H, 2H), R_n^T (H, H), b_x (3H), b_hn (H)."""
+    """Views of one (layer, direction): W^T (I, 3H), R^T (H, 3H), b_x (3H), b_hn (H)."""
     hidden = meta[META_HIDDEN]
     base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * meta[META_DIRECTIONS] + d)
     o_w = meta[base + OFFSET_W]
-    o_rzr = meta[base + OFFSET_RZR]
-    o_rn = meta[base + OFFSET_RN]
+    o_r = meta[base + OFFSET_R]
     o_bx = meta[base + OFFSET_BX]
     o_bhn = meta[base + OFFSET_BHN]
     w_t = params[o_w : o_w + n_in * 3 * hidden].reshape((n_in, 3 * hidden))
-    r_zr = params[o_rzr : o_rzr + hidden * 2 * hidden].reshape((hidden, 2 * hidden))
-    r_n = params[o_rn : o_rn + hidden * hidden].reshape((hidden, hidden))
-    return w_t, r_zr, r_n, params[o_bx : o_bx + 3 * hidden], params[o_bhn : o_bhn + hidden]
+    r_t = params[o_r : o_r + hidden * 3 * hidden].reshape((hidden, 3 * hidden))
+    return w_t, r_t, params[o_bx : o_bx + 3 * hidden], params[o_bhn : o_bhn + hidden]
 
 
 @njit(**JIT)
-def workspace_layout(steps, batch, hidden, directions, layers):
-    """Offsets in the forward workspace: projections, two inter-layer buffers, pre-activations, r*h, end."""
-    rows = steps * batch
-    o_xp = 0
-    o_mid0 = o_xp + directions * rows * 3 * hidden
-    n_mid = rows * directions * hidden
-    o_mid1 = o_mid0 + (n_mid if layers > 1 else 0)
-    o_pre = o_mid1 + (n_mid if layers > 2 else 0)
-    o_rh = o_pre + directions * batch * 3 * hidden
-    end = o_rh + directions * batch * hidden
-    return o_xp, o_mid0, o_mid1, o_pre, o_rh, end
+def _time_of(s, n_valid, reverse):
+    """The time index of step s of a sequence of n_valid steps (a reverse direction starts at its end)."""
+    if s >= n_valid:
+        return 0  # a finished row: any valid row index, its results are never used
+    return n_valid - 1 - s if reverse else s
 
 
 @njit(**JIT)
-def stream_workspace_size(batch, hidden):
-    return batch * 7 * hidden  # per row: projection (3H), pre-activations (3H), r*h (H)
+def _project(seq_in, w_t, b_x, xp, s0, s1, b0, b1, st, sb, lengths, has_lengths, steps, reverse, j0, j1):
+    """xp[(s - s0) * rows + (b - b0), j0:j1] = seq_in[row(t(s, b), b)] @ w_t[:, j0:j1] + b_x[j0:j1]."""
+    rows = b1 - b0
+    n = (s1 - s0) * rows
+    for i in range(n):
+        out = xp[i]
+        for j in range(j0, j1):
+            out[j] = b_x[j]
+    i = 0
+    while i < n:
+        take = min(4, n - i)
+        r0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+        if take == 4:
+            r1 = _input_row(seq_in, i + 1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            r2 = _input_row(seq_in, i + 2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            r3 = _input_row(seq_in, i + 3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            gemm4(xp[i], xp[i + 1], xp[i + 2], xp[i + 3], r0, r1, r2, r3, w_t, j0, j1)
+        else:
+            gemm1(xp[i], r0, w_t, j0, j1)
+            take = 1
+        i += take
+
+
+@njit(**JIT)
+def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse):
+    s = s0 + i // rows
+    b = b0 + i % rows
+    n_valid = lengths[b] if has_lengths else steps
+    return seq_in[_time_of(s, n_valid, reverse) * st + b * sb]
+
+
+# ---------------------------------------------------------------------------
+# MODE_ROWS: a unit is (direction, batch rows b0..b1), every step, one worker
+# ---------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _run_unit(params, meta, layer, d, b0, b1, steps, st, sb, lengths, has_lengths, seq_in, n_in, seq_out,
+              h0, has_h0, h_n, scratch, block_steps, codes, acts, clip):
+    H = meta[META_HIDDEN]
+    D = meta[META_DIRECTIONS]
+    lbr = meta[META_LBR] != 0
+    reverse = meta[META_REVERSE] != 0 or d == 1
+    f, gc = codes[2 * d], codes[2 * d + 1]
+    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
+    w_t, r_t, b_x, b_hn = _layer_weights(params, meta, layer, d, n_in)
+    rows = b1 - b0
+    o_g = _padded(block_steps * rows * 3 * H)
+    o_rh = o_g + _padded(rows * 3 * H)
+    xp = scratch[: block_steps * rows * 3 * H].reshape((block_steps * rows, 3 * H))
+    g = scratch[o_g : o_g + rows * 3 * H].reshape((rows, 3 * H))
+    rh = scratch[o_rh : o_rh + rows * H].reshape((rows, H))
+    state = h_n[layer * D + d]
+    col = d * H
+    zero = like(clip, 0.0)
+    for b in range(b0, b1):
+        if has_h0:
+            state[b, :] = h0[layer * D + d, b]
+        else:
+            state[b, :] = zero
+        n_valid = lengths[b] if has_lengths else steps
+        for t in range(n_valid, steps):  # PackedSequence: y is 0 at padded steps
+            out_row = seq_out[t * st + b * sb]
+            out_row[col : col + H] = zero
+    width = 3 * H if lbr else 2 * H
+    for s0 in range(0, steps, block_steps):
+        s1 = min(steps, s0 + block_steps)
+        _project(seq_in, w_t, b_x, xp, s0, s1, b0, b1, st, sb, lengths, has_lengths, steps, reverse, 0, 3 * H)
+        for s in range(s0, s1):
+            g[:, :] = zero
+            _products(g, state, b0, b1, r_t, 0, width, 0)
+            base = (s - s0) * rows
+            if not lbr:
+                for b in range(b0, b1):
+                    _update_and_reset_gates(xp[base + b - b0], g[b - b0], state[b], rh[b - b0], H, f, f_alpha, f_beta, clip)
+                _products(g, rh, b0, b1, r_t, 2 * H, 3 * H, b0)
+            for b in range(b0, b1):
+                n_valid = lengths[b] if has_lengths else steps
+                if s >= n_valid:
+                    continue
+                # h' goes to the output row, then back into the state: writing it over h in place would
+                # make LLVM's overlap check fail at run time and fall back to scalar code
+                h = state[b]
+                h_out = seq_out[_time_of(s, n_valid, reverse) * st + b * sb][col : col + H]
+                if lbr:
+                    _gates_after_reset(xp[base + b - b0], g[b - b0], b_hn, h, h_out, 0, H, H, f, f_alpha, f_beta,
+                                       gc, g_alpha, g_beta, clip)
+                else:
+                    _candidate_and_state(xp[base + b - b0], g[b - b0], h, h_out, H, gc, g_alpha, g_beta, clip)
+                h[:] = h_out
+
+
+@njit(**JIT)
+def _products(g, a, b0, b1, r_t, j0, j1, a_base):
+    """g[b - b0, j0:j1] += a[b - a_base] @ r_t[:, j0:j1] for rows b0..b1, four at a time."""
+    b = b0
+    while b + 4 <= b1:
+        i = b - b0
+        k = b - a_base
+        gemm4(g[i], g[i + 1], g[i + 2], g[i + 3], a[k], a[k + 1], a[k + 2], a[k + 3], r_t, j0, j1)
+        b += 4
+    while b < b1:
+        gemm1(g[b - b0], a[b - a_base], r_t, j0, j1)
+        b += 1
+
+
+# ---------------------------------------------------------------------------
+# MODE_SPLIT: items (step, chunk of hidden units), claimed with flags
+# ---------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _chunk_bounds(hidden, chunks, c):
+    """Hidden units of chunk c: boundaries on 16-element (64-byte) multiples so chunks share no cache line."""
+    units = -(-hidden // ALIGN)
+    lo = min(hidden, ALIGN * (c * units // chunks))
+    hi = min(hidden, ALIGN * ((c + 1) * units // chunks))
+    return lo, hi
+
+
+@njit(**JIT)
+def _run_item(params, meta, layer, s, c, chunks, steps, batch, st, sb, lengths, has_lengths, seq_in, n_in,
+              seq_out, h0, has_h0, h_n, zeros, scratch, block_steps, codes, acts, clip):
+    """Step s of ``layer`` for the hidden units of chunk c (one direction, linear_before_reset=1)."""
+    H = meta[META_HIDDEN]
+    reverse = meta[META_REVERSE] != 0
+    f, gc = codes[0], codes[1]
+    f_alpha, f_beta, g_alpha, g_beta = acts[0], acts[1], acts[2], acts[3]
+    w_t, r_t, b_x, b_hn = _layer_weights(params, meta, layer, 0, n_in)
+    lo, hi = _chunk_bounds(H, chunks, c)
+    if lo >= hi:
+        return
+    o_g = _padded(block_steps * batch * 3 * H)
+    xp = scratch[: block_steps * batch * 3 * H].reshape((block_steps * batch, 3 * H))
+    g = scratch[o_g : o_g + batch * 3 * H].reshape((batch, 3 * H))
+    s0 = s - s % block_steps
+    if s == s0:
+        s1 = min(steps, s0 + block_steps)
+        for gate in range(3):
+            _project(seq_in, w_t, b_x, xp, s0, s1, 0, batch, st, sb, lengths, has_lengths, steps, reverse,
+                     gate * H + lo, gate * H + hi)
+    zero = like(clip, 0.0)
+    for b in range(batch):
+        g[b, lo:hi] = zero
+        g[b, H + lo : H + hi] = zero
+        g[b, 2 * H + lo : 2 * H + hi] = zero
+    # h_{s-1} of every row: the previous step's output row, h0, or zeros (finished rows: zeros, unused)
+    b = 0
+    while b < batch:
+        take = min(4, batch - b)
+        if take == 4:
+            p0 = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+            p1 = _previous_state(s, b + 1, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+            p2 = _previous_state(s, b + 2, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+            p3 = _previous_state(s, b + 3, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+            for gate in range(3):
+                gemm4(g[b], g[b + 1], g[b + 2], g[b + 3], p0, p1, p2, p3, r_t, gate * H + lo, gate * H + hi)
+        else:
+            p0 = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+            for gate in range(3):
+                gemm1(g[b], p0, r_t, gate * H + lo, gate * H + hi)
+            take = 1
+        b += take
+    base = (s - s0) * batch
+    for b in range(batch):
+        n_valid = lengths[b] if has_lengths else steps
+        if s >= n_valid:
+            continue
+        h_prev = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
+        h_out = seq_out[_time_of(s, n_valid, reverse) * st + b * sb]
+        _gates_after_reset(xp[base + b], g[b], b_hn, h_prev, h_out, lo, hi, H, f, f_alpha, f_beta, gc, g_alpha,
+                           g_beta, clip)
+    if s == steps - 1:
+        # the layer's last step: final states and padding, for this chunk's columns
+        for b in range(batch):
+            n_valid = lengths[b] if has_lengths else steps
+            h_last = _previous_state(n_valid, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0,
+                                     has_h0, zeros)
+            h_n[layer, b, lo:hi] = h_last[lo:hi]
+            for t in range(n_valid, steps):
+                out_row = seq_out[t * st + b * sb]
+                out_row[lo:hi] = zero
+
+
+@njit(**JIT)
+def _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros):
+    """h_{s-1} of row b: the output row of step s-1, h0 (or zeros) before the first step.
+
+    Also the final state when s is the row's length (zeros or h0 for an empty sequence).
+    """
+    n_valid = lengths[b] if has_lengths else steps
+    if s == 0 or n_valid == 0:
+        return h0[layer, b] if has_h0 else zeros
+    if s > n_valid:
+        return zeros
+    return seq_out[_time_of(s - 1, n_valid, reverse) * st + b * sb]
 
 
 # ---------------------------------------------------------------------------
@@ -244,162 +496,145 @@ def stream_workspace_size(batch, hidden):
 
 
 @njit(**JIT)
-def _zero_padding(seq_out, b0, b1, steps, st, sb, lengths, has_lengths, col, hidden):
-    """y is 0 at the padded steps of each sequence (PackedSequence semantics)."""
-    for b in range(b0, b1):
-        n_valid = lengths[b] if has_lengths else steps
-        for t in range(n_valid, steps):
-            out_row = seq_out[t * st + b * sb]
-            for j in range(hidden):
-                out_row[col + j] = 0.0
+def _back_off(spins):
+    """One round of a spin-wait: ``pause`` at first, then give the core away (the awaited thread may be
+    descheduled on a busy machine, and spinning would keep it off the core)."""
+    if spins < SPIN_PAUSES:
+        spin_pause()
+    else:
+        yield_cpu()
 
 
 @njit(**JIT)
-def _run_rows(d, b0, b1, steps, st, sb, lengths, has_lengths, reverse, h_state, xp, seq_in, w_t, b_x,
-              project, r_zr, r_n, b_hn, pre_zr, pre_n, rh, hidden, lbr, codes, acts, clip, seq_out, col):
-    """Direction ``d``, batch rows [b0, b1), every time step, one row at a time (small batches).
-
-    Sequence rows are indexed t*st + b*sb.  With ``project`` the rows' input
-    projections are computed here too; otherwise ``xp`` already holds them.
-    """
-    f, g = codes[2 * d], codes[2 * d + 1]
-    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
-    _zero_padding(seq_out, b0, b1, steps, st, sb, lengths, has_lengths, col, hidden)
-    for s in range(steps):
-        for b in range(b0, b1):
-            n_valid = lengths[b] if has_lengths else steps
-            if s >= n_valid:
-                continue
-            t = n_valid - 1 - s if reverse else s
-            row = t * st + b * sb
-            if project:
-                _project_row(seq_in[row], w_t, b_x, xp[row])
-            h = h_state[b]
-            recurrent_step(xp[row], h, r_zr, r_n, b_hn, pre_zr[b], pre_n[b], rh[b], hidden, lbr,
-                           f, f_alpha, f_beta, g, g_alpha, g_beta, clip)
-            out_row = seq_out[row]
-            for j in range(hidden):
-                out_row[col + j] = h[j]
+def _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker):
+    """Where a layer writes its sequence: y for the last layer, else one of two alternating buffers."""
+    if layer == layers - 1:
+        return carray(pointer(y_addr, marker), (rows, width))
+    if layer % 2 == 0:
+        return ws[o_mid0 : o_mid0 + rows * width].reshape((rows, width))
+    return ws[o_mid1 : o_mid1 + rows * width].reshape((rows, width))
 
 
 @njit(**JIT)
-def _run_batched(d, batch, steps, st, sb, lengths, has_lengths, reverse, h_state, xp, r_zr, r_n, b_hn,
-                 pre_zr, pre_n, rh, hidden, lbr, codes, acts, clip, seq_out, col):
-    """Direction ``d`` over all rows, one BLAS product per step for the whole batch (large batches).
-
-    Finished rows (step >= length) take part in the products but are never updated.
-    """
-    f, g = codes[2 * d], codes[2 * d + 1]
-    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
-    _zero_padding(seq_out, 0, batch, steps, st, sb, lengths, has_lengths, col, hidden)
-    for s in range(steps):
-        np.dot(h_state, r_zr, pre_zr)
-        if lbr:
-            np.dot(h_state, r_n, pre_n)
-        for b in range(batch):
-            n_valid = lengths[b] if has_lengths else steps
-            if s < n_valid:
-                t = n_valid - 1 - s if reverse else s
-                _update_and_reset_gates(xp[t * st + b * sb], pre_zr[b], hidden, f, f_alpha, f_beta, clip)
-                if not lbr:
-                    _reset_state(pre_zr[b], h_state[b], hidden, rh[b])
-        if not lbr:
-            np.dot(rh, r_n, pre_n)
-        for b in range(batch):
-            n_valid = lengths[b] if has_lengths else steps
-            if s < n_valid:
-                t = n_valid - 1 - s if reverse else s
-                row = t * st + b * sb
-                h = h_state[b]
-                _candidate_and_state(xp[row], h, pre_zr[b], pre_n[b], b_hn, hidden, lbr, g, g_alpha, g_beta, clip)
-                out_row = seq_out[row]
-                for j in range(hidden):
-                    out_row[col + j] = h[j]
+def _split_item(g, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr, y_addr, ws, o_mid0,
+                o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps, codes, acts, clip):
+    """Run item (global step g, chunk c) of MODE_SPLIT; g counts the steps of every layer in order."""
+    layers = meta[META_LAYERS]
+    width = meta[META_HIDDEN]
+    rows = steps * batch
+    layer = g // steps
+    if layer == 0:
+        n_in = meta[META_INPUT]
+        seq_in = carray(pointer(x_addr, marker), (rows, n_in))
+    else:
+        n_in = width
+        seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+    seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+    _run_item(params, meta, layer, g % steps, c, chunks, steps, batch, st, sb, lengths, has_lengths, seq_in, n_in,
+              seq_out, h0, has_h0, h_n, zeros, scratch, block_steps, codes, acts, clip)
 
 
 @njit(**JIT)
-def _prepare_layer(params, meta, layer, rows, seq_in, n_in, xp_all, h0, has_h0, h_n, blas):
-    """Initial state and, for large problems, the input projection of every step as one BLAS product."""
-    hidden = meta[META_HIDDEN]
+def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+    """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
+    meta = _meta(meta_addr)
+    params = carray(pointer(params_addr, marker), (n_params,))
+    layers = meta[META_LAYERS]
     directions = meta[META_DIRECTIONS]
-    for d in range(directions):
-        state = h_n[layer * directions + d]
-        if has_h0:
-            state[:, :] = h0[layer * directions + d]
-        else:
-            state[:, :] = 0.0
-        if blas:
-            w_t, r_zr, r_n, b_x, b_hn = _layer_weights(params, meta, layer, d, n_in)
-            xp = xp_all[d * rows * 3 * hidden : (d + 1) * rows * 3 * hidden].reshape((rows, 3 * hidden))
-            np.dot(seq_in, w_t, xp)
-            for i in range(rows):
-                for j in range(3 * hidden):
-                    xp[i, j] += b_x[j]
+    hidden = meta[META_HIDDEN]
+    codes = meta[META_CODES : META_CODES + 4]
+    acts = params[PARAM_ACT : PARAM_ACT + 8]
+    clip = params[PARAM_CLIP]
+    rows = steps * batch
+    st = 1 if batch_major else batch
+    sb = steps if batch_major else 1
+    o_zeros, o_mid0, o_mid1, o_scratch, scratch_size, end = workspace_layout(
+        steps, batch, hidden, directions, layers, mode, chunks, block_steps, workers)
+    ws = carray(pointer(ws_addr, marker), (end,))
+    zeros = ws[o_zeros : o_zeros + hidden]
+    has_h0 = h0_addr != 0
+    has_lengths = lengths_addr != 0
+    lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
+    h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
+    h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
+    width = directions * hidden
+
+    if mode == MODE_SPLIT:
+        scratch = ws[o_scratch : o_scratch + scratch_size]
+        total = layers * steps
+        done = sync_addr  # items finished, all layers
+        flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
+        own = w % chunks
+        for g in range(total + 1):
+            # every item of the previous step (or layer) must be complete; a partner that has not claimed
+            # its chunk of that step within STEAL_EVERY spins gets it taken over
+            spins = 0
+            while atomic_load(done) < g * chunks:
+                spins += 1
+                _back_off(spins)
+                if spins % STEAL_EVERY == 0:
+                    for c in range(chunks):
+                        if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
+                            _split_item(g - 1, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths,
+                                        x_addr, y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks,
+                                        block_steps, codes, acts, clip)
+                            atomic_add(done, 1)
+            if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
+                _split_item(g, own, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr,
+                            y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps, codes,
+                            acts, clip)
+                atomic_add(done, 1)
+        return
+
+    scratch = ws[o_scratch + w * scratch_size : o_scratch + (w + 1) * scratch_size]
+    units = directions * chunks
+    n_in = meta[META_INPUT]
+    seq_in = carray(pointer(x_addr, marker), (rows, n_in))
+    for layer in range(layers):
+        seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+        if layer > 0:
+            seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+            n_in = width
+            # every unit of the previous layer has been claimed by a running worker: wait until all are done
+            spins = 0
+            while atomic_load(sync_addr + 8 * LINE * (2 * layer - 1)) < units:
+                spins += 1
+                _back_off(spins)
+        while True:
+            u = atomic_add(sync_addr + 8 * LINE * (2 * layer), 1)
+            if u >= units:
+                break
+            d = u // chunks
+            c = u % chunks
+            b0 = c * batch // chunks
+            b1 = (c + 1) * batch // chunks
+            if b1 > b0:
+                _run_unit(params, meta, layer, d, b0, b1, steps, st, sb, lengths, has_lengths, seq_in, n_in,
+                          seq_out, h0, has_h0, h_n, scratch, block_steps, codes, acts, clip)
+            atomic_add(sync_addr + 8 * LINE * (2 * layer + 1), 1)
+
+
+@njit(**JIT)
+def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
+    """Zero the counters and claim flags.  Not inlined into the parallel entry point: its parfor pass
+    would see a store to an array nothing reads afterwards (the workers reach it by address) and drop it."""
+    layers = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))[META_LAYERS]
+    sync = carray(pointer(sync_addr, np.int64(0)), (sync_slots(steps, layers, mode, chunks),))
+    sync[:] = 0
 
 
 def _make_forward(parallel):
     """Build the forward kernel; the serial and parallel entry points differ only in ``prange``."""
     loop = prange if parallel else range
 
-    def forward(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
-                h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, chunks, blas, batched):
-        """Run every layer.  ``blas``: input projections as BLAS products; ``batched``: one
-        BLAS product per step over the whole batch; otherwise units of (direction, row slice)."""
-        meta = _meta(meta_addr)
-        params = carray(pointer(params_addr, marker), (n_params,))
-        layers = meta[META_LAYERS]
-        directions = meta[META_DIRECTIONS]
-        hidden = meta[META_HIDDEN]
-        lbr = meta[META_LBR] != 0
-        reverse = meta[META_REVERSE] != 0
-        codes = meta[META_CODES : META_CODES + 4]
-        acts = params[PARAM_ACT : PARAM_ACT + 8]
-        clip = params[PARAM_CLIP]
-        rows = steps * batch
-        st = 1 if batch_major else batch
-        sb = steps if batch_major else 1
-        o_xp, o_mid0, o_mid1, o_pre, o_rh, end = workspace_layout(steps, batch, hidden, directions, layers)
-        ws = carray(pointer(ws_addr, marker), (end,))
-        xp_all = ws[o_xp:o_mid0]
-        pre_zr_all = ws[o_pre : o_pre + directions * batch * 2 * hidden].reshape((directions, batch, 2 * hidden))
-        pre_n_all = ws[o_pre + directions * batch * 2 * hidden : o_rh].reshape((directions, batch, hidden))
-        rh_all = ws[o_rh:end].reshape((directions, batch, hidden))
-        has_h0 = h0_addr != 0
-        has_lengths = lengths_addr != 0
-        lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
-        h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
-        h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
-        width = directions * hidden
-        n_in = meta[META_INPUT]
-        seq_in = carray(pointer(x_addr, marker), (rows, n_in))
-        units = directions * chunks
-        for layer in range(layers):
-            if layer == layers - 1:
-                seq_out = carray(pointer(y_addr, marker), (rows, width))
-            elif layer % 2 == 0:
-                seq_out = ws[o_mid0 : o_mid0 + rows * width].reshape((rows, width))
-            else:
-                seq_out = ws[o_mid1 : o_mid1 + rows * width].reshape((rows, width))
-            _prepare_layer(params, meta, layer, rows, seq_in, n_in, xp_all, h0, has_h0, h_n, blas)
-            if batched:
-                for d in range(directions):
-                    w_t, r_zr, r_n, b_x, b_hn = _layer_weights(params, meta, layer, d, n_in)
-                    xp = xp_all[d * rows * 3 * hidden : (d + 1) * rows * 3 * hidden].reshape((rows, 3 * hidden))
-                    _run_batched(d, batch, steps, st, sb, lengths, has_lengths, reverse or d == 1,
-                                 h_n[layer * directions + d], xp, r_zr, r_n, b_hn, pre_zr_all[d], pre_n_all[d],
-                                 rh_all[d], hidden, lbr, codes, acts, clip, seq_out, d * hidden)
-            else:
-                for u in loop(units):
-                    d = u // chunks
-                    c = u % chunks
-                    w_t, r_zr, r_n, b_x, b_hn = _layer_weights(params, meta, layer, d, n_in)
-                    xp = xp_all[d * rows * 3 * hidden : (d + 1) * rows * 3 * hidden].reshape((rows, 3 * hidden))
-                    _run_rows(d, c * batch // chunks, (c + 1) * batch // chunks, steps, st, sb, lengths,
-                              has_lengths, reverse or d == 1, h_n[layer * directions + d], xp, seq_in, w_t, b_x,
-                              not blas, r_zr, r_n, b_hn, pre_zr_all[d], pre_n_all[d], rh_all[d], hidden, lbr,
-                              codes, acts, clip, seq_out, d * hidden)
-            seq_in = seq_out
-            n_in = width
+    def forward(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+                lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+        """Run every layer: ``workers`` workers share the call (see the module docstring)."""
+        _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
+        for w in loop(workers):
+            _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
 
     forward.__name__ = forward.__qualname__ = "forward_parallel" if parallel else "forward_serial"
     return forward
@@ -407,40 +642,3 @@ def _make_forward(parallel):
 
 forward_serial = njit(**JIT)(_make_forward(parallel=False))
 forward_parallel = njit(**PARALLEL_JIT)(_make_forward(parallel=True))
-
-
-# ---------------------------------------------------------------------------
-# streaming: one time step of every layer
-# ---------------------------------------------------------------------------
-
-
-@njit(**JIT)
-def step(marker, params_addr, n_params, meta_addr, x_addr, batch, state_addr, y_addr, ws_addr):
-    """Advance every layer of a unidirectional model one step for ``batch`` rows."""
-    meta = _meta(meta_addr)
-    params = carray(pointer(params_addr, marker), (n_params,))
-    layers = meta[META_LAYERS]
-    hidden = meta[META_HIDDEN]
-    lbr = meta[META_LBR] != 0
-    f, g = meta[META_CODES], meta[META_CODES + 1]
-    f_alpha, f_beta = params[PARAM_ACT], params[PARAM_ACT + 1]
-    g_alpha, g_beta = params[PARAM_ACT + 2], params[PARAM_ACT + 3]
-    clip = params[PARAM_CLIP]
-    ws = carray(pointer(ws_addr, marker), (stream_workspace_size(batch, hidden),))
-    xp = ws[: batch * 3 * hidden].reshape((batch, 3 * hidden))
-    pre_zr = ws[batch * 3 * hidden : batch * 5 * hidden].reshape((batch, 2 * hidden))
-    pre_n = ws[batch * 5 * hidden : batch * 6 * hidden].reshape((batch, hidden))
-    rh = ws[batch * 6 * hidden :].reshape((batch, hidden))
-    state = carray(pointer(state_addr, marker), (layers, batch, hidden))
-    n_in = meta[META_INPUT]
-    x = carray(pointer(x_addr, marker), (batch, n_in))
-    for layer in range(layers):
-        w_t, r_zr, r_n, b_x, b_hn = _layer_weights(params, meta, layer, 0, n_in)
-        for b in range(batch):
-            row_in = x[b] if layer == 0 else state[layer - 1, b]
-            _project_row(row_in, w_t, b_x, xp[b])
-            recurrent_step(xp[b], state[layer, b], r_zr, r_n, b_hn, pre_zr[b], pre_n[b], rh[b], hidden, lbr,
-                           f, f_alpha, f_beta, g, g_alpha, g_beta, clip)
-        n_in = hidden
-    y = carray(pointer(y_addr, marker), (batch, hidden))
-    y[:, :] = state[layers - 1]

@@ -5,7 +5,7 @@ gate order (z, r, h) — the one canonical form every converter produces.  At
 construction the weights are laid out once for the kernels:
 
 * ``W`` and ``R`` transposed to (I, 3H) and (H, 3H), so a row of input or state
-  times the matrix streams contiguous memory;
+  times the matrix streams contiguous memory (see :func:`gru_fast.kernels.gemm4`);
 * the input and recurrent biases of z and r pre-summed (and of n when
   ``linear_before_reset`` is 0; with 1 the recurrent n bias stays separate,
   inside the reset product);
@@ -16,13 +16,12 @@ construction the weights are laid out once for the kernels:
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-import numba
 import numpy as np
 
 from . import kernels
-from ._config import PARALLEL_LOCK
+from ._config import parallel_threads
 from ._memory import address
 from ._validate import as_float_array, as_lengths, check_no_overlap, check_out_array
 from .activations import Activation, parse_activations
@@ -32,11 +31,34 @@ __all__ = ["GRU", "Stream"]
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
-# Below these sizes a parallel region or a BLAS call costs more than it saves.
-_PARALLEL_MIN_WORK = 1 << 17  # multiply-adds per unit of work
-_BLAS_MIN_ROWS = 8
-_BATCHED_MIN_ROWS = 8
-_WORKSPACES_PER_THREAD = 8
+# Below this much work (multiply-adds per call) a parallel region costs more than it saves: a launch
+# is about 1.5 us with the workers awake, 40-70 us when they have gone to sleep.
+_PARALLEL_MIN_MACS = 1 << 18
+# Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
+# step (about 0.3 us): worth it from this many multiply-adds per step.
+_SPLIT_MIN_MACS_PER_STEP = 1 << 15
+# Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
+# many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
+_BLOCK_FLOATS = 1 << 15
+_PLANS_PER_THREAD = 8
+# One parallel call at a time in the process: a second call that arrives meanwhile runs serially (the
+# results are bit-identical), so concurrent callers never put more spinning workers than cores on the
+# machine, and Numba's workqueue layer, which aborts on concurrent launches, is safe too.
+_ONE_PARALLEL_CALL = threading.Lock()
+
+
+class _Plan(NamedTuple):
+    """How one (steps, batch, threads) shape runs, with its workspace (see gru_fast.kernels)."""
+
+    parallel: bool
+    mode: int
+    chunks: int
+    block_steps: int
+    workers: int
+    workspace: np.ndarray
+    sync: np.ndarray
+    workspace_addr: int
+    sync_addr: int
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -185,7 +207,7 @@ class GRU:
         sizes = []
         for W, R, B in self._weights:
             n_in = W.shape[2]
-            sizes.append(padded(n_in * 3 * H) + padded(2 * H * H) + padded(H * H) + padded(3 * H) + padded(H))
+            sizes.append(padded(n_in * 3 * H) + padded(3 * H * H) + padded(3 * H) + padded(H))
         params = _aligned_empty(kernels.PARAM_HEADER + D * sum(sizes), self.dtype)
         params[:] = 0
         meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
@@ -202,7 +224,6 @@ class GRU:
             params[kernels.PARAM_ACT + 4 * d : kernels.PARAM_ACT + 4 * d + 4] = (f.alpha, f.beta, g.alpha, g.beta)
         cursor = kernels.PARAM_HEADER
         for layer, (W, R, B) in enumerate(self._weights):
-            n_in = W.shape[2]
             for d in range(D):
                 bias = np.zeros(6 * H, self.dtype) if B is None else B[d]
                 w_bias, r_bias = bias[: 3 * H], bias[3 * H :]
@@ -214,10 +235,9 @@ class GRU:
                     b_x[2 * H :] += r_bias[2 * H :]
                     b_hn = np.zeros(H, self.dtype)
                 base = kernels.META_OFFSETS + kernels.OFFSETS_PER_BLOCK * (layer * D + d)
-                r_t = R[d].T
-                blocks = (W[d].T, r_t[:, : 2 * H], r_t[:, 2 * H :], b_x, b_hn)
-                for slot, block in zip((kernels.OFFSET_W, kernels.OFFSET_RZR, kernels.OFFSET_RN,
-                                        kernels.OFFSET_BX, kernels.OFFSET_BHN), blocks):
+                blocks = (W[d].T, R[d].T, b_x, b_hn)
+                for slot, block in zip((kernels.OFFSET_W, kernels.OFFSET_R, kernels.OFFSET_BX, kernels.OFFSET_BHN),
+                                       blocks):
                     meta[base + slot] = cursor
                     params[cursor : cursor + block.size] = np.ascontiguousarray(block).ravel()
                     cursor += padded(block.size)
@@ -271,18 +291,53 @@ class GRU:
 
     # ---- running ------------------------------------------------------------
 
-    def _workspace(self, steps: int, batch: int) -> np.ndarray:
-        cache = getattr(self._local, "workspaces", None)
+    def _plan(self, steps: int, batch: int, threads: int | None = None) -> _Plan:
+        """The strategy and workspace for this shape, built once per shape and thread, then reused."""
+        if threads is None:
+            threads = parallel_threads()
+        cache = getattr(self._local, "plans", None)
         if cache is None:
-            cache = self._local.workspaces = {}
-        key = (steps, batch)
-        ws = cache.get(key)
-        if ws is None:
-            end = kernels.workspace_layout(steps, batch, self.hidden_size, self.num_directions, self.num_layers)[-1]
-            if len(cache) >= _WORKSPACES_PER_THREAD:
+            cache = self._local.plans = {}
+        key = (steps, batch, threads)
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) >= _PLANS_PER_THREAD:
                 cache.pop(next(iter(cache)))
-            ws = cache[key] = _aligned_empty(end, self.dtype)
-        return ws
+            plan = cache[key] = self._make_plan(steps, batch, threads)
+        return plan
+
+    def _make_plan(self, steps: int, batch: int, threads: int) -> _Plan:
+        """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
+
+        * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
+        * MODE_SPLIT when there are fewer (direction, row) pairs than threads (a single sequence) and a
+          step is large enough to pay for a handshake: the threads share each step's hidden units;
+        * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
+        """
+        H, D, L, I = self.hidden_size, self.num_directions, self.num_layers, self.input_size
+        per_step = 3 * H * ((I + H) + (L - 1) * (D * H + H))  # one row, one direction, every layer
+        parallel = threads > 1 and steps * batch * D * per_step >= _PARALLEL_MIN_MACS
+        mode, chunks, workers = kernels.MODE_ROWS, 1, 1
+        if parallel and D * batch < threads:
+            if self.linear_before_reset and batch * per_step >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.ALIGN:
+                mode, chunks = kernels.MODE_SPLIT, min(threads, -(-H // kernels.ALIGN))
+                workers = chunks
+            else:
+                parallel = D > 1  # one unit per direction
+                chunks, workers = 1, D
+        elif parallel:
+            chunks = min(batch, -(-threads // D))
+            workers = min(threads, D * chunks)
+        if workers < 2:
+            parallel, workers = False, 1
+        rows = batch if mode == kernels.MODE_SPLIT else -(-batch // chunks)
+        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * H)))
+        o_zeros, *_, end = kernels.workspace_layout(steps, batch, H, D, L, mode, chunks, block_steps, workers)
+        workspace = _aligned_empty(end, self.dtype)
+        workspace[o_zeros : o_zeros + H] = 0
+        sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
+        return _Plan(parallel, mode, chunks, block_steps, workers, workspace, sync, address(workspace),
+                     address(sync))
 
     def __call__(self, x, h0=None, lengths=None, out=None):
         """Run the model over whole sequences.
@@ -307,6 +362,7 @@ class GRU:
             (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
         """
         dtype = self.dtype
+        given = {"x": x, "h0": h0, "lengths": lengths}  # as passed: out= must not overlap these, copies or not
         x = as_float_array(x, "x", dtype)
         H, D, LD = self.hidden_size, self.num_directions, self.num_layers * self.num_directions
         if x.ndim == 3:
@@ -340,39 +396,29 @@ class GRU:
                 raise TypeError("out must be a (y, h_n) pair of arrays")
             y = check_out_array(out[0], "out[0] (y)", x.shape[:-1] + (D * H,), dtype)
             h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
-            check_no_overlap({"out[0] (y)": y, "out[1] (h_n)": h_n}, {"x": x, "h0": h0, "lengths": lengths})
-        self._run(x, steps, batch, h0, lengths, y, h_n)
+            check_no_overlap({"out[0] (y)": y, "out[1] (h_n)": h_n}, given)
+        self._run(x, steps, batch, self.batch_first and x.ndim == 3, h0, lengths, y, h_n)
         return y, h_n
 
-    def _run(self, x, steps, batch, h0, lengths, y, h_n):
-        """Pick the kernel strategy for this shape and run it.
-
-        * batch >= _BATCHED_MIN_ROWS: one BLAS product per step over the whole
-          batch; BLAS owns the cores, no Numba parallel region (the two pools
-          would fight over 2 cores);
-        * otherwise rows run one at a time, split into units of (direction,
-          row slice) run in parallel when each unit has enough work.
-        """
-        H, D = self.hidden_size, self.num_directions
-        ws = self._workspace(steps, batch)
-        rows = steps * batch
-        blas = rows >= _BLAS_MIN_ROWS
-        batched = batch >= _BATCHED_MIN_ROWS
-        threads = 1 if batched else numba.get_num_threads()
-        chunks = max(1, min(batch, threads // D))
-        units = D * chunks
-        work_per_unit = rows // chunks * 3 * H * (H + (0 if blas else self.input_size))
-        parallel = threads > 1 and units > 1 and work_per_unit >= _PARALLEL_MIN_WORK
+    def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n):
+        """Run the forward kernel on validated arrays (``x``, ``y``, ``h_n`` C-contiguous, right dtype)."""
+        plan = self._plan(steps, batch)
+        parallel = plan.parallel and _ONE_PARALLEL_CALL.acquire(blocking=False)
+        if plan.parallel and not parallel:
+            plan = self._plan(steps, batch, 1)  # another call holds the cores: same results, serially
         args = (
             self._marker, self._params_addr, self._params.size, self._meta_addr, address(x), steps, batch,
-            self.batch_first and x.ndim == 3, 0 if h0 is None else address(h0),
-            0 if lengths is None else address(lengths), address(y), address(h_n), address(ws),
+            batch_major, 0 if h0 is None else address(h0), 0 if lengths is None else address(lengths),
+            address(y), address(h_n), plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
+            plan.block_steps, plan.workers,
         )
         if parallel:
-            with PARALLEL_LOCK:
-                kernels.forward_parallel(*args, chunks, blas, False)
+            try:
+                kernels.forward_parallel(*args)
+            finally:
+                _ONE_PARALLEL_CALL.release()
         else:
-            kernels.forward_serial(*args, 1, blas or batched, batched)
+            kernels.forward_serial(*args)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -408,9 +454,10 @@ class Stream:
         self.model = model
         self.batch_size = int(batch)
         H, L = model.hidden_size, model.num_layers
-        self._state = np.zeros((L, self.batch_size, H), model.dtype)
+        # The state alternates between two buffers: a step reads one as h0 and writes the other as h_n.
+        self._states = (np.zeros((L, self.batch_size, H), model.dtype), np.zeros((L, self.batch_size, H), model.dtype))
+        self._current = 0
         self._h0 = None
-        self._ws = np.empty(kernels.stream_workspace_size(self.batch_size, H), model.dtype)
         self._x_shape = (model.input_size,) if self.unbatched else (self.batch_size, model.input_size)
         self._y_shape = (H,) if self.unbatched else (self.batch_size, H)
         self._lock = threading.Lock()
@@ -419,26 +466,28 @@ class Stream:
     @property
     def state(self) -> np.ndarray:
         """A copy of the current state, (L, B, H) — (L, H) for an unbatched stream."""
-        state = self._state.copy()
+        state = self._states[self._current].copy()
         return state[:, 0] if self.unbatched else state
 
     def reset(self, h0=None) -> None:
         """Return to ``h0`` (or zeros; or the h0 the stream was created with when omitted)."""
         if h0 is not None:
-            L, B, H = self._state.shape
+            L, B, H = self._states[0].shape
             expected = (L, H) if self.unbatched else (L, B, H)
             h0 = as_float_array(h0, "h0", self.model.dtype)
             if h0.shape != expected:
                 raise ValueError(f"h0 must have shape {expected} (num_layers, batch, hidden), got {h0.shape}")
-            self._h0 = h0.reshape(self._state.shape).copy()
+            self._h0 = h0.reshape((L, B, H)).copy()
+        state = self._states[self._current]
         if self._h0 is None:
-            self._state[...] = 0
+            state[...] = 0
         else:
-            self._state[...] = self._h0
+            state[...] = self._h0
 
     def step(self, x_t, out=None) -> np.ndarray:
         """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
         model = self.model
+        given = x_t
         if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
                 and x_t.flags.aligned):
             x_t = as_float_array(x_t, "x_t", model.dtype)
@@ -453,8 +502,9 @@ class Stream:
             y = np.empty(y_shape, model.dtype)
         else:
             y = check_out_array(out, "out", y_shape, model.dtype)
-            check_no_overlap({"out": y}, {"x_t": x_t})
+            check_no_overlap({"out": y}, {"x_t": given})
         with self._lock:  # one stream, one state: steps from several threads take turns
-            kernels.step(model._marker, model._params_addr, model._params.size, model._meta_addr, address(x_t),
-                         self.batch_size, address(self._state), address(y), address(self._ws))
+            current = self._current
+            model._run(x_t, 1, self.batch_size, False, self._states[current], None, y, self._states[1 - current])
+            self._current = 1 - current
         return y

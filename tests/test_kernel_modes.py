@@ -1,0 +1,141 @@
+"""The ways one call is shared between threads (gru_fast.kernels: MODE_ROWS, MODE_SPLIT, serial).
+
+Authority: ``torch.nn.GRU`` for every mode, at shapes chosen so that the engine picks that mode (each test
+asserts the plan it exercised, so a change of thresholds cannot silently leave a mode untested).  The
+kernels promise more than parity: every output element is computed by the same operations whichever
+thread, row block or chunk of hidden units computes it, so a serial run (one Numba thread) and a parallel
+run agree bit for bit; ``np.array_equal`` checks that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numba
+import numpy as np
+import pytest
+
+from conftest import assert_matches, convert_torch, run_torch, torch_gru
+from gru_fast import kernels
+
+THREADS = numba.config.NUMBA_NUM_THREADS
+needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels need 2+ Numba threads")
+
+
+@contextlib.contextmanager
+def numba_threads(n):
+    """Numba's thread count for the calling thread (the engine reads it per call)."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _x(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _serial_and_parallel(model, *args, **kwargs):
+    with numba_threads(1):
+        serial = model(*args, **kwargs)
+    with numba_threads(min(2, THREADS)):
+        parallel = model(*args, **kwargs)
+    return serial, parallel
+
+
+@needs_two_threads
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["B=1", "unbatched"])
+def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng):
+    """MODE_SPLIT: one sequence, H=128, I=64, T=37 (blocks of projected steps and a remainder), with h0 and
+    a length shorter than T; equal to torch.nn.GRU and bit-identical to the serial run."""
+    module = torch_gru(64, 128, num_layers, dtype=dtype, seed=11)
+    model = convert_torch(module)
+    T = 37
+    with numba_threads(2):
+        assert model._plan(T, 1).mode == kernels.MODE_SPLIT
+    x = _x(rng, (T, 64) if unbatched else (T, 1, 64), dtype)
+    h0 = _x(rng, (num_layers, 128) if unbatched else (num_layers, 1, 128), dtype)
+    lengths = 29 if unbatched else np.array([29])
+    for kwargs in ({}, {"h0": h0}, {"h0": h0, "lengths": lengths}):
+        (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, **kwargs)
+        y_ref, h_ref = run_torch(module, x, kwargs.get("h0"), kwargs.get("lengths"))
+        assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split y {sorted(kwargs)}")
+        assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split h_n {sorted(kwargs)}")
+        assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p), "serial and split runs differ"
+
+
+@needs_two_threads
+def test_split_reverse_direction_starts_at_each_sequence_end(rng):
+    """MODE_SPLIT for an ONNX "reverse" model (one direction, running backwards), with a length shorter
+    than T.  Authority: the backward half of a bidirectional torch.nn.GRU (same weights), which is that
+    direction run from each sequence's last valid step."""
+    module = torch_gru(64, 128, 1, bidirectional=True, seed=12)
+    both = convert_torch(module)
+    W, R, B = both.onnx_weights()[0]
+    import gru_fast
+
+    reverse = gru_fast.GRU([(W[1:], R[1:], B[1:])], direction="reverse")
+    T = 23
+    with numba_threads(2):
+        assert reverse._plan(T, 1).mode == kernels.MODE_SPLIT
+    x = _x(rng, (T, 1, 64), np.float32)
+    lengths = np.array([17])
+    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(reverse, x, lengths=lengths)
+    y_ref, h_ref = run_torch(module, x, None, lengths)
+    assert_matches(y_p, y_ref[:, :, 128:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="y")
+    assert_matches(h_p, h_ref[1:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="h_n")
+    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("batch, bidirectional", [(3, False), (8, False), (1, True), (5, True)])
+def test_rows_are_shared_between_threads(batch, bidirectional, rng):
+    """MODE_ROWS in parallel: units of (direction, batch rows), two layers, lengths; bit-identical to the
+    serial run.  Authority: torch.nn.GRU."""
+    module = torch_gru(48, 96, 2, bidirectional=bidirectional, seed=13)
+    model = convert_torch(module)
+    T = 19
+    with numba_threads(2):
+        plan = model._plan(T, batch)
+    assert plan.mode == kernels.MODE_ROWS and plan.parallel and plan.workers == 2
+    x = _x(rng, (T, batch, 48), np.float32)
+    lengths = rng.integers(1, T + 1, size=batch)
+    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, lengths=lengths)
+    y_ref, h_ref = run_torch(module, x, None, lengths)
+    assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
+    assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")
+    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_stream_step_split_between_threads(num_layers, rng):
+    """A streaming step large enough to share between threads (B=1, I=128, H=256) equals torch.nn.GRU run
+    over the frames so far, step after step, and a serial stream bit for bit."""
+    module = torch_gru(128, 256, num_layers, seed=14)
+    model = convert_torch(module)
+    with numba_threads(2):
+        assert model._plan(1, 1).mode == kernels.MODE_SPLIT
+    x = _x(rng, (6, 1, 128), np.float32)
+    h0 = 0.5 * _x(rng, (num_layers, 1, 256), np.float32)
+    y_ref, h_ref = run_torch(module, x, h0, None)
+    with numba_threads(1):
+        serial = model.stream(batch_size=1, h0=h0)
+        expected = [serial.step(x[t]).copy() for t in range(6)]
+    with numba_threads(2):
+        stream = model.stream(batch_size=1, h0=h0)
+        for t in range(6):
+            y_t = stream.step(x[t])
+            assert_matches(y_t, y_ref[t], authority="torch.nn.GRU", dtype=np.float32, what=f"y_{t}")
+            assert np.array_equal(y_t, expected[t])
+        assert_matches(stream.state, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="state")
+
+
+def test_small_calls_stay_serial(rng):
+    """Below the work threshold no parallel region is launched (it would cost more than the call)."""
+    model = convert_torch(torch_gru(10, 10, 1, bidirectional=True, seed=15))
+    assert not model._plan(3, 1).parallel

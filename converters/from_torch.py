@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-__all__ = ["convert", "from_state_dict", "load"]
+__all__ = ["convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
 
 # weight_ih_l0, bias_hh_l3_reverse, ... (nn.GRU) and weight_ih, bias_hh (nn.GRUCell)
 _GRU_KEY = re.compile(r"^(?P<prefix>.*?)(?P<kind>weight|bias)_(?P<mat>ih|hh)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
@@ -278,7 +278,10 @@ def _module_parameters(module, names):
     return params
 
 
-def load(path, prefix=None, *, batch_first=False):
+DEFAULT_MAX_BYTES = 2 * 1024 ** 3
+
+
+def load(path, prefix=None, *, batch_first=False, max_bytes=DEFAULT_MAX_BYTES):
     """Load a GRU from a PyTorch checkpoint (.pt / .pth) or a numpy .npz state dict, executing no pickled code.
 
     A checkpoint is read with ``torch.load(path, weights_only=True, map_location="cpu")`` only: one whose
@@ -287,12 +290,24 @@ def load(path, prefix=None, *, batch_first=False):
     ``"model_state_dict"`` entry.  A ``.npz`` file (``np.savez(path, **state_dict)``) is read with
     ``np.load(allow_pickle=False)``, so object arrays are refused.  Paths that are not regular files
     (directories, FIFOs, devices) are refused before anything is opened.
+
+    ``max_bytes`` (default 2 GiB) caps the file and the arrays it declares: a file larger than the cap is
+    refused unread, and in an .npz or a zip-format checkpoint every member's declared size is checked
+    against the cap and against the bytes really in the file before anything is read, so a header
+    cannot make the loader allocate what it claims.
     """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     path = os.fspath(path)
     with _open_regular_file(path) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size > max_bytes:
+            raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
         if path.lower().endswith(".npz"):
+            _check_zip_sizes(stream, path, size, max_bytes, npy_headers=True)
             state_dict = _load_npz(stream, path)
         else:
+            _check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
             state_dict = _load_checkpoint(stream, path)
     return from_state_dict(state_dict, batch_first=batch_first, prefix=prefix,
                            _source=os.path.basename(path))
@@ -318,15 +333,80 @@ def _open_regular_file(path):
         raise
 
 
-def _load_npz(stream, path):
+def _zip_errors():
+    import struct
+    import zipfile
+    import zlib
+
+    # what zipfile raises for a damaged archive (bad CRC or header, negative seek, unknown compression
+    # method or zip version, an "encrypted" flag, truncated data)
+    return (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+            zlib.error, struct.error, KeyError)
+
+
+def _check_zip_sizes(stream, path, size, max_bytes, *, npy_headers):
+    """Refuse a zip whose members declare more bytes than the file holds or than ``max_bytes``.
+
+    Readers size their buffers from these declarations (zipfile from the stored size, np.load from the
+    .npy header's shape, torch from the record's size), so they are checked before any reader runs.
+    A file that is not a zip (a legacy torch checkpoint) is left to its reader.
+    """
     import zipfile
 
+    try:
+        if not zipfile.is_zipfile(stream):
+            return
+        total = 0
+        with zipfile.ZipFile(stream) as archive:
+            for info in archive.infolist():
+                where = f"{path!r}: member {info.filename!r}"
+                if info.compress_size > size or (info.compress_type == zipfile.ZIP_STORED
+                                                 and info.compress_size != info.file_size):
+                    raise ValueError(f"{where} declares {info.file_size} bytes in {info.compress_size} stored, "
+                                     f"but the file holds {size}")
+                declared = info.file_size
+                if npy_headers and info.filename.endswith(".npy"):
+                    declared = _npy_nbytes(archive, info, where)
+                    if declared > info.file_size:
+                        raise ValueError(f"{where} declares an array of {declared} bytes in {info.file_size}")
+                total += declared
+                if total > max_bytes:
+                    raise ValueError(f"{where}: the arrays exceed the memory cap max_bytes={max_bytes}")
+    except _zip_errors() as exc:
+        raise ValueError(f"{path!r}: not a readable zip archive ({type(exc).__name__}: {exc})") from exc
+    finally:
+        stream.seek(0)
+
+
+def _npy_nbytes(archive, info, where):
+    """Bytes of the array a .npy member declares, from its header alone."""
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, _, dtype = readers[version](member, max_header_size=10_000)
+        except ValueError as exc:
+            raise ValueError(f"{where} is not a valid .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise ValueError(f"{where}: refused to load: it is an object array, which needs pickle "
+                         "(allow_pickle=False)")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where} declares a negative dimension in shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    return count * dtype.itemsize
+
+
+def _load_npz(stream, path):
     try:
         with np.load(stream, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:  # object arrays: "Object arrays cannot be loaded when allow_pickle=False"
         raise ValueError(f"{path!r}: refused to load: {exc}") from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except _zip_errors() as exc:
         raise ValueError(f"{path!r}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
 

@@ -48,6 +48,13 @@ class CliError(Exception):
         self.code = code
 
 
+def one_line(message: str, limit: int = 600) -> str:
+    """An error message as one terminal line: whitespace runs (newlines from wrapped library messages,
+    e.g. torch.load's) collapsed, ANSI escapes dropped, very long messages cut."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _missing(exc: ImportError, what: str) -> CliError:
     name = (exc.name or str(exc)).split(".")[0]
     if name == "torch":
@@ -511,7 +518,7 @@ def main(argv=None) -> int:
     try:
         return args.handler(args)
     except CliError as exc:
-        print(f"gru-fast: error: {exc}", file=sys.stderr)
+        print(f"gru-fast: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         print("gru-fast: interrupted", file=sys.stderr)

@@ -198,8 +198,8 @@ def cmd_info(args) -> int:
         return EXIT_OK
     size = Path(args.file).stat().st_size
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
-    for name, model in models.items():
-        print("\n".join(_info_text(name, describe(model))))
+    for index, (name, model) in enumerate(models.items()):
+        print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
     return EXIT_OK
 
 
@@ -315,9 +315,21 @@ def cmd_run(args) -> int:
 
     L, D, H = model.num_layers, model.num_directions, model.hidden_size
     shapes = {"y": (N, T, D * H), "h_n": (N, L * D, H)}
+    started = time.perf_counter()
+    try:
+        _run_chunks(model, x, lengths, output, wanted, shapes, args)
+    except OSError as exc:  # a full disk, a read-only directory: the user's to fix, not a bug
+        raise CliError(f"cannot write {output}: {exc.strerror or exc}") from None
+    seconds = time.perf_counter() - started
+    written = ", ".join(f"{name} {shapes[name]} {model.dtype.name}" for name in wanted)
+    print(f"wrote {output}: {written}; {N} sequences in {seconds:.2f} s ({N / max(seconds, 1e-9):,.0f} seq/s)")
+    return EXIT_OK
+
+
+def _run_chunks(model, x, lengths, output, wanted, shapes, args):
     from tqdm import tqdm
 
-    started = time.perf_counter()
+    N, suffix = len(x), output.suffix.lower()
     # Results go to .npy files beside the output (same file system), memory-mapped so that only one
     # chunk is in memory at a time, and are moved into place only when complete.
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
@@ -350,10 +362,6 @@ def cmd_run(args) -> int:
             staged = Path(tmp) / "out.npz"
             _write_npz(staged, parts)
             os.replace(staged, output)
-    seconds = time.perf_counter() - started
-    written = ", ".join(f"{name} {shapes[name]} {model.dtype.name}" for name in wanted)
-    print(f"wrote {output}: {written}; {N} sequences in {seconds:.2f} s ({N / max(seconds, 1e-9):,.0f} seq/s)")
-    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------

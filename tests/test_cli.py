@@ -404,6 +404,15 @@ def test_run_errors(files, tmp_path, case):
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left behind
 
 
+def test_run_cannot_write_its_output(files, tmp_path):
+    """An output path that is an existing directory: the OSError becomes one line, exit 1, and the
+    temporary files are gone."""
+    (tmp_path / "out.npz").mkdir()
+    user_error(cli("run", ENGINE, "--input", files["dir"] / "x.npy", "--output", tmp_path / "out.npz"), 1,
+               f"cannot write {tmp_path / 'out.npz'}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"] and not any((tmp_path / "out.npz").iterdir())
+
+
 # --------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------

@@ -624,21 +624,27 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
     sync[:] = 0
 
 
-def _make_forward(parallel):
-    """Build the forward kernel; the serial and parallel entry points differ only in ``prange``."""
+def _make_forward(parallel, dtype):
+    """Build a forward entry point.  One per (serial | parallel, float32 | float64), each compiled on its
+    first call only: the float type is fixed here, not passed, which also keeps every argument a plain
+    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
     loop = prange if parallel else range
+    float_type = np.float32 if dtype == np.float32 else np.float64
 
-    def forward(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+    def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
         """Run every layer: ``workers`` workers share the call (see the module docstring)."""
+        marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in loop(workers):
             _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
                     lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
 
-    forward.__name__ = forward.__qualname__ = "forward_parallel" if parallel else "forward_serial"
-    return forward
+    name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
+    forward.__name__ = forward.__qualname__ = name
+    return njit(**(PARALLEL_JIT if parallel else JIT))(forward)
 
 
-forward_serial = njit(**JIT)(_make_forward(parallel=False))
-forward_parallel = njit(**PARALLEL_JIT)(_make_forward(parallel=True))
+FORWARD = {(np.dtype(dtype), parallel): _make_forward(parallel, dtype)
+           for dtype in (np.float32, np.float64) for parallel in (False, True)}
+"""The forward entry points by (dtype, parallel)."""

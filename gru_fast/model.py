@@ -149,10 +149,12 @@ class GRU:
         self.input_size = self._weights[0][0].shape[2]
         self.has_bias = self._weights[0][2] is not None
         self._params, self._meta = self._pack()
-        self._marker = self.dtype.type(0)
         self._params_addr = address(self._params)
         self._meta_addr = address(self._meta)
         self._local = threading.local()
+        H, D = self.hidden_size, self.num_directions
+        # multiply-adds of one time step of one sequence, every layer and direction
+        self._macs_per_step = D * 3 * H * ((self.input_size + H) + (self.num_layers - 1) * (D * H + H))
 
     # ---- construction -------------------------------------------------------
 
@@ -293,8 +295,8 @@ class GRU:
 
     def _plan(self, steps: int, batch: int, threads: int | None = None) -> _Plan:
         """The strategy and workspace for this shape, built once per shape and thread, then reused."""
-        if threads is None:
-            threads = parallel_threads()
+        if threads is None:  # the count only matters for calls large enough to run in parallel
+            threads = 1 if steps * batch * self._macs_per_step < _PARALLEL_MIN_MACS else parallel_threads()
         cache = getattr(self._local, "plans", None)
         if cache is None:
             cache = self._local.plans = {}
@@ -314,9 +316,9 @@ class GRU:
           step is large enough to pay for a handshake: the threads share each step's hidden units;
         * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
         """
-        H, D, L, I = self.hidden_size, self.num_directions, self.num_layers, self.input_size
-        per_step = 3 * H * ((I + H) + (L - 1) * (D * H + H))  # one row, one direction, every layer
-        parallel = threads > 1 and steps * batch * D * per_step >= _PARALLEL_MIN_MACS
+        H, D, L = self.hidden_size, self.num_directions, self.num_layers
+        per_step = self._macs_per_step // D  # one row, one direction, every layer
+        parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
         mode, chunks, workers = kernels.MODE_ROWS, 1, 1
         if parallel and D * batch < threads:
             if self.linear_before_reset and batch * per_step >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.ALIGN:
@@ -362,63 +364,74 @@ class GRU:
             (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
         """
         dtype = self.dtype
-        given = {"x": x, "h0": h0, "lengths": lengths}  # as passed: out= must not overlap these, copies or not
+        x_given, h0_given, lengths_given = x, h0, lengths
         x = as_float_array(x, "x", dtype)
+        shape = x.shape
         H, D, LD = self.hidden_size, self.num_directions, self.num_layers * self.num_directions
-        if x.ndim == 3:
+        if len(shape) == 3:
             unbatched = False
             if self.batch_first:
-                batch, steps = x.shape[0], x.shape[1]
+                batch, steps = shape[0], shape[1]
             else:
-                steps, batch = x.shape[0], x.shape[1]
-        elif x.ndim == 2:
+                steps, batch = shape[0], shape[1]
+        elif len(shape) == 2:
             unbatched = True
-            steps, batch = x.shape[0], 1
+            steps, batch = shape[0], 1
         else:
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(f"x must be 3-D {layout} or 2-D (T, I) with I={self.input_size}, got shape {x.shape}")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"x must have input size {self.input_size} on its last axis, got shape {x.shape}")
+            raise ValueError(f"x must be 3-D {layout} or 2-D (T, I) with I={self.input_size}, got shape {shape}")
+        if shape[-1] != self.input_size:
+            raise ValueError(f"x must have input size {self.input_size} on its last axis, got shape {shape}")
         if steps == 0 or batch == 0:
-            raise ValueError(f"x must hold at least one time step and one sequence, got shape {x.shape}")
+            raise ValueError(f"x must hold at least one time step and one sequence, got shape {shape}")
         state_shape = (LD, H) if unbatched else (LD, batch, H)
         if h0 is not None:
             h0 = as_float_array(h0, "h0", dtype)
             if h0.shape != state_shape:
-                raise ValueError(f"h0 must have shape {state_shape} (num_layers*num_directions, batch, hidden), got {h0.shape}")
+                raise ValueError(f"h0 must have shape {state_shape} (num_layers*num_directions, batch, hidden), "
+                                 f"got {h0.shape}")
         if lengths is not None:
             lengths = as_lengths(lengths, batch, steps, unbatched)
+        y_shape = shape[:-1] + (D * H,)
         if out is None:
-            y = np.empty(x.shape[:-1] + (D * H,), dtype)
+            y = np.empty(y_shape, dtype)
             h_n = np.empty(state_shape, dtype)
+            inputs = None
         else:
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise TypeError("out must be a (y, h_n) pair of arrays")
-            y = check_out_array(out[0], "out[0] (y)", x.shape[:-1] + (D * H,), dtype)
+            y = check_out_array(out[0], "out[0] (y)", y_shape, dtype)
             h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
-            check_no_overlap({"out[0] (y)": y, "out[1] (h_n)": h_n}, given)
-        self._run(x, steps, batch, self.batch_first and x.ndim == 3, h0, lengths, y, h_n)
+            inputs = {"x": x_given, "h0": h0_given, "lengths": lengths_given}  # as passed, copies or not
+        self._run(x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs)
         return y, h_n
 
-    def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n):
-        """Run the forward kernel on validated arrays (``x``, ``y``, ``h_n`` C-contiguous, right dtype)."""
+    def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs=None):
+        """Run the forward kernel on validated arrays (``x``, ``y``, ``h_n`` C-contiguous, right dtype).
+
+        With ``inputs`` (the caller's own arrays, by name), first refuse outputs that overlap them.
+        """
+        x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
+        h0_addr = 0 if h0 is None else address(h0)
+        if inputs is not None:
+            check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
+                             known={id(x): x_addr, id(h0): h0_addr})
         plan = self._plan(steps, batch)
         parallel = plan.parallel and _ONE_PARALLEL_CALL.acquire(blocking=False)
         if plan.parallel and not parallel:
             plan = self._plan(steps, batch, 1)  # another call holds the cores: same results, serially
         args = (
-            self._marker, self._params_addr, self._params.size, self._meta_addr, address(x), steps, batch,
-            batch_major, 0 if h0 is None else address(h0), 0 if lengths is None else address(lengths),
-            address(y), address(h_n), plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
-            plan.block_steps, plan.workers,
+            self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
+            0 if lengths is None else address(lengths), y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr,
+            plan.mode, plan.chunks, plan.block_steps, plan.workers,
         )
         if parallel:
             try:
-                kernels.forward_parallel(*args)
+                kernels.FORWARD[self.dtype, True](*args)
             finally:
                 _ONE_PARALLEL_CALL.release()
         else:
-            kernels.forward_serial(*args)
+            kernels.FORWARD[self.dtype, False](*args)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -487,10 +500,8 @@ class Stream:
     def step(self, x_t, out=None) -> np.ndarray:
         """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
         model = self.model
-        given = x_t
-        if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
-                and x_t.flags.aligned):
-            x_t = as_float_array(x_t, "x_t", model.dtype)
+        x_given = x_t
+        x_t = as_float_array(x_t, "x_t", model.dtype)
         y_shape = self._y_shape
         if x_t.shape != self._x_shape:
             if self.batch_size == 1 and x_t.shape == (model.input_size,):
@@ -500,11 +511,13 @@ class Stream:
                 raise ValueError(f"x_t must have shape {self._x_shape}{also}, got {x_t.shape}")
         if out is None:
             y = np.empty(y_shape, model.dtype)
+            inputs = None
         else:
             y = check_out_array(out, "out", y_shape, model.dtype)
-            check_no_overlap({"out": y}, {"x_t": given})
+            inputs = {"x_t": x_given}
         with self._lock:  # one stream, one state: steps from several threads take turns
             current = self._current
-            model._run(x_t, 1, self.batch_size, False, self._states[current], None, y, self._states[1 - current])
+            model._run(x_t, 1, self.batch_size, False, self._states[current], None, y, self._states[1 - current],
+                       inputs)
             self._current = 1 - current
         return y

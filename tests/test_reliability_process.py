@@ -55,13 +55,15 @@ WORKER_SCRIPT = textwrap.dedent(
     START = sys.argv[1]
     JOIN_TIMEOUT = 90.0
     launches = []
-    _forward_parallel = kernels.forward_parallel
 
-    def counting_forward_parallel(*args):
-        launches.append(os.getpid())
-        return _forward_parallel(*args)
+    def counting(forward):
+        def counting_forward_parallel(*args):
+            launches.append(os.getpid())
+            return forward(*args)
+        return counting_forward_parallel
 
-    kernels.forward_parallel = counting_forward_parallel
+    for key in [key for key in kernels.FORWARD if key[1]]:  # (dtype, parallel) entry points
+        kernels.FORWARD[key] = counting(kernels.FORWARD[key])
 
     def weights(seed, L, D, I, H):
         r = np.random.default_rng(seed)

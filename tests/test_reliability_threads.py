@@ -16,7 +16,7 @@ Authorities:
 Everything runs in child processes so that an abort in a threading layer fails one test instead of killing
 pytest; a thread still alive after the join timeout is reported as a deadlock.  ``NUMBA_NUM_THREADS=2`` is
 fixed so the parallel kernel runs on any machine, and the child counts its launches (a wrapper around
-``kernels.forward_parallel``) to prove that path ran under contention.
+``kernels.FORWARD``'s parallel entries) to prove that path ran under contention.
 """
 
 from __future__ import annotations
@@ -47,13 +47,15 @@ CHILD = textwrap.dedent(
     JOIN_TIMEOUT = 240.0
 
     parallel_launches = []  # list.append is atomic under the GIL
-    _forward_parallel = kernels.forward_parallel
 
-    def counting_forward_parallel(*args):
-        parallel_launches.append(1)
-        return _forward_parallel(*args)
+    def counting(forward):
+        def counting_forward_parallel(*args):
+            parallel_launches.append(1)
+            return forward(*args)
+        return counting_forward_parallel
 
-    kernels.forward_parallel = counting_forward_parallel  # model.py looks it up on each call
+    for key in [key for key in kernels.FORWARD if key[1]]:  # (dtype, parallel) entry points
+        kernels.FORWARD[key] = counting(kernels.FORWARD[key])  # model.py looks them up on each call
 
     rng = np.random.default_rng(0)
 
@@ -164,9 +166,11 @@ def test_eight_threads_thousands_of_calls_equal_serial_results(report):
 
 
 def test_parallel_kernel_ran_under_contention(report):
-    """The instrument: the pool reaches the parallel kernel (so concurrent parallel launches were tried)."""
+    """The instrument: the pool reaches the parallel kernel while other threads are calling too.  The engine
+    runs one parallel call at a time and the calls that arrive meanwhile serially (bit-identical results),
+    so under 8-way contention only a fraction of the parallel-sized calls launch the parallel kernel."""
     assert report["serial_parallel_launches"] >= 2  # e.g. big_bi 20x4 and 12x3, deep_fwd 16x4
-    assert report["parallel_launches"] >= THREADS * CALLS // 16
+    assert report["parallel_launches"] >= report["serial_parallel_launches"] + THREADS * CALLS // 64
 
 
 @pytest.mark.parametrize("layer", ["workqueue", "forksafe"])

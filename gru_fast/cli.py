@@ -422,7 +422,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(parser, *, onnx_node=True):
     if onnx_node:
-        parser.add_argument("--node", metavar="NAME", help="ONNX: convert only the GRU node called NAME")
+        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME")
     parser.add_argument("--prefix", metavar="PREFIX",
                         help="PyTorch state dict: the GRU's key prefix, e.g. 'encoder.gru.' (needed when the "
                              "file holds several GRUs)")
@@ -434,7 +434,7 @@ def _model_options(parser, *, onnx_node=True):
 def build_parser() -> argparse.ArgumentParser:
     import gru_fast
 
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = argparse.HelpFormatter  # wraps descriptions and epilogs to the terminal
     parser = _Parser(prog="gru-fast", formatter_class=formatter,
                      description="Fast, exact CPU inference for GRU networks.",
                      epilog="Exit codes: 0 ok; 1 bad input file or data; 2 usage error; 3 optional package "

@@ -114,10 +114,11 @@ def files(tmp_path_factory):
 def test_help_on_every_command(command):
     proc = ok(cli(*([command] if command else []), "--help"))
     assert proc.stdout.startswith(f"usage: gru-fast {command}".rstrip())
+    text = " ".join(proc.stdout.split())  # argparse wraps to the terminal's width
     if command == "":
-        assert "Exit codes: 0 ok; 1 bad input" in proc.stdout
+        assert "Exit codes: 0 ok; 1 bad input file or data; 2 usage error; 3 optional package missing" in text
     if command == "run":
-        assert "(N, T, I)" in proc.stdout and "h_n (N, L*D, H)" in proc.stdout.replace("\n", " ")
+        assert "(N, T, I)" in text and "h_n (N, L*D, H)" in text
 
 
 def test_version():
@@ -146,6 +147,19 @@ def test_console_script_is_declared_and_runs():
 ])
 def test_usage_errors_exit_2(args, fragment):
     user_error(cli(*args), 2, fragment)
+
+
+@pytest.mark.parametrize("package", ["onnx", "torch"])
+def test_missing_optional_package_exits_3(package, tmp_path):
+    """The package made unimportable in the child (as if not installed): one line naming it, exit 3."""
+    if package == "onnx":
+        args = ["info", str(ONNX)]
+    else:
+        (tmp_path / "model.pt").write_bytes(b"a checkpoint only torch could read")
+        args = ["convert", str(tmp_path / "model.pt"), "-o", str(tmp_path / "out.npz")]
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            f"from gru_fast.cli import main; sys.exit(main({args!r}))")
+    user_error(child(code), 3, f"needs the '{package}' package, which is not installed")
 
 
 # --------------------------------------------------------------------------------------------------

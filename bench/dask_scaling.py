@@ -11,7 +11,9 @@ Every engine runs on one thread: Dask workers and plain processes get ``NUMBA_NU
 BLAS / OpenMP variables before they start (Dask's ``distributed.nanny.pre-spawn-environ``), one Dask
 thread each; this process runs under ``numba.set_num_threads(1)`` and a threadpoolctl limit of 1.
 
-Configurations, each timed ``repeats`` times (the figure is the median):
+Configurations, all kept up together and timed in ``repeats`` rounds, each round in a fresh random order
+(a burst of load from elsewhere on this shared machine lands on all of them alike; the figure is the
+median):
 
 * single process: the blocks, one engine call each, in a loop in this process;
 * plain processes: the blocks split over 2 spawned processes without Dask (a barrier starts them
@@ -44,7 +46,7 @@ import numpy as np
 
 __all__ = ["run", "markdown", "WORKLOAD", "QUICK_WORKLOAD"]
 
-WORKLOAD = dict(sequences=20_000, steps=50, input_size=40, hidden_size=128, rows_per_task=500, repeats=3)
+WORKLOAD = dict(sequences=20_000, steps=50, input_size=40, hidden_size=128, rows_per_task=500, repeats=5)
 QUICK_WORKLOAD = dict(sequences=2_000, steps=50, input_size=40, hidden_size=128, rows_per_task=250, repeats=2)
 WORKER_COUNTS = (1, 2)
 ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -113,26 +115,28 @@ def _one_thread_children():
 # without Dask
 # ----------------------------------------------------------------------------------------------------
 
-def _single_process(model, workload: dict) -> dict:
-    """The blocks, one engine call each, in this process on one thread."""
+@contextlib.contextmanager
+def _single_process(model, workload: dict):
+    """Yields a runner: the blocks, one engine call each, in this process on one thread; -> seconds."""
     import numba
     import threadpoolctl
 
     blocks = [_block(workload, index) for index in range(_block_count(workload))]
     previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    times = []
-    try:
-        with threadpoolctl.threadpool_limits(1):
-            model(blocks[0])  # kernels loaded outside the timing
-            for _ in range(workload["repeats"]):
+
+    def once() -> float:
+        numba.set_num_threads(1)
+        try:
+            with threadpoolctl.threadpool_limits(1):
                 start = time.perf_counter()
                 for block in blocks:
                     model(block)
-                times.append(time.perf_counter() - start)
-    finally:
-        numba.set_num_threads(previous)
-    return _summary(times, workload["sequences"])
+                return time.perf_counter() - start
+        finally:
+            numba.set_num_threads(previous)
+
+    model(blocks[0])  # kernels loaded outside the timing
+    yield once
 
 
 _POOL_STATE: dict = {}
@@ -154,27 +158,27 @@ def _pool_run(indices: list) -> tuple[float, float]:
     return start, time.perf_counter()
 
 
-def _plain_processes(workload: dict, processes: int) -> dict:
-    """The blocks split over ``processes`` spawned processes, no Dask: wall time from first start to last stop."""
+@contextlib.contextmanager
+def _plain_processes(workload: dict, processes: int):
+    """Yields a runner: the blocks split over ``processes`` spawned processes, no Dask; -> seconds from the
+    first start to the last stop (a barrier starts them together; a process blocked on it takes no second
+    share, so each process gets exactly one)."""
     context = multiprocessing.get_context("spawn")
     indices = list(range(_block_count(workload)))
-    times = []
+    barrier = context.Barrier(processes)  # reusable: it resets once every process has passed
     with _one_thread_children():
-        for _ in range(workload["repeats"]):
-            barrier = context.Barrier(processes)
-            with context.Pool(processes, initializer=_pool_init, initargs=(workload, barrier)) as pool:
-                spans = pool.map(_pool_run, [indices[k::processes] for k in range(processes)], chunksize=1)
-            times.append(max(stop for _, stop in spans) - min(start for start, _ in spans))
-    return _summary(times, workload["sequences"])
+        pool = context.Pool(processes, initializer=_pool_init, initargs=(workload, barrier))
+    with pool:
+        def once() -> float:
+            spans = pool.map(_pool_run, [indices[k::processes] for k in range(processes)], chunksize=1)
+            return max(stop for _, stop in spans) - min(start for start, _ in spans)
 
+        yield once
 
-# ----------------------------------------------------------------------------------------------------
-# Dask
-# ----------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _cluster(workers: int, extra_env: dict | None = None):
-    """A LocalCluster of ``workers`` one-thread processes running one-thread engines (the default client)."""
+    """A LocalCluster of ``workers`` one-thread processes running one-thread engines, and its client."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -183,7 +187,7 @@ def _cluster(workers: int, extra_env: dict | None = None):
         with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, silence_logs=logging.CRITICAL)
-        with cluster, Client(cluster) as client:
+        with cluster, Client(cluster, set_as_default=False) as client:
             yield client
 
 
@@ -224,36 +228,38 @@ def _first_task_costs(task_stream: list) -> list:
     return costs
 
 
-def _on_cluster(model, workload: dict, workers: int, *, repeats: int, extra_env: dict | None = None) -> dict:
+@contextlib.contextmanager
+def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env: dict | None = None):
+    """Yields a runner computing the final states on a fresh cluster; -> seconds.
+
+    Before yielding: the input is generated on the workers, persisted and spread evenly (as a storage
+    read would leave it), and the first computation is recorded into ``first_run`` (its duration, the
+    per-worker task costs, the workers' kernel cache hits / misses).
+    """
     import gru_fast.dask as gd
     from distributed import futures_of, get_task_stream, wait
 
-    with _cluster(workers, extra_env) as client:
+    with _cluster(workers, extra_env) as client, client.as_current():
         x = client.persist(_dask_input(workload))
         wait(futures_of(x))
-        client.rebalance(futures_of(x))  # input spread evenly, as a storage read would leave it
+        client.rebalance(futures_of(x))
         h_n = gd.map_sequences(model, x, output="h_n")
         with get_task_stream(client) as stream:
             start = time.perf_counter()
             client.compute(h_n, sync=True)
-            first_run_s = time.perf_counter() - start
-        times = []
-        with get_task_stream(client) as timed_stream:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                client.compute(h_n, sync=True)
-                times.append(time.perf_counter() - start)
+            first_run["first_run_s"] = time.perf_counter() - start
         cache = client.run(_kernel_cache_stats)
-        input_blocks = {worker: len(keys) for worker, keys in client.has_what().items()}
-    result = _summary(times, workload["sequences"]) if times else {}
-    result["first_run_s"] = first_run_s
-    result["timed_model_tasks_per_worker"] = sorted(
-        cost["tasks"] for cost in _first_task_costs(timed_stream.data))
-    result["keys_held_per_worker_at_end"] = sorted(input_blocks.values())
-    result["first_task_per_worker"] = _first_task_costs(stream.data)
-    for entry in result["first_task_per_worker"]:
-        entry.update(cache.get(entry["worker"], {}))
-    return result
+        first_run["first_task_per_worker"] = _first_task_costs(stream.data)
+        for entry in first_run["first_task_per_worker"]:
+            entry.update(cache.get(entry["worker"], {}))
+        first_run["input_blocks_per_worker"] = sorted(len(keys) for keys in client.has_what().values())
+
+        def once() -> float:
+            start = time.perf_counter()
+            client.compute(h_n, sync=True)
+            return time.perf_counter() - start
+
+        yield once
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,26 +267,49 @@ def _on_cluster(model, workload: dict, workers: int, *, repeats: int, extra_env:
 # ----------------------------------------------------------------------------------------------------
 
 def run(quick: bool = False) -> dict:
-    """Measure single process, 2 plain processes, and 1 / 2 Dask workers on this machine; the result record."""
+    """Measure single process, 2 plain processes, and 1 / 2 Dask workers on this machine; the result record.
+
+    All four stay up together and are timed in rounds, each round in a fresh random order, so a burst
+    of load from elsewhere on the machine lands on every configuration alike.
+    """
+    import random
+
     from .report import machine_info
 
     workload = dict(QUICK_WORKLOAD if quick else WORKLOAD)
     model = _model(workload)
     result = {"workload": workload, "quick": quick, "machine": machine_info(), "worker_env": ONE_THREAD_ENV}
-    result["single_process"] = _single_process(model, workload)
-    result["plain_processes_2"] = _plain_processes(workload, 2)
-    result["dask_workers"] = {
-        str(n): _on_cluster(model, workload, n, repeats=workload["repeats"]) for n in WORKER_COUNTS
-    }
+    first_runs = {str(n): {} for n in WORKER_COUNTS}
+    names = ["single_process", "plain_processes_2"] + [f"dask_workers_{n}" for n in WORKER_COUNTS]
+    times: dict = {name: [] for name in names}
+    with contextlib.ExitStack() as stack:
+        runners = {
+            "single_process": stack.enter_context(_single_process(model, workload)),
+            "plain_processes_2": stack.enter_context(_plain_processes(workload, 2)),
+        }
+        for n in WORKER_COUNTS:
+            runners[f"dask_workers_{n}"] = stack.enter_context(_on_cluster(model, workload, n, first_runs[str(n)]))
+        shuffle = random.Random(0)
+        for _ in range(workload["repeats"]):
+            order = list(names)
+            shuffle.shuffle(order)
+            for name in order:
+                times[name].append(runners[name]())
+    for name in names:
+        result[name] = _summary(times[name], workload["sequences"])
+    for n in WORKER_COUNTS:
+        result[f"dask_workers_{n}"].update(first_runs[str(n)])
+    cold: dict = {}
     with tempfile.TemporaryDirectory(prefix="gru_fast-cold-cache-") as empty_cache:
-        result["dask_cold_cache"] = _on_cluster(model, workload, 1, repeats=0,
-                                                extra_env={"NUMBA_CACHE_DIR": empty_cache})
+        with _on_cluster(model, workload, 1, cold, extra_env={"NUMBA_CACHE_DIR": empty_cache}):
+            pass
+    result["dask_cold_cache"] = cold
     result["load_average_at_end"] = list(os.getloadavg())
     base = result["single_process"]["sequences_per_s"]
-    for entry in [result["plain_processes_2"], *result["dask_workers"].values()]:
-        entry["vs_single_process"] = entry["sequences_per_s"] / base
-    one, two = (result["dask_workers"][str(n)]["sequences_per_s"] for n in WORKER_COUNTS)
-    result["dask_2_vs_1_workers"] = two / one
+    for name in names:
+        result[name]["vs_single_process"] = result[name]["sequences_per_s"] / base
+    result["dask_2_vs_1_workers"] = (result["dask_workers_2"]["sequences_per_s"]
+                                     / result["dask_workers_1"]["sequences_per_s"])
     return result
 
 
@@ -290,14 +319,14 @@ def markdown(result: dict) -> str:
     load = lambda values: "/".join(f"{v:.1f}" for v in values)  # noqa: E731
     rows = [("single process (same blocks, 1 thread)", result["single_process"]),
             ("2 plain processes, no Dask (ceiling for 2 workers)", result["plain_processes_2"])]
-    rows += [(f"Dask, {n} worker{'s' if n != '1' else ''} x 1 thread", entry)
-             for n, entry in result["dask_workers"].items()]
+    rows += [(f"Dask, {n} worker{'s' if n != 1 else ''} x 1 thread", result[f"dask_workers_{n}"])
+             for n in WORKER_COUNTS]
     lines = [
         "## Scaling out with Dask (LocalCluster on this machine)",
         "",
         f"{w['sequences']:,} sequences, T={w['steps']}, I={w['input_size']}, H={w['hidden_size']}, one layer, "
         f"float32, {w['rows_per_task']} sequences per task, final states returned; every engine on 1 thread; "
-        f"median of {w['repeats']} runs.  {machine.get('cpu_model')}, {machine.get('usable_cores')} usable cores; "
+        f"median of {w['repeats']} interleaved rounds.  {machine.get('cpu_model')}, {machine.get('usable_cores')} usable cores; "
         f"load average {load(machine.get('load_average') or [])} at start, "
         f"{load(result.get('load_average_at_end') or [])} at end (the machine is shared: other processes' load "
         "shows in the 2-process rows first).",
@@ -318,7 +347,7 @@ def markdown(result: dict) -> str:
         "| cluster | tasks | first task s | later tasks median s | cache hits / misses |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
-    clusters = [(f"{n} worker{'s' if n != '1' else ''}, warm cache", entry) for n, entry in result["dask_workers"].items()]
+    clusters = [(f"{n} worker{'s' if n != 1 else ''}, warm cache", result[f"dask_workers_{n}"]) for n in WORKER_COUNTS]
     clusters.append(("1 worker, empty NUMBA_CACHE_DIR", result["dask_cold_cache"]))
     for label, entry in clusters:
         for cost in entry["first_task_per_worker"]:

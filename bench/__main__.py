@@ -99,11 +99,10 @@ def run_threads(settings, artifacts_by_case, workdir) -> list[dict]:
         artifacts = artifacts_by_case.get(name) or Artifacts(make_problem(case, settings["seed"]),
                                                              workdir / name)
         try:
-            base = build_runner("gru_fast", artifacts)
+            runners = {str(n): with_threads("gru_fast", artifacts, n) for n in (1, THREADS)}
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             rows.append({"name": name, "shape": case.shape, "us": {}, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        runners = {str(n): with_threads(base, n) for n in (1, THREADS)}
         timings = time_interleaved(runners, settings["rounds"], settings["batch_seconds"], settings["seed"],
                                    budget_seconds=settings["case_budget_seconds"])
         rows.append({"name": name, "shape": case.shape,

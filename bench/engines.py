@@ -3,9 +3,10 @@
 Engines (each optional except gru_fast; a missing one is reported as "not installed", never a failure):
 
 - ``gru_fast``: built with ``converters.from_torch.convert(module)`` from the same ``nn.GRU`` the peers
-  run (``converters.from_torch.from_state_dict`` on the numpy weights when torch is absent).  Sequence
-  cases call ``model(x, h0, out=(y, h_n))`` into preallocated outputs; the stream case calls
-  ``model.stream(batch_size=1, h0).step(x_t, out=y_t)``.
+  run (``converters.from_torch.from_state_dict`` on the numpy weights when torch is absent).  Like the
+  peers' IOBinding / shared tensors, the buffers are bound once: sequence cases call
+  ``model.bind(x, h0, out=(y, h_n))()``, the stream case ``model.stream(batch_size=1, h0).bind(x_t,
+  out=y_t)()`` (the unbound ``model(x, h0, out=...)`` adds its argument checks, about 2-4 us a call).
 - ``pytorch``: ``nn.GRU`` under ``torch.inference_mode()``, ``torch.set_num_threads(2)``, inputs created
   once as tensors.
 - ``onnxruntime``: the module exported with ``torch.onnx.export(..., dynamo=False)`` (one GRU node run
@@ -290,10 +291,8 @@ class GruFastSequence(Runner):
         self.x, self.h0 = problem.x.copy(), problem.h0.copy()
         T, B, H, D = self.x.shape[0], case.batch, case.hidden_size, case.num_directions
         self.y, self.h_n = _f32((T, B, D * H)), _f32((D, B, H))
-        out = (self.y, self.h_n)
-        x, h0 = self.x, self.h0
-        self.call = lambda: model(x, h0, out=out)
-        self.config = {"call": "model(x, h0, out=(y, h_n))"}
+        self.call = model.bind(self.x, self.h0, out=(self.y, self.h_n))
+        self.config = {"call": "model.bind(x, h0, out=(y, h_n))()"}
 
     def outputs(self):
         return self.y.copy(), self.h_n.copy()
@@ -309,9 +308,8 @@ class GruFastStream(Runner):
         self.session = model.stream(batch_size=case.batch, h0=problem.h0)
         self.x_t, self.y_t = _f32((case.batch, case.input_size)), _f32((case.batch, case.hidden_size))
         self.set_frame(problem.x[0])
-        step, x_t, y_t = self.session.step, self.x_t, self.y_t
-        self.call = lambda: step(x_t, out=y_t)
-        self.config = {"call": "model.stream(batch_size=B, h0).step(x_t, out=y_t)"}
+        self.call = self.session.bind(self.x_t, out=self.y_t)
+        self.config = {"call": "model.stream(batch_size=B, h0).bind(x_t, out=y_t)()"}
 
     def set_frame(self, x_t):
         self.x_t[...] = x_t
@@ -594,8 +592,11 @@ class _ThreadPinned(Runner):
         return self.inner.outputs()
 
 
-def with_threads(runner: Runner, threads: int) -> Runner:
-    return _ThreadPinned(runner, threads)
+def with_threads(engine: str, artifacts: Artifacts, threads: int) -> Runner:
+    """``engine`` built and run with ``threads`` threads (a gru_fast binding reads its thread count when
+    it is made, so the runner is built under the limit too)."""
+    with _thread_limit(threads):
+        return _ThreadPinned(build_runner(engine, artifacts), threads)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -40,11 +40,14 @@ Two ways to share a call between threads
     ``chunks`` column ranges, and *items* (step, chunk) are claimed through
     compare-and-swap flags.  A worker runs its own chunk of each step after
     the previous step is complete (an atomic counter of finished items).  If
-    its partner has not claimed a chunk after a while (descheduled, or the
-    threading layer ran the workers one after another), the waiting worker
-    takes that chunk itself, so the scheme cannot deadlock and never depends
-    on how many threads actually run.  Used for linear_before_reset=1, where a
-    step is one product per chunk.
+    its partner has not claimed a chunk after a while (descheduled on a busy
+    machine, or the threading layer ran the workers one after another), the
+    waiting worker takes that chunk itself and runs the rest of the call
+    alone (recorded in the SYNC_SOLO counter, which the caller reads to back
+    off from parallel calls for a while), so the scheme cannot deadlock,
+    never depends on how many threads actually run, and a busy machine costs
+    one wait per call, not one per step.  Used for linear_before_reset=1,
+    where a step is one product per chunk.
 
 Kernels take raw addresses (see :mod:`gru_fast._memory`) and a scalar
 ``marker`` whose type selects float32 or float64.  Weights live in one flat
@@ -90,9 +93,10 @@ MODE_SPLIT = 1
 
 # ---- workspace ---------------------------------------------------------------
 LINE = 8  # int64 counters sit one per 64-byte cache line
+SYNC_DONE, SYNC_SOLO = 0, 1  # MODE_SPLIT's counter lines: items done; the worker that went on alone
 ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
-STEAL_EVERY = 1024  # and every this many rounds takes over unclaimed chunks of the step it waits for
+STEAL_EVERY = 1024  # then takes over unclaimed chunks of the step it waits for, and goes on alone
 
 
 def meta_size(num_layers: int, num_directions: int) -> int:
@@ -563,28 +567,39 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
     if mode == MODE_SPLIT:
         scratch = ws[o_scratch : o_scratch + scratch_size]
         total = layers * steps
-        done = sync_addr  # items finished, all layers
+        done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
+        solo = sync_addr + 8 * LINE * SYNC_SOLO  # 0, or 1 + the worker that runs the rest alone
         flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
         own = w % chunks
         for g in range(total + 1):
-            # every item of the previous step (or layer) must be complete; a partner that has not claimed
-            # its chunk of that step within STEAL_EVERY spins gets it taken over
+            # Every item of the previous step (or layer) must be complete.  A partner that has not claimed
+            # its chunk of that step within STEAL_EVERY spins is not running (descheduled on a busy
+            # machine, or the layer runs the workers one after another): this worker takes the chunk over
+            # and runs the rest of the call alone, so a busy machine costs one wait, not one per step.
             spins = 0
             while atomic_load(done) < g * chunks:
                 spins += 1
                 _back_off(spins)
                 if spins % STEAL_EVERY == 0:
+                    atomic_cas(solo, 0, w + 1)
                     for c in range(chunks):
                         if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
                             _split_item(g - 1, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths,
                                         x_addr, y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks,
                                         block_steps, codes, acts, clip)
                             atomic_add(done, 1)
-            if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
-                _split_item(g, own, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr,
-                            y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps, codes,
-                            acts, clip)
-                atomic_add(done, 1)
+            if g == total:
+                break
+            leader = atomic_load(solo)
+            if leader != 0 and leader != w + 1:
+                break  # the other worker runs the remaining items alone
+            for i in range(chunks if leader == w + 1 else 1):
+                c = (own + i) % chunks
+                if atomic_cas(flags + 8 * (c * total + g), 0, 1):
+                    _split_item(g, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr,
+                                y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps,
+                                codes, acts, clip)
+                    atomic_add(done, 1)
         return
 
     scratch = ws[o_scratch + w * scratch_size : o_scratch + (w + 1) * scratch_size]

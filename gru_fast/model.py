@@ -16,6 +16,7 @@ construction the weights are laid out once for the kernels:
 from __future__ import annotations
 
 import threading
+from time import perf_counter
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ from ._memory import address
 from ._validate import as_float_array, as_lengths, check_no_overlap, check_out_array
 from .activations import Activation, parse_activations
 
-__all__ = ["GRU", "Stream"]
+__all__ = ["GRU", "Stream", "BoundCall", "BoundStep"]
 
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -41,16 +42,57 @@ _SPLIT_MIN_MACS_PER_STEP = 1 << 15
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
 _PLANS_PER_THREAD = 8
-# One parallel call at a time in the process: a second call that arrives meanwhile runs serially (the
-# results are bit-identical), so concurrent callers never put more spinning workers than cores on the
-# machine, and Numba's workqueue layer, which aborts on concurrent launches, is safe too.
-_ONE_PARALLEL_CALL = threading.Lock()
+# A call shorter than this many multiply-adds (~0.1 ms) runs in parallel only while calls come back to
+# back: a parallel launch costs ~1.5 us while the workers still spin after the previous one, 40-70 us
+# once they have gone to sleep (a few ms here), more than such a call saves.
+_BRIEF_MACS = 1 << 22
+_BACK_TO_BACK_S = 0.002
+# After a split call found its partner thread not running (a busy machine), stay serial this long.
+_CONTENDED_S = 0.05
+
+
+class _ParallelPolicy:
+    """Whether a call whose plan is parallel may launch the parallel kernel now.
+
+    Serial and parallel runs give bit-identical results, so this only decides speed:
+
+    * one parallel call at a time in the process: a call arriving meanwhile runs serially, so concurrent
+      callers never put more spinning workers than cores on the machine (and Numba's workqueue layer,
+      which aborts on concurrent launches, is safe);
+    * a brief call goes parallel only when the previous parallel-sized call ended within
+      _BACK_TO_BACK_S (the workers are still awake);
+    * after a MODE_SPLIT call had to finish alone (its partner was descheduled), calls stay serial for
+      _CONTENDED_S.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last_end = 0.0
+        self.contended_until = 0.0
+
+    def acquire(self, plan) -> bool:
+        now = perf_counter()
+        recent = now - self.last_end <= _BACK_TO_BACK_S
+        self.last_end = now
+        if now < self.contended_until or (plan.brief and not recent):
+            return False
+        return self.lock.acquire(blocking=False)
+
+    def release(self, plan) -> None:
+        now = self.last_end = perf_counter()
+        if plan.mode == kernels.MODE_SPLIT and plan.sync[kernels.LINE * kernels.SYNC_SOLO]:
+            self.contended_until = now + _CONTENDED_S
+        self.lock.release()
+
+
+_PARALLEL = _ParallelPolicy()
 
 
 class _Plan(NamedTuple):
     """How one (steps, batch, threads) shape runs, with its workspace (see gru_fast.kernels)."""
 
     parallel: bool
+    brief: bool  # under _BRIEF_MACS multiply-adds
     mode: int
     chunks: int
     block_steps: int
@@ -338,7 +380,8 @@ class GRU:
         workspace = _aligned_empty(end, self.dtype)
         workspace[o_zeros : o_zeros + H] = 0
         sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
-        return _Plan(parallel, mode, chunks, block_steps, workers, workspace, sync, address(workspace),
+        brief = steps * batch * self._macs_per_step < _BRIEF_MACS
+        return _Plan(parallel, brief, mode, chunks, block_steps, workers, workspace, sync, address(workspace),
                      address(sync))
 
     def __call__(self, x, h0=None, lengths=None, out=None):
@@ -363,6 +406,32 @@ class GRU:
         h_n : ndarray
             (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
         """
+        call = self._checked(x, h0, lengths, out)
+        self._run(*call)
+        return call[6], call[7]
+
+    def bind(self, x, h0=None, lengths=None, out=None) -> "BoundCall":
+        """Check a call's arrays once; the returned :class:`BoundCall` runs it on their current contents.
+
+        Like ONNX Runtime's IOBinding: for a loop that refills the same buffers, ``call = model.bind(x,
+        h0, out=(y, h_n))`` then ``call()`` skips the per-call checks and conversions (about half the
+        time of a call on a small model).  ``x`` and ``h0`` must already be C-contiguous arrays of the
+        model's dtype, since the call reads them in place; ``lengths`` are copied (fixed at bind time);
+        without ``out`` the outputs are allocated once and overwritten by every call.  The thread count
+        is read at bind time.  A bound call runs one call at a time (calls from several threads take
+        turns).
+        """
+        for name, value in (("x", x), ("h0", h0)):
+            if value is not None and not (type(value) is np.ndarray and value.dtype == self.dtype
+                                          and value.flags.c_contiguous and value.flags.aligned):
+                raise TypeError(f"bind() reads {name} in place, so it must be a C-contiguous numpy array of "
+                                f"dtype {self.dtype}, got {_describe(value)}")
+        return BoundCall(self, *self._checked(x, h0, lengths, out))
+
+    def _checked(self, x, h0, lengths, out):
+        """Validate a call's arguments: (x, steps, batch, batch_major, h0, lengths, y, h_n, inputs), every
+        array C-contiguous in the model's dtype; ``inputs`` names the caller's arrays when ``out`` is given
+        (outputs must not overlap them, copies or not), else None."""
         dtype = self.dtype
         x_given, h0_given, lengths_given = x, h0, lengths
         x = as_float_array(x, "x", dtype)
@@ -402,9 +471,15 @@ class GRU:
                 raise TypeError("out must be a (y, h_n) pair of arrays")
             y = check_out_array(out[0], "out[0] (y)", y_shape, dtype)
             h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
-            inputs = {"x": x_given, "h0": h0_given, "lengths": lengths_given}  # as passed, copies or not
-        self._run(x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs)
-        return y, h_n
+            inputs = {"x": x_given, "h0": h0_given, "lengths": lengths_given}
+        return x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs
+
+    def _kernel_args(self, x_addr, steps, batch, batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, plan):
+        return (
+            self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
+            lengths_addr, y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
+            plan.block_steps, plan.workers,
+        )
 
     def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs=None):
         """Run the forward kernel on validated arrays (``x``, ``y``, ``h_n`` C-contiguous, right dtype).
@@ -417,21 +492,11 @@ class GRU:
             check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
                              known={id(x): x_addr, id(h0): h0_addr})
         plan = self._plan(steps, batch)
-        parallel = plan.parallel and _ONE_PARALLEL_CALL.acquire(blocking=False)
-        if plan.parallel and not parallel:
-            plan = self._plan(steps, batch, 1)  # another call holds the cores: same results, serially
-        args = (
-            self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
-            0 if lengths is None else address(lengths), y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr,
-            plan.mode, plan.chunks, plan.block_steps, plan.workers,
-        )
-        if parallel:
-            try:
-                kernels.FORWARD[self.dtype, True](*args)
-            finally:
-                _ONE_PARALLEL_CALL.release()
-        else:
-            kernels.FORWARD[self.dtype, False](*args)
+        if plan.parallel and not _PARALLEL.acquire(plan):
+            plan = self._plan(steps, batch, 1)  # same results, serially
+        args = self._kernel_args(x_addr, steps, batch, batch_major, h0_addr,
+                                 0 if lengths is None else address(lengths), y_addr, h_n_addr, plan)
+        _launch(self.dtype, plan, args)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -444,6 +509,58 @@ class GRU:
 
 def _rebuild(weights, config):
     return GRU(weights, **config)
+
+
+def _launch(dtype, plan, args):
+    """Run ``plan``'s forward entry point; a parallel plan was granted by _PARALLEL and is handed back."""
+    if plan.parallel:
+        try:
+            kernels.FORWARD[dtype, True](*args)
+        finally:
+            _PARALLEL.release(plan)
+    else:
+        kernels.FORWARD[dtype, False](*args)
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        layout = "C-contiguous" if value.flags.c_contiguous else "non-contiguous"
+        return f"a {layout} array of dtype {value.dtype}"
+    return type(value).__name__
+
+
+class BoundCall:
+    """A model call whose arrays were checked once (see :meth:`GRU.bind`); ``call()`` returns (y, h_n)."""
+
+    def __init__(self, model, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs):
+        if lengths is not None:
+            lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's
+        x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
+        h0_addr = 0 if h0 is None else address(h0)
+        if inputs is not None:
+            check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
+                             known={id(x): x_addr, id(h0): h0_addr})
+        self.y, self.h_n = y, h_n
+        self._arrays = (x, h0, lengths)  # alive as long as the binding: the kernel reads them by address
+        self._dtype = model.dtype
+        head = (x_addr, steps, batch, batch_major, h0_addr, 0 if lengths is None else address(lengths), y_addr,
+                h_n_addr)
+        threads = parallel_threads() if steps * batch * model._macs_per_step >= _PARALLEL_MIN_MACS else 1
+        plan = model._make_plan(steps, batch, threads)  # its own workspace: a binding is not thread-local
+        serial = model._make_plan(steps, batch, 1) if plan.parallel else plan
+        self._parallel_args = model._kernel_args(*head, plan) if plan.parallel else None
+        self._serial_args = model._kernel_args(*head, serial)
+        self._plans = (plan, serial)
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        plan, serial = self._plans
+        with self._lock:
+            if plan.parallel and _PARALLEL.acquire(plan):
+                _launch(self._dtype, plan, self._parallel_args)
+            else:
+                _launch(self._dtype, serial, self._serial_args)
+        return self.y, self.h_n
 
 
 class Stream:
@@ -499,6 +616,27 @@ class Stream:
 
     def step(self, x_t, out=None) -> np.ndarray:
         """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
+        x_t, y, inputs = self._checked(x_t, out)
+        with self._lock:  # one stream, one state: steps from several threads take turns
+            current = self._current
+            self.model._run(x_t, 1, self.batch_size, False, self._states[current], None, y,
+                            self._states[1 - current], inputs)
+            self._current = 1 - current
+        return y
+
+    def bind(self, x_t, out=None) -> "BoundStep":
+        """Check a step's arrays once; the returned :class:`BoundStep` advances the stream on ``x_t``'s
+        current contents (see :meth:`GRU.bind`).  ``x_t`` must be a C-contiguous array of the model's
+        dtype; without ``out`` the output is allocated once and overwritten by every step."""
+        model = self.model
+        if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
+                and x_t.flags.aligned):
+            raise TypeError(f"bind() reads x_t in place, so it must be a C-contiguous numpy array of dtype "
+                            f"{model.dtype}, got {_describe(x_t)}")
+        return BoundStep(self, *self._checked(x_t, out))
+
+    def _checked(self, x_t, out):
+        """Validate a step's arguments: (x_t, y, inputs) as for GRU._checked."""
         model = self.model
         x_given = x_t
         x_t = as_float_array(x_t, "x_t", model.dtype)
@@ -510,14 +648,44 @@ class Stream:
                 also = f" or ({model.input_size},)" if self.batch_size == 1 and not self.unbatched else ""
                 raise ValueError(f"x_t must have shape {self._x_shape}{also}, got {x_t.shape}")
         if out is None:
-            y = np.empty(y_shape, model.dtype)
-            inputs = None
-        else:
-            y = check_out_array(out, "out", y_shape, model.dtype)
-            inputs = {"x_t": x_given}
-        with self._lock:  # one stream, one state: steps from several threads take turns
-            current = self._current
-            model._run(x_t, 1, self.batch_size, False, self._states[current], None, y, self._states[1 - current],
-                       inputs)
-            self._current = 1 - current
-        return y
+            return x_t, np.empty(y_shape, model.dtype), None
+        return x_t, check_out_array(out, "out", y_shape, model.dtype), {"x_t": x_given}
+
+
+class BoundStep:
+    """A stream step whose arrays were checked once (see :meth:`Stream.bind`); ``step()`` returns y."""
+
+    def __init__(self, stream: Stream, x_t, y, inputs):
+        model = stream.model
+        x_addr, y_addr = address(x_t), address(y)
+        if inputs is not None:
+            check_no_overlap({"y": (y, y_addr)}, inputs, known={id(x_t): x_addr})
+        self.y = y
+        self._stream = stream
+        self._dtype = model.dtype
+        self._x_t = x_t  # alive as long as the binding: the kernel reads it by address
+        batch = stream.batch_size
+        threads = parallel_threads() if batch * model._macs_per_step >= _PARALLEL_MIN_MACS else 1
+        plan = model._make_plan(1, batch, threads)
+        serial = model._make_plan(1, batch, 1) if plan.parallel else plan
+        self._plans = (plan, serial)
+        states = [address(state) for state in stream._states]
+
+        def args(current, chosen):  # the stream's state alternates: read states[current], write the other
+            return model._kernel_args(x_addr, 1, batch, False, states[current], 0, y_addr, states[1 - current],
+                                      chosen)
+
+        self._parallel_args = (args(0, plan), args(1, plan)) if plan.parallel else None
+        self._serial_args = (args(0, serial), args(1, serial))
+
+    def __call__(self) -> np.ndarray:
+        stream = self._stream
+        plan, serial = self._plans
+        with stream._lock:
+            current = stream._current
+            if plan.parallel and _PARALLEL.acquire(plan):
+                _launch(self._dtype, plan, self._parallel_args[current])
+            else:
+                _launch(self._dtype, serial, self._serial_args[current])
+            stream._current = 1 - current
+        return self.y

@@ -48,7 +48,7 @@ CHILD = textwrap.dedent(
         return gru_fast.GRU(layers, direction=direction, **attrs)
 
     report = {"nrt_stats": bool(numba.config.NRT_STATS), "threads": numba.get_num_threads(),
-              "calls": {}, "streams": {}}
+              "calls": {}, "streams": {}, "bound": {}}
 
     _allocating_probe(4)
     before = stats()
@@ -77,6 +77,15 @@ CHILD = textwrap.dedent(
         after = stats()
         report["streams"][name] = {"before": before, "after": after, "finite": bool(np.isfinite(buf).all())}
 
+    def check_bound(name, m, x, h0=None):
+        call = m.bind(x, h0)
+        call()  # warm-up
+        before = stats()
+        for _ in range(REPEATS):
+            call()
+        after = stats()
+        report["bound"][name] = {"before": before, "after": after}
+
     for dtype in (np.float32, np.float64):
         tag = np.dtype(dtype).name
         m = model(1, "forward", 3, 4, dtype)
@@ -103,6 +112,12 @@ CHILD = textwrap.dedent(
         check_call(f"batch_first {tag}", m, rng.standard_normal((3, 6, 4)).astype(dtype))
         check_call(f"unbatched {tag}", m, rng.standard_normal((6, 4)).astype(dtype),
                    rng.standard_normal((4, 6)).astype(dtype), 5)
+
+        m = model(2, "bidirectional", 16, 64, dtype)
+        check_bound(f"bound 2-layer bidirectional B=8 {tag}", m, rng.standard_normal((20, 8, 16)).astype(dtype))
+        m = model(1, "forward", 64, 128, dtype)
+        check_bound(f"bound one sequence H=128 (split between threads) {tag}", m,
+                    rng.standard_normal((30, 1, 64)).astype(dtype), rng.standard_normal((1, 1, 128)).astype(dtype))
 
         m = model(2, "forward", 16, 64, dtype)
         check_stream(f"stream 2 layers B=4 {tag}", m, 4, rng.standard_normal((4, 16)).astype(dtype),
@@ -143,6 +158,13 @@ def test_calls_with_out_do_not_allocate(report):
     assert len(report["calls"]) == 14
     _assert_no_growth(report["calls"])
     assert all(e["out_written"] for e in report["calls"].values()), "out= buffers differ from a plain call"
+
+
+def test_bound_calls_do_not_allocate(report):
+    """Numba allocation counters do not grow over 50 warm calls of a bound call (GRU.bind), serial and
+    split between threads."""
+    assert len(report["bound"]) == 4
+    _assert_no_growth(report["bound"])
 
 
 def test_stream_steps_with_out_do_not_allocate(report):

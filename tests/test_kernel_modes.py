@@ -22,6 +22,23 @@ THREADS = numba.config.NUMBA_NUM_THREADS
 needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels need 2+ Numba threads")
 
 
+@pytest.fixture(autouse=True)
+def parallel_launches(monkeypatch):
+    """Count launches of the parallel entry points, and let brief calls go parallel even when they do not
+    come back to back or the machine is busy (the engine's speed policy, gru_fast.model._ParallelPolicy,
+    would otherwise run some of them serially: same results, but the parallel kernel untested)."""
+    from gru_fast import model as model_module
+
+    monkeypatch.setattr(model_module, "_BACK_TO_BACK_S", float("inf"))
+    monkeypatch.setattr(model_module, "_CONTENDED_S", 0.0)  # a busy test machine must not switch it off
+    monkeypatch.setattr(model_module._PARALLEL, "contended_until", 0.0)
+    launches = []
+    for key in [key for key in kernels.FORWARD if key[1]]:
+        forward = kernels.FORWARD[key]
+        monkeypatch.setitem(kernels.FORWARD, key, lambda *args, forward=forward: (launches.append(1), forward(*args)))
+    return launches
+
+
 @contextlib.contextmanager
 def numba_threads(n):
     """Numba's thread count for the calling thread (the engine reads it per call)."""
@@ -49,7 +66,7 @@ def _serial_and_parallel(model, *args, **kwargs):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("unbatched", [False, True], ids=["B=1", "unbatched"])
-def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng):
+def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, parallel_launches):
     """MODE_SPLIT: one sequence, H=128, I=64, T=37 (blocks of projected steps and a remainder), with h0 and
     a length shorter than T; equal to torch.nn.GRU and bit-identical to the serial run."""
     module = torch_gru(64, 128, num_layers, dtype=dtype, seed=11)
@@ -66,10 +83,11 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng):
         assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split y {sorted(kwargs)}")
         assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split h_n {sorted(kwargs)}")
         assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p), "serial and split runs differ"
+    assert len(parallel_launches) == 3
 
 
 @needs_two_threads
-def test_split_reverse_direction_starts_at_each_sequence_end(rng):
+def test_split_reverse_direction_starts_at_each_sequence_end(rng, parallel_launches):
     """MODE_SPLIT for an ONNX "reverse" model (one direction, running backwards), with a length shorter
     than T.  Authority: the backward half of a bidirectional torch.nn.GRU (same weights), which is that
     direction run from each sequence's last valid step."""
@@ -89,11 +107,12 @@ def test_split_reverse_direction_starts_at_each_sequence_end(rng):
     assert_matches(y_p, y_ref[:, :, 128:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="y")
     assert_matches(h_p, h_ref[1:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="h_n")
     assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    assert len(parallel_launches) == 1
 
 
 @needs_two_threads
 @pytest.mark.parametrize("batch, bidirectional", [(3, False), (8, False), (1, True), (5, True)])
-def test_rows_are_shared_between_threads(batch, bidirectional, rng):
+def test_rows_are_shared_between_threads(batch, bidirectional, rng, parallel_launches):
     """MODE_ROWS in parallel: units of (direction, batch rows), two layers, lengths; bit-identical to the
     serial run.  Authority: torch.nn.GRU."""
     module = torch_gru(48, 96, 2, bidirectional=bidirectional, seed=13)
@@ -109,11 +128,12 @@ def test_rows_are_shared_between_threads(batch, bidirectional, rng):
     assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
     assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")
     assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    assert len(parallel_launches) == 1
 
 
 @needs_two_threads
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_stream_step_split_between_threads(num_layers, rng):
+def test_stream_step_split_between_threads(num_layers, rng, parallel_launches):
     """A streaming step large enough to share between threads (B=1, I=128, H=256) equals torch.nn.GRU run
     over the frames so far, step after step, and a serial stream bit for bit."""
     module = torch_gru(128, 256, num_layers, seed=14)
@@ -133,9 +153,35 @@ def test_stream_step_split_between_threads(num_layers, rng):
             assert_matches(y_t, y_ref[t], authority="torch.nn.GRU", dtype=np.float32, what=f"y_{t}")
             assert np.array_equal(y_t, expected[t])
         assert_matches(stream.state, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="state")
+    assert len(parallel_launches) == 6
 
 
-def test_small_calls_stay_serial(rng):
+def test_small_calls_stay_serial(rng, parallel_launches):
     """Below the work threshold no parallel region is launched (it would cost more than the call)."""
     model = convert_torch(torch_gru(10, 10, 1, bidirectional=True, seed=15))
     assert not model._plan(3, 1).parallel
+    model(rng.standard_normal((3, 1, 10)).astype(np.float32))
+    assert parallel_launches == []
+
+
+@needs_two_threads
+def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launches):
+    """The worst case of MODE_SPLIT: only one worker ever runs (here the serial entry point runs the two
+    workers one after the other).  Worker 0 takes over its partner's chunks and finishes the call alone;
+    the result equals torch.nn.GRU and the call reports that it went on alone (SYNC_SOLO)."""
+    module = torch_gru(64, 128, 2, seed=16)
+    model = convert_torch(module)
+    T = 9
+    with numba_threads(2):
+        plan = model._plan(T, 1)
+    assert plan.mode == kernels.MODE_SPLIT and plan.workers == 2
+    x = _x(rng, (T, 1, 64), np.float32)
+    y, h_n = np.empty((T, 1, 128), np.float32), np.empty((2, 1, 128), np.float32)
+    from gru_fast._memory import address
+
+    args = model._kernel_args(address(x), T, 1, False, 0, 0, address(y), address(h_n), plan)
+    kernels.FORWARD[np.dtype(np.float32), False](*args)
+    assert plan.sync[kernels.LINE * kernels.SYNC_SOLO] == 1  # worker 0 (stored as 0 + 1) went on alone
+    y_ref, h_ref = run_torch(module, x, None, None)
+    assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
+    assert_matches(h_n, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")

@@ -307,6 +307,7 @@ def load(path, prefix=None, *, batch_first=False, max_bytes=DEFAULT_MAX_BYTES):
             _check_zip_sizes(stream, path, size, max_bytes, npy_headers=True)
             state_dict = _load_npz(stream, path)
         else:
+            _refuse_legacy_checkpoint(stream, path)
             _check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
             state_dict = _load_checkpoint(stream, path)
     return from_state_dict(state_dict, batch_first=batch_first, prefix=prefix,
@@ -331,6 +332,30 @@ def _open_regular_file(path):
     except BaseException:
         os.close(fd)
         raise
+
+
+def _refuse_legacy_checkpoint(stream, path):
+    """torch.save has written zip archives since PyTorch 1.6.  The older format is a bare pickle whose
+    storages torch.load sizes from the pickle itself, before anything can check them against the file
+    (a 300-byte file made it try to allocate 1.2 GB), so it is refused."""
+    import zipfile
+
+    try:
+        is_zip = zipfile.is_zipfile(stream)
+    finally:
+        stream.seek(0)
+    if not is_zip:
+        raise ValueError(f"{path!r}: refused to load: not a zip-format PyTorch checkpoint (torch.save writes zip "
+                         "archives since PyTorch 1.6; the legacy format sizes its tensors from an unchecked "
+                         "pickle). Re-save it with a current torch.save, or save the state dict with np.savez")
+
+
+def _one_line(message) -> str:
+    """torch's messages span lines and carry terminal colour codes: keep the first line, plain."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(message)).strip()
+    return text.splitlines()[0] if text else text
 
 
 def _zip_errors():
@@ -419,10 +444,11 @@ def _load_checkpoint(stream, path):
         obj = torch.load(stream, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path!r}: refused to load: the checkpoint needs arbitrary unpickling, which "
-                         f"weights_only=True forbids (save a state dict instead): {exc}") from exc
+                         f"weights_only=True forbids (save a state dict instead): {_one_line(exc)}") from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
             IndexError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path!r}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path!r}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                         f"{_one_line(exc)})") from exc
     state_dict = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict"):

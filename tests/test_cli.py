@@ -155,7 +155,10 @@ def test_missing_optional_package_exits_3(package, tmp_path):
     if package == "onnx":
         args = ["info", str(ONNX)]
     else:
-        (tmp_path / "model.pt").write_bytes(b"a checkpoint only torch could read")
+        import zipfile
+
+        with zipfile.ZipFile(tmp_path / "model.pt", "w") as archive:  # torch.save's container format
+            archive.writestr("model/data.pkl", b"a checkpoint only torch could read")
         args = ["convert", str(tmp_path / "model.pt"), "-o", str(tmp_path / "out.npz")]
     code = (f"import sys; sys.modules[{package!r}] = None\n"
             f"from gru_fast.cli import main; sys.exit(main({args!r}))")

@@ -370,12 +370,30 @@ def test_malicious_checkpoint_is_refused_and_never_executed(tmp_path):
         from_torch.load(path)
     assert not marker.exists()
 
-    # a bare pickle (not torch's zip format) goes through torch's legacy reader: refused just the same
+    # a bare pickle (torch's legacy, pre-zip format) never reaches a reader at all
     raw = tmp_path / "evil_raw.pth"
     raw.write_bytes(pickle.dumps({"weight_ih_l0": _Payload(marker)}, protocol=2))
-    with pytest.raises(ValueError, match="refused.*arbitrary unpickling"):
+    with pytest.raises(ValueError, match="refused.*not a zip-format PyTorch checkpoint"):
         from_torch.load(raw)
     assert not marker.exists()
+
+
+def test_refusal_messages_are_one_plain_line(tmp_path):
+    """torch's weights_only error spans lines and carries terminal colour codes; ours is one plain line."""
+    path = tmp_path / "module.pt"
+    torch.save(torch.nn.GRU(I, H), path)
+    with pytest.raises(ValueError) as info:
+        from_torch.load(path)
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message and "weights_only" in message
+
+
+def test_legacy_format_checkpoint_is_refused_before_torch_reads_it(tmp_path):
+    """The legacy format sizes storages from its pickle: refused by format, whatever it holds."""
+    path = tmp_path / "legacy.pt"
+    torch.save(torch.nn.GRU(I, H).state_dict(), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="not a zip-format PyTorch checkpoint"):
+        from_torch.load(path)
 
 
 def test_whole_module_checkpoint_is_refused(tmp_path):

@@ -451,8 +451,8 @@ class GRU:
             raise ValueError(f"x must be 3-D {layout} or 2-D (T, I) with I={self.input_size}, got shape {shape}")
         if shape[-1] != self.input_size:
             raise ValueError(f"x must have input size {self.input_size} on its last axis, got shape {shape}")
-        if steps == 0 or batch == 0:
-            raise ValueError(f"x must hold at least one time step and one sequence, got shape {shape}")
+        if steps == 0:  # as PyTorch: no steps is an error, no sequences (batch 0) an empty result
+            raise ValueError(f"x must hold at least one time step, got shape {shape}")
         state_shape = (LD, H) if unbatched else (LD, batch, H)
         if h0 is not None:
             h0 = as_float_array(h0, "h0", dtype)
@@ -486,6 +486,8 @@ class GRU:
 
         With ``inputs`` (the caller's own arrays, by name), first refuse outputs that overlap them.
         """
+        if batch == 0:
+            return  # no sequences: y and h_n are empty
         x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
         h0_addr = 0 if h0 is None else address(h0)
         if inputs is not None:
@@ -533,6 +535,10 @@ class BoundCall:
     """A model call whose arrays were checked once (see :meth:`GRU.bind`); ``call()`` returns (y, h_n)."""
 
     def __init__(self, model, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs):
+        self.y, self.h_n = y, h_n
+        self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
+        if self._empty:
+            return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's
         x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
@@ -540,7 +546,6 @@ class BoundCall:
         if inputs is not None:
             check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
                              known={id(x): x_addr, id(h0): h0_addr})
-        self.y, self.h_n = y, h_n
         self._arrays = (x, h0, lengths)  # alive as long as the binding: the kernel reads them by address
         self._dtype = model.dtype
         head = (x_addr, steps, batch, batch_major, h0_addr, 0 if lengths is None else address(lengths), y_addr,
@@ -554,6 +559,8 @@ class BoundCall:
         self._lock = threading.Lock()
 
     def __call__(self):
+        if self._empty:
+            return self.y, self.h_n
         plan, serial = self._plans
         with self._lock:
             if plan.parallel and _PARALLEL.acquire(plan):

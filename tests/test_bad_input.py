@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gru_fast
-from conftest import random_onnx_weights
+from conftest import convert_torch, random_onnx_weights
 
 T, B, I, H, L = 5, 3, 4, 6, 2
 
@@ -53,6 +53,24 @@ def test_x_of_wrong_input_size(model, shape):
 def test_zero_time_steps(model, shape):
     with pytest.raises(ValueError, match=r"\bx\b"):
         model(np.zeros(shape, np.float32))
+
+
+def test_no_sequences_gives_empty_outputs_like_torch():
+    """Authority: torch.nn.GRU, which returns empty y and h_n for a batch of 0 sequences (and refuses T=0,
+    as test_zero_time_steps checks for us)."""
+    import torch
+
+    module = torch.nn.GRU(I, H, num_layers=L, bidirectional=True)
+    model = convert_torch(module)
+    x = np.zeros((T, 0, I), np.float32)
+    h0 = np.zeros((2 * L, 0, H), np.float32)
+    with torch.inference_mode():
+        y_ref, h_ref = module(torch.from_numpy(x), torch.from_numpy(h0))
+    for kwargs in ({}, {"h0": h0}, {"h0": h0, "lengths": np.zeros(0, np.int64)}):
+        y, h_n = model(x, **kwargs)
+        assert y.shape == tuple(y_ref.shape) and h_n.shape == tuple(h_ref.shape)
+    y, h_n = model.bind(x, h0)()
+    assert y.shape == tuple(y_ref.shape) and h_n.shape == tuple(h_ref.shape)
 
 
 @pytest.mark.parametrize("shape", [

@@ -197,7 +197,7 @@ CHILD = textwrap.dedent(
                 T, B = xa.shape[0], 1
             else:
                 B, T = (xa.shape[0], xa.shape[1]) if model.batch_first else (xa.shape[1], xa.shape[0])
-            if T == 0 or B == 0:
+            if T == 0:  # as PyTorch: no steps is refused, no sequences (B == 0) gives empty outputs
                 raise Invalid(ValueError, "x")
         except Invalid as exc:
             return [(exc.kind, exc.arg)], None

@@ -20,6 +20,10 @@ sigmoid(-inf) = 0 (here 1e-38), tanh(+-inf) = +-1.  float64 keeps libm's
 ``np.exp`` / ``np.tanh``: float64 parity is held to 1e-10, and float64 is not
 the fast path.
 
+Loops run over whole 1-D views from index 0: Numba must allow a negative
+index in ``range(lo, hi)`` and the wrap-around select it adds stops LLVM from
+vectorising, so callers pass ``v[lo:hi]``.
+
 The parity tests against PyTorch and ONNX Runtime (tests/test_parity_*.py)
 pin these functions: with them a float32 model stays within 1e-5 of
 ``torch.nn.GRU``; ``tests/test_math.py`` measures them against float64 libm
@@ -144,62 +148,63 @@ def sigmoid(x):
 
 
 @njit(**JIT)
-def clip_range(v, lo, hi, clip):
-    """Clamp v[lo:hi] to [-clip, clip] (ONNX ``clip``; 0 means none).  NaN passes through."""
+def clip_range(v, clip):
+    """Clamp v in place to [-clip, clip] (ONNX ``clip``; 0 means none).  NaN passes through."""
     if clip > 0:
-        for i in range(lo, hi):
+        for i in range(v.size):
             x = v[i]
             x = clip if x > clip else x
             v[i] = -clip if x < -clip else x
 
 
 @njit(**JIT)
-def activate(v, lo, hi, code, alpha, beta):
-    """Apply activation ``code`` in place to v[lo:hi] (ONNX RNN definitions, see the module docstring).
+def activate(v, code, alpha, beta):
+    """Apply activation ``code`` in place to v (ONNX RNN definitions, see the module docstring).
 
     ``alpha`` and ``beta`` have the dtype of ``v``, so every constant below is typed from them.
     """
     zero = like(alpha, 0.0)
     one = like(alpha, 1.0)
+    n = v.size
     if code == SIGMOID:
-        for i in range(lo, hi):
+        for i in range(n):
             v[i] = sigmoid(v[i])
     elif code == TANH:
-        for i in range(lo, hi):
+        for i in range(n):
             v[i] = tanh(v[i])
     elif code == RELU:
-        for i in range(lo, hi):
+        for i in range(n):
             x = v[i]
             v[i] = zero if x < zero else x
     elif code == HARD_SIGMOID:
-        for i in range(lo, hi):
+        for i in range(n):
             x = alpha * v[i] + beta
             x = zero if x < zero else x
             v[i] = one if x > one else x
     elif code == LEAKY_RELU:
-        for i in range(lo, hi):
+        for i in range(n):
             x = v[i]
             v[i] = alpha * x if x < zero else x
     elif code == THRESHOLDED_RELU:
-        for i in range(lo, hi):
+        for i in range(n):
             x = v[i]
             v[i] = zero if x < alpha else x
     elif code == SCALED_TANH:
-        for i in range(lo, hi):
+        for i in range(n):
             v[i] = alpha * tanh(beta * v[i])
     elif code == AFFINE:
-        for i in range(lo, hi):
+        for i in range(n):
             v[i] = alpha * v[i] + beta
     elif code == ELU:
-        for i in range(lo, hi):
+        for i in range(n):
             x = v[i]
             v[i] = alpha * (exp(x) - one) if x < zero else x
     elif code == SOFTSIGN:
-        for i in range(lo, hi):
+        for i in range(n):
             x = v[i]
             v[i] = x / (one + abs(x))
     elif code == SOFTPLUS:
-        for i in range(lo, hi):
+        for i in range(n):
             # log(1 + e^x) without overflow for large x; libm (a rare activation, not the fast path)
             x = v[i]
             v[i] = x + np.log1p(np.exp(-x)) if x > zero else np.log1p(np.exp(x))

@@ -93,10 +93,13 @@ MODE_SPLIT = 1
 
 # ---- workspace ---------------------------------------------------------------
 LINE = 8  # int64 counters sit one per 64-byte cache line
-SYNC_DONE, SYNC_SOLO = 0, 1  # MODE_SPLIT's counter lines: items done; the worker that went on alone
+# MODE_SPLIT's counter lines: items done; the worker that went on alone; workers that have started
+SYNC_DONE, SYNC_SOLO, SYNC_ARRIVED = 0, 1, 2
 ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
-STEAL_EVERY = 1024  # then takes over unclaimed chunks of the step it waits for, and goes on alone
+STEAL_EVERY = 1024  # then takes over unclaimed chunks of the step it waits for, and goes on alone;
+START_WAIT = 1280  # but while its partner has not even started (waking a sleeping worker takes 40-70 us),
+#                    it waits this long first (~40 us of pauses and ~250 yields, about 0.25 ms)
 
 
 def meta_size(num_layers: int, num_directions: int) -> int:
@@ -144,31 +147,38 @@ def sync_slots(steps, layers, mode, chunks):
 
 @njit(**GEMM_JIT)
 def gemm4(c0, c1, c2, c3, a0, a1, a2, a3, bt, j0, j1):
-    """c_m[j0:j1] += a_m @ bt[:, j0:j1] for four rows m; bt is (K, N) with K = len(a_m)."""
+    """c_m[j0:j1] += a_m @ bt[:, j0:j1] for four rows m; bt is (K, N) with K = len(a_m).
+
+    Every loop runs over views sliced at j0 from index 0: with ``range(j0, j1)`` Numba must allow a
+    negative index, and the wrap-around select it adds stops LLVM from vectorising (6 GMAC/s, not 45).
+    """
     K = bt.shape[0]
+    n = j1 - j0
+    d0, d1, d2, d3 = c0[j0:j1], c1[j0:j1], c2[j0:j1], c3[j0:j1]
     k = 0
     while k + 8 <= K:
-        b0, b1, b2, b3, b4, b5, b6, b7 = bt[k], bt[k + 1], bt[k + 2], bt[k + 3], bt[k + 4], bt[k + 5], bt[k + 6], bt[k + 7]
+        b0, b1, b2, b3 = bt[k, j0:j1], bt[k + 1, j0:j1], bt[k + 2, j0:j1], bt[k + 3, j0:j1]
+        b4, b5, b6, b7 = bt[k + 4, j0:j1], bt[k + 5, j0:j1], bt[k + 6, j0:j1], bt[k + 7, j0:j1]
         x00, x01, x02, x03, x04, x05, x06, x07 = a0[k], a0[k + 1], a0[k + 2], a0[k + 3], a0[k + 4], a0[k + 5], a0[k + 6], a0[k + 7]
         x10, x11, x12, x13, x14, x15, x16, x17 = a1[k], a1[k + 1], a1[k + 2], a1[k + 3], a1[k + 4], a1[k + 5], a1[k + 6], a1[k + 7]
         x20, x21, x22, x23, x24, x25, x26, x27 = a2[k], a2[k + 1], a2[k + 2], a2[k + 3], a2[k + 4], a2[k + 5], a2[k + 6], a2[k + 7]
         x30, x31, x32, x33, x34, x35, x36, x37 = a3[k], a3[k + 1], a3[k + 2], a3[k + 3], a3[k + 4], a3[k + 5], a3[k + 6], a3[k + 7]
-        for j in range(j0, j1):
+        for j in range(n):
             w0, w1, w2, w3, w4, w5, w6, w7 = b0[j], b1[j], b2[j], b3[j], b4[j], b5[j], b6[j], b7[j]
-            c0[j] += ((x00 * w0 + x01 * w1) + (x02 * w2 + x03 * w3)) + ((x04 * w4 + x05 * w5) + (x06 * w6 + x07 * w7))
-            c1[j] += ((x10 * w0 + x11 * w1) + (x12 * w2 + x13 * w3)) + ((x14 * w4 + x15 * w5) + (x16 * w6 + x17 * w7))
-            c2[j] += ((x20 * w0 + x21 * w1) + (x22 * w2 + x23 * w3)) + ((x24 * w4 + x25 * w5) + (x26 * w6 + x27 * w7))
-            c3[j] += ((x30 * w0 + x31 * w1) + (x32 * w2 + x33 * w3)) + ((x34 * w4 + x35 * w5) + (x36 * w6 + x37 * w7))
+            d0[j] += ((x00 * w0 + x01 * w1) + (x02 * w2 + x03 * w3)) + ((x04 * w4 + x05 * w5) + (x06 * w6 + x07 * w7))
+            d1[j] += ((x10 * w0 + x11 * w1) + (x12 * w2 + x13 * w3)) + ((x14 * w4 + x15 * w5) + (x16 * w6 + x17 * w7))
+            d2[j] += ((x20 * w0 + x21 * w1) + (x22 * w2 + x23 * w3)) + ((x24 * w4 + x25 * w5) + (x26 * w6 + x27 * w7))
+            d3[j] += ((x30 * w0 + x31 * w1) + (x32 * w2 + x33 * w3)) + ((x34 * w4 + x35 * w5) + (x36 * w6 + x37 * w7))
         k += 8
     while k < K:
-        b = bt[k]
+        b = bt[k, j0:j1]
         x0, x1, x2, x3 = a0[k], a1[k], a2[k], a3[k]
-        for j in range(j0, j1):
+        for j in range(n):
             w = b[j]
-            c0[j] += x0 * w
-            c1[j] += x1 * w
-            c2[j] += x2 * w
-            c3[j] += x3 * w
+            d0[j] += x0 * w
+            d1[j] += x1 * w
+            d2[j] += x2 * w
+            d3[j] += x3 * w
         k += 1
 
 
@@ -176,18 +186,21 @@ def gemm4(c0, c1, c2, c3, a0, a1, a2, a3, bt, j0, j1):
 def gemm1(c, a, bt, j0, j1):
     """c[j0:j1] += a @ bt[:, j0:j1]: one row, the same operations per element as :func:`gemm4`."""
     K = bt.shape[0]
+    n = j1 - j0
+    d = c[j0:j1]
     k = 0
     while k + 8 <= K:
-        b0, b1, b2, b3, b4, b5, b6, b7 = bt[k], bt[k + 1], bt[k + 2], bt[k + 3], bt[k + 4], bt[k + 5], bt[k + 6], bt[k + 7]
+        b0, b1, b2, b3 = bt[k, j0:j1], bt[k + 1, j0:j1], bt[k + 2, j0:j1], bt[k + 3, j0:j1]
+        b4, b5, b6, b7 = bt[k + 4, j0:j1], bt[k + 5, j0:j1], bt[k + 6, j0:j1], bt[k + 7, j0:j1]
         x0, x1, x2, x3, x4, x5, x6, x7 = a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], a[k + 5], a[k + 6], a[k + 7]
-        for j in range(j0, j1):
-            c[j] += ((x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j])) + ((x4 * b4[j] + x5 * b5[j]) + (x6 * b6[j] + x7 * b7[j]))
+        for j in range(n):
+            d[j] += ((x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j])) + ((x4 * b4[j] + x5 * b5[j]) + (x6 * b6[j] + x7 * b7[j]))
         k += 8
     while k < K:
-        b = bt[k]
+        b = bt[k, j0:j1]
         x = a[k]
-        for j in range(j0, j1):
-            c[j] += x * b[j]
+        for j in range(n):
+            d[j] += x * b[j]
         k += 1
 
 
@@ -201,28 +214,32 @@ def _gates_after_reset(xp, g, b_hn, h_prev, h_out, lo, hi, hidden, f, f_alpha, f
     """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' for units [lo, hi) to ``h_out``
     (memory apart from every input, or the loop does not vectorise)."""
     H = hidden
+    n = hi - lo
     one = like(clip, 1.0)
+    xz, xr, xn = xp[lo:hi], xp[H + lo : H + hi], xp[2 * H + lo : 2 * H + hi]
+    gz, gr, gn = g[lo:hi], g[H + lo : H + hi], g[2 * H + lo : 2 * H + hi]
+    bn, hp, ho = b_hn[lo:hi], h_prev[lo:hi], h_out[lo:hi]
     if f == SIGMOID and gc == TANH and clip == 0:
-        for j in range(lo, hi):
-            z = sigmoid(xp[j] + g[j])
-            r = sigmoid(xp[H + j] + g[H + j])
-            n = tanh(xp[2 * H + j] + r * (g[2 * H + j] + b_hn[j]))
-            h_out[j] = (one - z) * n + z * h_prev[j]
+        for j in range(n):
+            z = sigmoid(xz[j] + gz[j])
+            r = sigmoid(xr[j] + gr[j])
+            h_new = tanh(xn[j] + r * (gn[j] + bn[j]))
+            ho[j] = (one - z) * h_new + z * hp[j]
         return
-    for j in range(lo, hi):
-        g[j] += xp[j]
-        g[H + j] += xp[H + j]
-    clip_range(g, lo, hi, clip)
-    clip_range(g, H + lo, H + hi, clip)
-    activate(g, lo, hi, f, f_alpha, f_beta)
-    activate(g, H + lo, H + hi, f, f_alpha, f_beta)
-    for j in range(lo, hi):
-        g[2 * H + j] = xp[2 * H + j] + g[H + j] * (g[2 * H + j] + b_hn[j])
-    clip_range(g, 2 * H + lo, 2 * H + hi, clip)
-    activate(g, 2 * H + lo, 2 * H + hi, gc, g_alpha, g_beta)
-    for j in range(lo, hi):
-        z = g[j]
-        h_out[j] = (one - z) * g[2 * H + j] + z * h_prev[j]
+    for j in range(n):
+        gz[j] += xz[j]
+        gr[j] += xr[j]
+    clip_range(gz, clip)
+    clip_range(gr, clip)
+    activate(gz, f, f_alpha, f_beta)
+    activate(gr, f, f_alpha, f_beta)
+    for j in range(n):
+        gn[j] = xn[j] + gr[j] * (gn[j] + bn[j])
+    clip_range(gn, clip)
+    activate(gn, gc, g_alpha, g_beta)
+    for j in range(n):
+        z = gz[j]
+        ho[j] = (one - z) * gn[j] + z * hp[j]
 
 
 @njit(**JIT)
@@ -236,8 +253,8 @@ def _update_and_reset_gates(xp, g, h_prev, rh, hidden, f, f_alpha, f_beta, clip)
         return
     for j in range(2 * H):
         g[j] += xp[j]
-    clip_range(g, 0, 2 * H, clip)
-    activate(g, 0, 2 * H, f, f_alpha, f_beta)
+    clip_range(g[: 2 * H], clip)
+    activate(g[: 2 * H], f, f_alpha, f_beta)
     for j in range(H):
         rh[j] = g[H + j] * h_prev[j]
 
@@ -254,8 +271,8 @@ def _candidate_and_state(xp, g, h_prev, h_out, hidden, gc, g_alpha, g_beta, clip
         return
     for j in range(H):
         g[2 * H + j] += xp[2 * H + j]
-    clip_range(g, 2 * H, 3 * H, clip)
-    activate(g, 2 * H, 3 * H, gc, g_alpha, g_beta)
+    clip_range(g[2 * H :], clip)
+    activate(g[2 * H :], gc, g_alpha, g_beta)
     for j in range(H):
         z = g[j]
         h_out[j] = (one - z) * g[2 * H + j] + z * h_prev[j]
@@ -301,9 +318,7 @@ def _project(seq_in, w_t, b_x, xp, s0, s1, b0, b1, st, sb, lengths, has_lengths,
     rows = b1 - b0
     n = (s1 - s0) * rows
     for i in range(n):
-        out = xp[i]
-        for j in range(j0, j1):
-            out[j] = b_x[j]
+        xp[i, j0:j1] = b_x[j0:j1]
     i = 0
     while i < n:
         take = min(4, n - i)
@@ -571,6 +586,8 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
         solo = sync_addr + 8 * LINE * SYNC_SOLO  # 0, or 1 + the worker that runs the rest alone
         flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
         own = w % chunks
+        arrived = sync_addr + 8 * LINE * SYNC_ARRIVED
+        atomic_add(arrived, 1)
         for g in range(total + 1):
             # Every item of the previous step (or layer) must be complete.  A partner that has not claimed
             # its chunk of that step within STEAL_EVERY spins is not running (descheduled on a busy
@@ -580,7 +597,8 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
             while atomic_load(done) < g * chunks:
                 spins += 1
                 _back_off(spins)
-                if spins % STEAL_EVERY == 0:
+                patience = STEAL_EVERY if atomic_load(arrived) == workers else START_WAIT
+                if spins % patience == 0:
                     atomic_cas(solo, 0, w + 1)
                     for c in range(chunks):
                         if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):

@@ -162,8 +162,18 @@ def _h0_array(h0, shape: tuple, batch_chunks: tuple):
 # dask arrays
 # --------------------------------------------------------------------------------------------------
 
+def _only_block(value):
+    """The block itself: blockwise hands axes that are absent from the output over as nested lists, here
+    of one block each (x and h0 are single chunks along time, features, layers and hidden).  Unwrapping
+    them beats ``concatenate=True``, which would copy every block into a new array first."""
+    while isinstance(value, list):
+        (value,) = value
+    return value
+
+
 def _run_block(x, lengths, h0, *, model: GRU):
     """One task: the model over one batch block; (y, h_n) in the model's own layout."""
+    x, h0 = _only_block(x), _only_block(h0)
     batch = x.shape[0 if model.batch_first else 1]
     if batch == 0:  # an empty block of an empty input: nothing to run, shapes still right
         H, D, LD = model.hidden_size, model.num_directions, model.num_layers * model.num_directions
@@ -259,7 +269,7 @@ def map_sequences(model: GRU, x, lengths=None, h0=None, *, output: str = "y", re
     dtype = model.dtype
     empty3 = np.empty((0, 0, 0), dtype)
     per_block = da.blockwise(
-        _run_block, "b", *args, model=_model_node(model), concatenate=True,
+        _run_block, "b", *args, model=_model_node(model), concatenate=False,
         token="gru_fast-run", meta=(empty3, empty3),
     )
     y_index = "bto" if model.batch_first else "tbo"

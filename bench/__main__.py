@@ -42,6 +42,9 @@ def _parse(argv):
     parser.add_argument("--rounds", type=int, help="timing rounds per case (default 25; 3 with --quick)")
     parser.add_argument("--batch-ms", type=float,
                         help="duration of one timed batch of calls in ms (default 20; 2 with --quick)")
+    parser.add_argument("--gap-ms", type=float, default=30.0,
+                        help="pause before each timed batch so the previous engine's thread pool stops spinning "
+                             "(default 30)")
     parser.add_argument("--out-dir", default="bench/results", help="where report files go")
     parser.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +85,7 @@ def run_case(case, settings, workdir) -> tuple[dict, Artifacts]:
     runners, rows = _build_all(artifacts, ENGINES)
     if runners:
         timings = time_interleaved(runners, settings["rounds"], settings["batch_seconds"], settings["seed"],
-                                   budget_seconds=settings["case_budget_seconds"])
+                                   gap_seconds=settings["gap_seconds"], budget_seconds=settings["case_budget_seconds"])
         for engine, timing in timings.items():
             rows[engine].update(timing.as_dict())
     return {"name": case.name, "title": case.title, "shape": case.shape, "batch": case.batch,
@@ -104,7 +107,7 @@ def run_threads(settings, artifacts_by_case, workdir) -> list[dict]:
             rows.append({"name": name, "shape": case.shape, "us": {}, "error": f"{type(exc).__name__}: {exc}"})
             continue
         timings = time_interleaved(runners, settings["rounds"], settings["batch_seconds"], settings["seed"],
-                                   budget_seconds=settings["case_budget_seconds"])
+                                   gap_seconds=settings["gap_seconds"], budget_seconds=settings["case_budget_seconds"])
         rows.append({"name": name, "shape": case.shape,
                      "us": {k: t.median_us for k, t in timings.items()},
                      "timings": {k: t.as_dict() for k, t in timings.items()}})
@@ -122,6 +125,7 @@ def run_scaling(settings, workdir) -> dict:
             runners, rows = _build_all(artifacts, ENGINES)
             runners = {e: r for e, r in runners.items() if rows[e]["parity_ok"]}
             timings = time_interleaved(runners, rounds, settings["batch_seconds"], settings["seed"],
+                                       gap_seconds=settings["gap_seconds"],
                                        budget_seconds=settings["case_budget_seconds"] / 4)
             value = {"T": case.steps, "B": case.batch, "H": case.hidden_size}[axis]
             points.append({"value": value, "shape": case.shape, "fixed": fixed,
@@ -140,6 +144,7 @@ def main(argv=None) -> int:
         "quick": quick,
         "rounds": args.rounds or (3 if quick else 25),
         "batch_seconds": (args.batch_ms or (2.0 if quick else 20.0)) / 1000.0,
+        "gap_seconds": args.gap_ms / 1000.0,
         "seed": args.seed,
         # a case stops adding rounds after this long (at least 3 rounds always run)
         "case_budget_seconds": 5.0 if quick else 40.0,

@@ -17,6 +17,7 @@ choice; gru_fast only fills in what was left unset.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -63,6 +64,55 @@ def _choose_cache_dir() -> None:
 _choose_cache_dir()
 
 from numba.core import config as _numba_config  # noqa: E402  (must follow the cache-directory choice)
+
+
+# ---- cache invalidation -----------------------------------------------------
+# Numba checks a cached kernel against its own source file only.  gru_fast's kernels inline code from
+# several modules (kernels.py calls _math.py, _tiles.py, _memory.py and takes its flags from this
+# file), so after an upgrade that changed, say, _tiles.py alone, a cache written by the old version
+# would be loaded as if it were current (seen here: wrong results until the cache was cleared).  The
+# locators below stamp every gru_fast kernel with the content of all of those files together.
+
+_KERNEL_SOURCES = ("_config.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _kernel_sources_stamp() -> bytes:
+    digest = hashlib.sha256()
+    for name in _KERNEL_SOURCES:
+        with open(os.path.join(_PACKAGE_DIR, name), "rb") as source:
+            digest.update(source.read())
+    return digest.digest()
+
+
+def _install_cache_locators() -> None:
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    bases = [getattr(caching, name, None) or getattr(caching, "_" + name, None)
+             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator")]
+    if impl is None or None in bases or not isinstance(getattr(impl, "_locator_classes", None), list):
+        return  # another Numba layout: its own per-file stamps apply
+    stamp = _kernel_sources_stamp()
+
+    class _Stamped:
+        """Only for gru_fast's own modules; stamped with all kernel sources."""
+
+        def get_source_stamp(self):
+            return stamp
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != _PACKAGE_DIR:
+                return None
+            return super().from_function(py_func, py_file)
+
+    locators = [type(f"GruFast{base.__name__.lstrip('_')}", (_Stamped, base), {"__module__": __name__})
+                for base in bases]
+    impl._locator_classes[:0] = locators
+
+
+_install_cache_locators()
 
 
 def _layer_loads(name: str) -> bool:

@@ -13,22 +13,36 @@ with an optional clip of every pre-activation to [-clip, clip].  The parity
 tests (tests/test_parity_torch.py, tests/test_parity_onnx.py) pin these
 kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
+Layout: tiles of 16 hidden units
+    The hidden units are padded to ``Hp``, a multiple of 16, and taken 16 at a
+    time: *unit tile* u holds units 16u..16u+15 and owns the 48 columns
+    48u..48u+47 of every gate-sized row: 16 of z, then 16 of r, then 16 of n.
+    Weights are packed in that column order as 16-column tiles
+    (:mod:`gru_fast._tiles`), so any range of unit tiles is one contiguous
+    block of weights, projections and products, and every element-wise loop
+    runs over whole 16-lane vectors, whatever H is.  Padded units have zero
+    weights; they are computed and never read: products sum over the H real
+    units only, and outputs copy the H real units only.
+
 Matrix products
-    :func:`gemm4` and :func:`gemm1` compute ``c[j0:j1] += a @ bt[:, j0:j1]``
-    for four rows / one row, with weights pre-transposed to ``bt`` (K, N) so
-    the inner loop streams contiguous memory and vectorises; blocks of 8
-    values of k are summed in a fixed tree.  Both functions apply the same
-    operations to every element, so a result does not depend on how rows are
-    grouped, which columns a thread owns, or whether a lane is vector or
-    scalar: serial and parallel runs agree bit for bit.  Four rows per pass
-    reuse each weight load four times (about 45 GMAC/s per core here, on par
-    with OpenBLAS; see shared/docs/performance.md), so no BLAS is called and
-    no second thread pool competes for the cores.
+    ``c += a @ W`` for one or four rows ``a``, by the LLVM-IR micro-kernels of
+    :mod:`gru_fast._tiles` (accumulators in registers, about 57 GMAC/s per core
+    for four rows and 25 GMAC/s for one here).  No BLAS is called, so no second
+    thread pool competes for the cores, and every output element is the same
+    chain of fused multiply-adds whichever thread, row group or unit range
+    computes it: serial and parallel runs agree bit for bit.
 
 Input projection
     ``x W^T + b`` is computed ahead of the recurrence in blocks of
-    ``block_steps`` time steps (a block's projections stay in cache until the
-    recurrence reads them), into the workspace.
+    ``block_steps`` time steps into the workspace (a block stays in cache
+    until the recurrence reads it).
+
+State
+    Each direction keeps two padded state rows per sequence, written on
+    alternate steps (step s reads ``state[(s + 1) % 2]`` and writes
+    ``state[s % 2]``), so threads that each write part of a step never
+    overwrite what another still reads.  Finished sequences (step >= length)
+    carry their state forward; y is 0 at their padded steps.
 
 Two ways to share a call between threads
     ``MODE_ROWS``: *units* of (direction, slice of batch rows) are independent
@@ -36,23 +50,23 @@ Two ways to share a call between threads
     runs every time step of its rows.  Layers follow each other: a worker
     waits until every unit of the previous layer is done.
     ``MODE_SPLIT``: one sequence (B smaller than the thread count) has no
-    independent rows to hand out, so the hidden units are split into
-    ``chunks`` column ranges, and *items* (step, chunk) are claimed through
-    compare-and-swap flags.  A worker runs its own chunk of each step after
-    the previous step is complete (an atomic counter of finished items).  If
-    its partner has not claimed a chunk after a while (descheduled on a busy
-    machine, or the threading layer ran the workers one after another), the
-    waiting worker takes that chunk itself and runs the rest of the call
-    alone (recorded in the SYNC_SOLO counter, which the caller reads to back
-    off from parallel calls for a while), so the scheme cannot deadlock,
-    never depends on how many threads actually run, and a busy machine costs
-    one wait per call, not one per step.  Used for linear_before_reset=1,
-    where a step is one product per chunk.
+    independent rows to hand out, so the unit tiles are split into ``chunks``
+    ranges, and *items* (step, chunk) are claimed through compare-and-swap
+    flags.  A worker runs its own chunk of each step after the previous step
+    is complete (an atomic counter of finished items).  If its partner has
+    not claimed a chunk after a while (descheduled on a busy machine, or the
+    threading layer ran the workers one after another), the waiting worker
+    takes that chunk itself and runs the rest of the call alone (recorded in
+    the SYNC_SOLO counter, which the caller reads to back off from parallel
+    calls for a while), so the scheme cannot deadlock, never depends on how
+    many threads actually run, and a busy machine costs one wait per call,
+    not one per step.  Used for linear_before_reset=1, where a step is one
+    product per chunk.
 
-Kernels take raw addresses (see :mod:`gru_fast._memory`) and a scalar
-``marker`` whose type selects float32 or float64.  Weights live in one flat
-``params`` array described by an int64 ``meta`` table built by
-:mod:`gru_fast.model`; the layout constants below are shared with it.
+Kernels take raw addresses (see :mod:`gru_fast._memory`) and build views with
+``carray``; weights live in one flat ``params`` array described by an int64
+``meta`` table built by :mod:`gru_fast.model`; the layout constants below are
+shared with it.
 """
 
 from __future__ import annotations
@@ -63,12 +77,7 @@ from numba import carray, njit, prange
 from ._config import JIT, PARALLEL_JIT
 from ._math import SIGMOID, TANH, activate, clip_range, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
-
-# The matrix products may fuse a*b + c into one FMA (``contract``): every output element is the same
-# expression in every context, so the fusion is the same too.  The element-wise code keeps strict IEEE
-# semantics, so it rounds identically whether LLVM vectorises a loop or not (float64's libm calls make
-# the two differ) and NaN/Inf behave as in PyTorch.
-GEMM_JIT = dict(JIT, fastmath={"contract"})
+from ._tiles import TILE, gemm1_all, gemm1_n, gemm1_zr, gemm4_all, gemm4_n, gemm4_zr
 
 # ---- layout of the int64 ``meta`` table ------------------------------------
 META_LAYERS = 0
@@ -78,7 +87,7 @@ META_INPUT = 3
 META_LBR = 4
 META_REVERSE = 5  # 1 when the single direction runs backwards (ONNX "reverse")
 META_CODES = 6  # 4 entries: f, g activation codes of direction 0, then direction 1
-META_OFFSETS = 10  # then per (layer, direction): offsets in params of W^T, R^T, b_x, b_hn
+META_OFFSETS = 10  # then per (layer, direction): offsets in params of packed W, packed R, b_x, b_hn
 OFFSET_W, OFFSET_R, OFFSET_BX, OFFSET_BHN = 0, 1, 2, 3
 OFFSETS_PER_BLOCK = 4
 
@@ -96,6 +105,8 @@ LINE = 8  # int64 counters sit one per 64-byte cache line
 # MODE_SPLIT's counter lines: items done; the worker that went on alone; workers that have started
 SYNC_DONE, SYNC_SOLO, SYNC_ARRIVED = 0, 1, 2
 ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
+UNITS = TILE  # hidden units per unit tile
+GATES = 3 * TILE  # columns per unit tile: z, r, n
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
 STEAL_EVERY = 1024  # then takes over unclaimed chunks of the step it waits for, and goes on alone;
 START_WAIT = 1280  # but while its partner has not even started (waking a sleeping worker takes 40-70 us),
@@ -107,30 +118,34 @@ def meta_size(num_layers: int, num_directions: int) -> int:
 
 
 @njit(**JIT)
+def padded_hidden(hidden):
+    """H rounded up to whole unit tiles."""
+    return -(-hidden // UNITS) * UNITS
+
+
+@njit(**JIT)
 def _padded(n):
     return -(-n // ALIGN) * ALIGN
 
 
 @njit(**JIT)
-def workspace_layout(steps, batch, hidden, directions, layers, mode, chunks, block_steps, workers):
-    """Offsets (in elements) in the float workspace: (zeros, mid0, mid1, scratch, scratch size, end).
+def workspace_layout(steps, batch, hidden, directions, layers, block_steps):
+    """Offsets (in elements) in the float workspace: (mid0, mid1, per-direction base, its size, end).
 
-    ``zeros`` is one row of H zeros (the state before the first step without h0; zeroed once when the
-    workspace is allocated, never written by a kernel), ``mid0``/``mid1`` hold
-    the sequences of the layers below the last, and each worker (MODE_ROWS) or the whole call
-    (MODE_SPLIT) has a scratch area: projected inputs of ``block_steps`` steps, recurrent products and
-    r * h for its rows.  The int64 counters and flags live in a separate array (:func:`sync_slots`).
+    ``mid0``/``mid1`` hold the sequences of the layers below the last.  Each direction then has:
+    projected inputs of ``block_steps`` steps for every row (xp), recurrent products (g), r * h
+    (lbr=0) and the two alternating state rows; see :func:`_direction_buffers`.  The caller zeroes the
+    workspace once when it allocates it (padded units then start from 0 and stay finite).  The int64
+    counters and flags live in a separate array (:func:`sync_slots`).
     """
-    rows_per_unit = batch if mode == MODE_SPLIT else -(-batch // chunks)
+    hp = padded_hidden(hidden)
     n_mid = steps * batch * directions * hidden
-    o_zeros = 0
-    o_mid0 = o_zeros + _padded(hidden)
+    o_mid0 = 0
     o_mid1 = o_mid0 + (_padded(n_mid) if layers > 1 else 0)
-    o_scratch = o_mid1 + (_padded(n_mid) if layers > 2 else 0)
-    scratch = (_padded(block_steps * rows_per_unit * 3 * hidden) + _padded(rows_per_unit * 3 * hidden)
-               + _padded(rows_per_unit * hidden))
-    n_scratch = 1 if mode == MODE_SPLIT else workers
-    return o_zeros, o_mid0, o_mid1, o_scratch, scratch, o_scratch + n_scratch * scratch
+    o_dirs = o_mid1 + (_padded(n_mid) if layers > 2 else 0)
+    per_direction = (_padded(block_steps * batch * 3 * hp) + _padded(batch * 3 * hp) + _padded(batch * hp)
+                     + 2 * _padded(batch * hp))
+    return o_mid0, o_mid1, o_dirs, per_direction, o_dirs + directions * per_direction
 
 
 @njit(**JIT)
@@ -140,142 +155,21 @@ def sync_slots(steps, layers, mode, chunks):
     return LINE * (2 * layers + 1) + flags
 
 
-# ---------------------------------------------------------------------------
-# matrix products
-# ---------------------------------------------------------------------------
-
-
-@njit(**GEMM_JIT)
-def gemm4(c0, c1, c2, c3, a0, a1, a2, a3, bt, j0, j1):
-    """c_m[j0:j1] += a_m @ bt[:, j0:j1] for four rows m; bt is (K, N) with K = len(a_m).
-
-    Every loop runs over views sliced at j0 from index 0: with ``range(j0, j1)`` Numba must allow a
-    negative index, and the wrap-around select it adds stops LLVM from vectorising (6 GMAC/s, not 45).
-    """
-    K = bt.shape[0]
-    n = j1 - j0
-    d0, d1, d2, d3 = c0[j0:j1], c1[j0:j1], c2[j0:j1], c3[j0:j1]
-    k = 0
-    while k + 8 <= K:
-        b0, b1, b2, b3 = bt[k, j0:j1], bt[k + 1, j0:j1], bt[k + 2, j0:j1], bt[k + 3, j0:j1]
-        b4, b5, b6, b7 = bt[k + 4, j0:j1], bt[k + 5, j0:j1], bt[k + 6, j0:j1], bt[k + 7, j0:j1]
-        x00, x01, x02, x03, x04, x05, x06, x07 = a0[k], a0[k + 1], a0[k + 2], a0[k + 3], a0[k + 4], a0[k + 5], a0[k + 6], a0[k + 7]
-        x10, x11, x12, x13, x14, x15, x16, x17 = a1[k], a1[k + 1], a1[k + 2], a1[k + 3], a1[k + 4], a1[k + 5], a1[k + 6], a1[k + 7]
-        x20, x21, x22, x23, x24, x25, x26, x27 = a2[k], a2[k + 1], a2[k + 2], a2[k + 3], a2[k + 4], a2[k + 5], a2[k + 6], a2[k + 7]
-        x30, x31, x32, x33, x34, x35, x36, x37 = a3[k], a3[k + 1], a3[k + 2], a3[k + 3], a3[k + 4], a3[k + 5], a3[k + 6], a3[k + 7]
-        for j in range(n):
-            w0, w1, w2, w3, w4, w5, w6, w7 = b0[j], b1[j], b2[j], b3[j], b4[j], b5[j], b6[j], b7[j]
-            d0[j] += ((x00 * w0 + x01 * w1) + (x02 * w2 + x03 * w3)) + ((x04 * w4 + x05 * w5) + (x06 * w6 + x07 * w7))
-            d1[j] += ((x10 * w0 + x11 * w1) + (x12 * w2 + x13 * w3)) + ((x14 * w4 + x15 * w5) + (x16 * w6 + x17 * w7))
-            d2[j] += ((x20 * w0 + x21 * w1) + (x22 * w2 + x23 * w3)) + ((x24 * w4 + x25 * w5) + (x26 * w6 + x27 * w7))
-            d3[j] += ((x30 * w0 + x31 * w1) + (x32 * w2 + x33 * w3)) + ((x34 * w4 + x35 * w5) + (x36 * w6 + x37 * w7))
-        k += 8
-    while k < K:
-        b = bt[k, j0:j1]
-        x0, x1, x2, x3 = a0[k], a1[k], a2[k], a3[k]
-        for j in range(n):
-            w = b[j]
-            d0[j] += x0 * w
-            d1[j] += x1 * w
-            d2[j] += x2 * w
-            d3[j] += x3 * w
-        k += 1
-
-
-@njit(**GEMM_JIT)
-def gemm1(c, a, bt, j0, j1):
-    """c[j0:j1] += a @ bt[:, j0:j1]: one row, the same operations per element as :func:`gemm4`."""
-    K = bt.shape[0]
-    n = j1 - j0
-    d = c[j0:j1]
-    k = 0
-    while k + 8 <= K:
-        b0, b1, b2, b3 = bt[k, j0:j1], bt[k + 1, j0:j1], bt[k + 2, j0:j1], bt[k + 3, j0:j1]
-        b4, b5, b6, b7 = bt[k + 4, j0:j1], bt[k + 5, j0:j1], bt[k + 6, j0:j1], bt[k + 7, j0:j1]
-        x0, x1, x2, x3, x4, x5, x6, x7 = a[k], a[k + 1], a[k + 2], a[k + 3], a[k + 4], a[k + 5], a[k + 6], a[k + 7]
-        for j in range(n):
-            d[j] += ((x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j])) + ((x4 * b4[j] + x5 * b5[j]) + (x6 * b6[j] + x7 * b7[j]))
-        k += 8
-    while k < K:
-        b = bt[k, j0:j1]
-        x = a[k]
-        for j in range(n):
-            d[j] += x * b[j]
-        k += 1
-
-
-# ---------------------------------------------------------------------------
-# gates
-# ---------------------------------------------------------------------------
-
-
 @njit(**JIT)
-def _gates_after_reset(xp, g, b_hn, h_prev, h_out, lo, hi, hidden, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
-    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' for units [lo, hi) to ``h_out``
-    (memory apart from every input, or the loop does not vectorise)."""
-    H = hidden
-    n = hi - lo
-    one = like(clip, 1.0)
-    xz, xr, xn = xp[lo:hi], xp[H + lo : H + hi], xp[2 * H + lo : 2 * H + hi]
-    gz, gr, gn = g[lo:hi], g[H + lo : H + hi], g[2 * H + lo : 2 * H + hi]
-    bn, hp, ho = b_hn[lo:hi], h_prev[lo:hi], h_out[lo:hi]
-    if f == SIGMOID and gc == TANH and clip == 0:
-        for j in range(n):
-            z = sigmoid(xz[j] + gz[j])
-            r = sigmoid(xr[j] + gr[j])
-            h_new = tanh(xn[j] + r * (gn[j] + bn[j]))
-            ho[j] = (one - z) * h_new + z * hp[j]
-        return
-    for j in range(n):
-        gz[j] += xz[j]
-        gr[j] += xr[j]
-    clip_range(gz, clip)
-    clip_range(gr, clip)
-    activate(gz, f, f_alpha, f_beta)
-    activate(gr, f, f_alpha, f_beta)
-    for j in range(n):
-        gn[j] = xn[j] + gr[j] * (gn[j] + bn[j])
-    clip_range(gn, clip)
-    activate(gn, gc, g_alpha, g_beta)
-    for j in range(n):
-        z = gz[j]
-        ho[j] = (one - z) * gn[j] + z * hp[j]
-
-
-@njit(**JIT)
-def _update_and_reset_gates(xp, g, h_prev, rh, hidden, f, f_alpha, f_beta, clip):
-    """linear_before_reset=0, first half: ``g[:2H]`` holds h R_zr^T; leave z in g[:H], r * h in ``rh``."""
-    H = hidden
-    if f == SIGMOID and clip == 0:
-        for j in range(H):
-            g[j] = sigmoid(xp[j] + g[j])
-            rh[j] = sigmoid(xp[H + j] + g[H + j]) * h_prev[j]
-        return
-    for j in range(2 * H):
-        g[j] += xp[j]
-    clip_range(g[: 2 * H], clip)
-    activate(g[: 2 * H], f, f_alpha, f_beta)
-    for j in range(H):
-        rh[j] = g[H + j] * h_prev[j]
-
-
-@njit(**JIT)
-def _candidate_and_state(xp, g, h_prev, h_out, hidden, gc, g_alpha, g_beta, clip):
-    """linear_before_reset=0, second half: ``g[2H:]`` holds (r * h) R_n^T; z is in g[:H]; write h'."""
-    H = hidden
-    one = like(clip, 1.0)
-    if gc == TANH and clip == 0:
-        for j in range(H):
-            z = g[j]
-            h_out[j] = (one - z) * tanh(xp[2 * H + j] + g[2 * H + j]) + z * h_prev[j]
-        return
-    for j in range(H):
-        g[2 * H + j] += xp[2 * H + j]
-    clip_range(g[2 * H :], clip)
-    activate(g[2 * H :], gc, g_alpha, g_beta)
-    for j in range(H):
-        z = g[j]
-        h_out[j] = (one - z) * g[2 * H + j] + z * h_prev[j]
+def _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden):
+    """Views of direction d's buffers: xp (block_steps*B, 3Hp), g (B, 3Hp), rh (B, Hp), state (2, B, Hp)."""
+    hp = padded_hidden(hidden)
+    base = o_dirs + d * per_direction
+    o_g = base + _padded(block_steps * batch * 3 * hp)
+    o_rh = o_g + _padded(batch * 3 * hp)
+    o_state = o_rh + _padded(batch * hp)
+    xp = ws[base : base + block_steps * batch * 3 * hp].reshape((block_steps * batch, 3 * hp))
+    g = ws[o_g : o_g + batch * 3 * hp].reshape((batch, 3 * hp))
+    rh = ws[o_rh : o_rh + batch * hp].reshape((batch, hp))
+    state = ws[o_state : o_state + 2 * _padded(batch * hp)]
+    s0 = state[: batch * hp].reshape((batch, hp))
+    s1 = state[_padded(batch * hp) : _padded(batch * hp) + batch * hp].reshape((batch, hp))
+    return xp, g, rh, s0, s1
 
 
 # ---------------------------------------------------------------------------
@@ -291,17 +185,16 @@ def _meta(meta_addr):
 
 
 @njit(**JIT)
-def _layer_weights(params, meta, layer, d, n_in):
-    """Views of one (layer, direction): W^T (I, 3H), R^T (H, 3H), b_x (3H), b_hn (H)."""
-    hidden = meta[META_HIDDEN]
+def _layer_weights(params, meta, layer, d):
+    """Addresses of one (layer, direction)'s packed W and R, and views of b_x (3Hp) and b_hn (Hp)."""
+    hp = padded_hidden(meta[META_HIDDEN])
     base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * meta[META_DIRECTIONS] + d)
-    o_w = meta[base + OFFSET_W]
-    o_r = meta[base + OFFSET_R]
     o_bx = meta[base + OFFSET_BX]
     o_bhn = meta[base + OFFSET_BHN]
-    w_t = params[o_w : o_w + n_in * 3 * hidden].reshape((n_in, 3 * hidden))
-    r_t = params[o_r : o_r + hidden * 3 * hidden].reshape((hidden, 3 * hidden))
-    return w_t, r_t, params[o_bx : o_bx + 3 * hidden], params[o_bhn : o_bhn + hidden]
+    start = params.ctypes.data
+    size = params.itemsize
+    return (start + size * meta[base + OFFSET_W], start + size * meta[base + OFFSET_R],
+            params[o_bx : o_bx + 3 * hp], params[o_bhn : o_bhn + hp])
 
 
 @njit(**JIT)
@@ -313,215 +206,297 @@ def _time_of(s, n_valid, reverse):
 
 
 @njit(**JIT)
-def _project(seq_in, w_t, b_x, xp, s0, s1, b0, b1, st, sb, lengths, has_lengths, steps, reverse, j0, j1):
-    """xp[(s - s0) * rows + (b - b0), j0:j1] = seq_in[row(t(s, b), b)] @ w_t[:, j0:j1] + b_x[j0:j1]."""
+def _length(lengths, has_lengths, b, steps):
+    return lengths[b] if has_lengths else steps
+
+
+# ---------------------------------------------------------------------------
+# products
+# ---------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _addr(row, col):
+    """Address of element ``col`` of a 1-D view."""
+    return row.ctypes.data + col * row.itemsize
+
+
+@njit(**JIT)
+def _gemm(variant, c0, c1, c2, c3, a0, a1, a2, a3, w, k, u0, u1, rows, marker):
+    """Rows c_m[48*u0 : 48*u1] += a_m @ W (the variant's tiles) for ``rows`` (1 or 4) rows."""
+    c_col = GATES * u0
+    w_at = w + GATES * u0 * k * c0.itemsize  # tile 3*u0, each K rows of 16
+    n = u1 - u0
+    if n <= 0:
+        return
+    if rows == 4:
+        if variant == 0:
+            gemm4_all(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
+                      a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
+        elif variant == 1:
+            gemm4_zr(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
+                     a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
+        else:
+            gemm4_n(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
+                    a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
+    elif variant == 0:
+        gemm1_all(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
+    elif variant == 1:
+        gemm1_zr(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
+    else:
+        gemm1_n(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
+
+
+@njit(**JIT)
+def _row_groups(n):
+    """How many rows the next product takes: 4 while 4 are left, else 1."""
+    return 4 if n >= 4 else 1
+
+
+@njit(**JIT)
+def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_lengths, steps, reverse, n_in, u0, u1,
+             marker):
+    """xp[(s - s0) * B + b, tiles u0..u1] = seq_in[row(t(s, b), b)] @ W + b_x for s in [s0, s1), b in [b0, b1)."""
+    c0, c1 = GATES * u0, GATES * u1
     rows = b1 - b0
-    n = (s1 - s0) * rows
+    n = (s1 - s0) * rows  # the (step, row) pairs of the block, taken four at a time whatever B is
     for i in range(n):
-        xp[i, j0:j1] = b_x[j0:j1]
+        xp[_xp_row(i, s0, b0, rows, batch), c0:c1] = b_x[c0:c1]
     i = 0
     while i < n:
-        take = min(4, n - i)
-        r0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+        take = _row_groups(n - i)
+        x0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+        o0 = xp[_xp_row(i, s0, b0, rows, batch)]
         if take == 4:
-            r1 = _input_row(seq_in, i + 1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            r2 = _input_row(seq_in, i + 2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            r3 = _input_row(seq_in, i + 3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            gemm4(xp[i], xp[i + 1], xp[i + 2], xp[i + 3], r0, r1, r2, r3, w_t, j0, j1)
+            x1 = _input_row(seq_in, i + 1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            x2 = _input_row(seq_in, i + 2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            x3 = _input_row(seq_in, i + 3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            _gemm(0, o0, xp[_xp_row(i + 1, s0, b0, rows, batch)], xp[_xp_row(i + 2, s0, b0, rows, batch)],
+                  xp[_xp_row(i + 3, s0, b0, rows, batch)], x0, x1, x2, x3, w, n_in, u0, u1, 4, marker)
         else:
-            gemm1(xp[i], r0, w_t, j0, j1)
-            take = 1
+            _gemm(0, o0, o0, o0, o0, x0, x0, x0, x0, w, n_in, u0, u1, 1, marker)
         i += take
 
 
 @njit(**JIT)
+def _xp_row(i, s0, b0, rows, batch):
+    """Row of xp holding pair i of a block: step s0 + i // rows, batch row b0 + i % rows."""
+    return (i // rows) * batch + b0 + i % rows
+
+
+@njit(**JIT)
 def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse):
+    """The input row of pair i of a block (see _xp_row)."""
     s = s0 + i // rows
     b = b0 + i % rows
-    n_valid = lengths[b] if has_lengths else steps
-    return seq_in[_time_of(s, n_valid, reverse) * st + b * sb]
+    return seq_in[_time_of(s, _length(lengths, has_lengths, b, steps), reverse) * st + b * sb]
+
+
+@njit(**JIT)
+def _products(variant, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
+    """g[b, the variant's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time.
+
+    ``variant``: 0 all three gates, 1 z and r, 2 n (the others' columns are left alone)."""
+    zero = like(marker, 0.0)
+    first = 2 * UNITS if variant == 2 else 0
+    width = UNITS if variant == 2 else (2 * UNITS if variant == 1 else GATES)
+    for b in range(b0, b1):
+        row = g[b]
+        for u in range(u0, u1):
+            row[GATES * u + first : GATES * u + first + width] = zero
+    b = b0
+    while b < b1:
+        take = _row_groups(b1 - b)
+        if take == 4:
+            _gemm(variant, g[b], g[b + 1], g[b + 2], g[b + 3], rows_in[b], rows_in[b + 1], rows_in[b + 2],
+                  rows_in[b + 3], w, hidden, u0, u1, 4, marker)
+        else:
+            _gemm(variant, g[b], g[b], g[b], g[b], rows_in[b], rows_in[b], rows_in[b], rows_in[b], w, hidden, u0,
+                  u1, 1, marker)
+        b += take
 
 
 # ---------------------------------------------------------------------------
-# MODE_ROWS: a unit is (direction, batch rows b0..b1), every step, one worker
+# gates, one unit tile (16 units, 48 columns) at a time
 # ---------------------------------------------------------------------------
 
 
 @njit(**JIT)
-def _run_unit(params, meta, layer, d, b0, b1, steps, st, sb, lengths, has_lengths, seq_in, n_in, seq_out,
-              h0, has_h0, h_n, scratch, block_steps, codes, acts, clip):
-    H = meta[META_HIDDEN]
-    D = meta[META_DIRECTIONS]
-    lbr = meta[META_LBR] != 0
-    reverse = meta[META_REVERSE] != 0 or d == 1
-    f, gc = codes[2 * d], codes[2 * d + 1]
-    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
-    w_t, r_t, b_x, b_hn = _layer_weights(params, meta, layer, d, n_in)
-    rows = b1 - b0
-    o_g = _padded(block_steps * rows * 3 * H)
-    o_rh = o_g + _padded(rows * 3 * H)
-    xp = scratch[: block_steps * rows * 3 * H].reshape((block_steps * rows, 3 * H))
-    g = scratch[o_g : o_g + rows * 3 * H].reshape((rows, 3 * H))
-    rh = scratch[o_rh : o_rh + rows * H].reshape((rows, H))
-    state = h_n[layer * D + d]
-    col = d * H
-    zero = like(clip, 0.0)
+def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
+    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1.
+
+    Loops run from 0 over 16-element views: with ``range(lo, hi)`` Numba must allow a negative index,
+    and the wrap-around select it adds stops LLVM from vectorising.
+    """
+    one = like(clip, 1.0)
+    fused = f == SIGMOID and gc == TANH and clip == 0
+    for u in range(u0, u1):
+        o = GATES * u
+        p = UNITS * u
+        xz, xr, xn = xp[o : o + UNITS], xp[o + UNITS : o + 2 * UNITS], xp[o + 2 * UNITS : o + GATES]
+        gz, gr, gn = g[o : o + UNITS], g[o + UNITS : o + 2 * UNITS], g[o + 2 * UNITS : o + GATES]
+        bn, hp, hn = b_hn[p : p + UNITS], h_prev[p : p + UNITS], h_new[p : p + UNITS]
+        if fused:
+            for j in range(UNITS):
+                z = sigmoid(xz[j] + gz[j])
+                r = sigmoid(xr[j] + gr[j])
+                n = tanh(xn[j] + r * (gn[j] + bn[j]))
+                hn[j] = (one - z) * n + z * hp[j]
+            continue
+        for j in range(UNITS):
+            gz[j] += xz[j]
+            gr[j] += xr[j]
+        clip_range(gz, clip)
+        clip_range(gr, clip)
+        activate(gz, f, f_alpha, f_beta)
+        activate(gr, f, f_alpha, f_beta)
+        for j in range(UNITS):
+            gn[j] = xn[j] + gr[j] * (gn[j] + bn[j])
+        clip_range(gn, clip)
+        activate(gn, gc, g_alpha, g_beta)
+        for j in range(UNITS):
+            z = gz[j]
+            hn[j] = (one - z) * gn[j] + z * hp[j]
+
+
+@njit(**JIT)
+def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip):
+    """linear_before_reset=0, first half: ``g`` holds h R_zr^T in its z and r tiles; leave z there and
+    r * h in ``rh``."""
+    for u in range(n_tiles):
+        o = GATES * u
+        p = UNITS * u
+        xz, xr = xp[o : o + UNITS], xp[o + UNITS : o + 2 * UNITS]
+        gz, gr = g[o : o + UNITS], g[o + UNITS : o + 2 * UNITS]
+        hp, r_h = h_prev[p : p + UNITS], rh[p : p + UNITS]
+        if f == SIGMOID and clip == 0:
+            for j in range(UNITS):
+                gz[j] = sigmoid(xz[j] + gz[j])
+                r_h[j] = sigmoid(xr[j] + gr[j]) * hp[j]
+            continue
+        for j in range(UNITS):
+            gz[j] += xz[j]
+            gr[j] += xr[j]
+        clip_range(gz, clip)
+        clip_range(gr, clip)
+        activate(gz, f, f_alpha, f_beta)
+        activate(gr, f, f_alpha, f_beta)
+        for j in range(UNITS):
+            r_h[j] = gr[j] * hp[j]
+
+
+@njit(**JIT)
+def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, clip):
+    """linear_before_reset=0, second half: the n tiles of ``g`` hold (r * h) R_n^T, the z tiles z."""
+    one = like(clip, 1.0)
+    for u in range(n_tiles):
+        o = GATES * u
+        p = UNITS * u
+        gz, xn, gn = g[o : o + UNITS], xp[o + 2 * UNITS : o + GATES], g[o + 2 * UNITS : o + GATES]
+        hp, hn = h_prev[p : p + UNITS], h_new[p : p + UNITS]
+        if gc == TANH and clip == 0:
+            for j in range(UNITS):
+                z = gz[j]
+                hn[j] = (one - z) * tanh(xn[j] + gn[j]) + z * hp[j]
+            continue
+        for j in range(UNITS):
+            gn[j] += xn[j]
+        clip_range(gn, clip)
+        activate(gn, gc, g_alpha, g_beta)
+        for j in range(UNITS):
+            z = gz[j]
+            hn[j] = (one - z) * gn[j] + z * hp[j]
+
+
+# ---------------------------------------------------------------------------
+# one layer and direction, for batch rows b0..b1 and unit tiles u0..u1
+# ---------------------------------------------------------------------------
+
+
+@njit(**JIT)
+def _begin(layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, states, hidden,
+           directions, marker):
+    """Before step 0: the state rows read by step 0 hold h0 (or zeros) for these units; y is 0 at every
+    padded step of these rows (PackedSequence)."""
+    lo, hi = UNITS * u0, min(UNITS * u1, hidden)
+    zero = like(marker, 0.0)
+    col = d * hidden
+    before = states[1]  # step 0 reads state[(0 + 1) % 2]
     for b in range(b0, b1):
         if has_h0:
-            state[b, :] = h0[layer * D + d, b]
+            before[b, lo:hi] = h0[layer * directions + d, b, lo:hi]
         else:
-            state[b, :] = zero
-        n_valid = lengths[b] if has_lengths else steps
-        for t in range(n_valid, steps):  # PackedSequence: y is 0 at padded steps
-            out_row = seq_out[t * st + b * sb]
-            out_row[col : col + H] = zero
-    width = 3 * H if lbr else 2 * H
-    for s0 in range(0, steps, block_steps):
-        s1 = min(steps, s0 + block_steps)
-        _project(seq_in, w_t, b_x, xp, s0, s1, b0, b1, st, sb, lengths, has_lengths, steps, reverse, 0, 3 * H)
-        for s in range(s0, s1):
-            g[:, :] = zero
-            _products(g, state, b0, b1, r_t, 0, width, 0)
-            base = (s - s0) * rows
-            if not lbr:
-                for b in range(b0, b1):
-                    _update_and_reset_gates(xp[base + b - b0], g[b - b0], state[b], rh[b - b0], H, f, f_alpha, f_beta, clip)
-                _products(g, rh, b0, b1, r_t, 2 * H, 3 * H, b0)
-            for b in range(b0, b1):
-                n_valid = lengths[b] if has_lengths else steps
-                if s >= n_valid:
-                    continue
-                # h' goes to the output row, then back into the state: writing it over h in place would
-                # make LLVM's overlap check fail at run time and fall back to scalar code
-                h = state[b]
-                h_out = seq_out[_time_of(s, n_valid, reverse) * st + b * sb][col : col + H]
-                if lbr:
-                    _gates_after_reset(xp[base + b - b0], g[b - b0], b_hn, h, h_out, 0, H, H, f, f_alpha, f_beta,
-                                       gc, g_alpha, g_beta, clip)
-                else:
-                    _candidate_and_state(xp[base + b - b0], g[b - b0], h, h_out, H, gc, g_alpha, g_beta, clip)
-                h[:] = h_out
+            before[b, lo:hi] = zero
+        for t in range(_length(lengths, has_lengths, b, steps), steps):
+            seq_out[t * st + b * sb, col + lo : col + hi] = zero
 
 
 @njit(**JIT)
-def _products(g, a, b0, b1, r_t, j0, j1, a_base):
-    """g[b - b0, j0:j1] += a[b - a_base] @ r_t[:, j0:j1] for rows b0..b1, four at a time."""
-    b = b0
-    while b + 4 <= b1:
-        i = b - b0
-        k = b - a_base
-        gemm4(g[i], g[i + 1], g[i + 2], g[i + 3], a[k], a[k + 1], a[k + 2], a[k + 3], r_t, j0, j1)
-        b += 4
-    while b < b1:
-        gemm1(g[b - b0], a[b - a_base], r_t, j0, j1)
-        b += 1
-
-
-# ---------------------------------------------------------------------------
-# MODE_SPLIT: items (step, chunk of hidden units), claimed with flags
-# ---------------------------------------------------------------------------
-
-
-@njit(**JIT)
-def _chunk_bounds(hidden, chunks, c):
-    """Hidden units of chunk c: boundaries on 16-element (64-byte) multiples so chunks share no cache line."""
-    units = -(-hidden // ALIGN)
-    lo = min(hidden, ALIGN * (c * units // chunks))
-    hi = min(hidden, ALIGN * ((c + 1) * units // chunks))
-    return lo, hi
-
-
-@njit(**JIT)
-def _run_item(params, meta, layer, s, c, chunks, steps, batch, st, sb, lengths, has_lengths, seq_in, n_in,
-              seq_out, h0, has_h0, h_n, zeros, scratch, block_steps, codes, acts, clip):
-    """Step s of ``layer`` for the hidden units of chunk c (one direction, linear_before_reset=1)."""
-    H = meta[META_HIDDEN]
-    reverse = meta[META_REVERSE] != 0
-    f, gc = codes[0], codes[1]
-    f_alpha, f_beta, g_alpha, g_beta = acts[0], acts[1], acts[2], acts[3]
-    w_t, r_t, b_x, b_hn = _layer_weights(params, meta, layer, 0, n_in)
-    lo, hi = _chunk_bounds(H, chunks, c)
-    if lo >= hi:
-        return
-    o_g = _padded(block_steps * batch * 3 * H)
-    xp = scratch[: block_steps * batch * 3 * H].reshape((block_steps * batch, 3 * H))
-    g = scratch[o_g : o_g + batch * 3 * H].reshape((batch, 3 * H))
+def _advance(s, layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, reverse, seq_in, n_in, seq_out, h0,
+             has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, directions, lbr, codes, acts,
+             clip, marker):
+    """Step s of rows b0..b1, unit tiles u0..u1: project a new block of steps when s starts one, then the
+    recurrent product and the gates; write y, the state rows of step s and, after the last step, h_n."""
+    xp, g, rh, state0, state1 = bufs
+    f, gc = codes[2 * d], codes[2 * d + 1]
+    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
     s0 = s - s % block_steps
     if s == s0:
-        s1 = min(steps, s0 + block_steps)
-        for gate in range(3):
-            _project(seq_in, w_t, b_x, xp, s0, s1, 0, batch, st, sb, lengths, has_lengths, steps, reverse,
-                     gate * H + lo, gate * H + hi)
-    zero = like(clip, 0.0)
-    for b in range(batch):
-        g[b, lo:hi] = zero
-        g[b, H + lo : H + hi] = zero
-        g[b, 2 * H + lo : 2 * H + hi] = zero
-    # h_{s-1} of every row: the previous step's output row, h0, or zeros (finished rows: zeros, unused)
-    b = 0
-    while b < batch:
-        take = min(4, batch - b)
-        if take == 4:
-            p0 = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-            p1 = _previous_state(s, b + 1, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-            p2 = _previous_state(s, b + 2, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-            p3 = _previous_state(s, b + 3, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-            for gate in range(3):
-                gemm4(g[b], g[b + 1], g[b + 2], g[b + 3], p0, p1, p2, p3, r_t, gate * H + lo, gate * H + hi)
-        else:
-            p0 = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-            for gate in range(3):
-                gemm1(g[b], p0, r_t, gate * H + lo, gate * H + hi)
-            take = 1
-        b += take
-    base = (s - s0) * batch
-    for b in range(batch):
-        n_valid = lengths[b] if has_lengths else steps
-        if s >= n_valid:
-            continue
-        h_prev = _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros)
-        h_out = seq_out[_time_of(s, n_valid, reverse) * st + b * sb]
-        _gates_after_reset(xp[base + b], g[b], b_hn, h_prev, h_out, lo, hi, H, f, f_alpha, f_beta, gc, g_alpha,
-                           g_beta, clip)
-    if s == steps - 1:
-        # the layer's last step: final states and padding, for this chunk's columns
-        for b in range(batch):
-            n_valid = lengths[b] if has_lengths else steps
-            h_last = _previous_state(n_valid, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0,
-                                     has_h0, zeros)
-            h_n[layer, b, lo:hi] = h_last[lo:hi]
-            for t in range(n_valid, steps):
-                out_row = seq_out[t * st + b * sb]
-                out_row[lo:hi] = zero
-
-
-@njit(**JIT)
-def _previous_state(s, b, layer, steps, st, sb, lengths, has_lengths, reverse, seq_out, h0, has_h0, zeros):
-    """h_{s-1} of row b: the output row of step s-1, h0 (or zeros) before the first step.
-
-    Also the final state when s is the row's length (zeros or h0 for an empty sequence).
-    """
-    n_valid = lengths[b] if has_lengths else steps
-    if s == 0 or n_valid == 0:
-        return h0[layer, b] if has_h0 else zeros
-    if s > n_valid:
-        return zeros
-    return seq_out[_time_of(s - 1, n_valid, reverse) * st + b * sb]
-
-
-# ---------------------------------------------------------------------------
-# forward over whole sequences
-# ---------------------------------------------------------------------------
-
-
-@njit(**JIT)
-def _back_off(spins):
-    """One round of a spin-wait: ``pause`` at first, then give the core away (the awaited thread may be
-    descheduled on a busy machine, and spinning would keep it off the core)."""
-    if spins < SPIN_PAUSES:
-        spin_pause()
+        _project(seq_in, w_x, b_x, xp, s0, min(steps, s0 + block_steps), b0, b1, batch, st, sb, lengths,
+                 has_lengths, steps, reverse, n_in, u0, u1, marker)
+    prev = state1 if s % 2 == 0 else state0
+    new = state0 if s % 2 == 0 else state1
+    # The product reads the H real units of h_{s-1}: the previous state rows, but at step 0 h0 itself
+    # (another thread may still be copying its units of h0 into the state rows); zero without h0.
+    lo, hi = UNITS * u0, min(UNITS * u1, hidden)
+    first, zero = s == 0, like(marker, 0.0)
+    if first and not has_h0:
+        for b in range(b0, b1):
+            g[b, GATES * u0 : GATES * u1] = zero
     else:
-        yield_cpu()
+        _products(0 if lbr else 1, g, h0[layer * directions + d] if first else prev, b0, b1, w_h, hidden, u0, u1,
+                  marker)
+    base = (s - s0) * batch
+    col = d * hidden
+    n_tiles = u1 - u0
+    if not lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
+        for b in range(b0, b1):
+            _update_and_reset_gates(xp[base + b], g[b], prev[b], rh[b], n_tiles, f, f_alpha, f_beta, clip)
+        _products(2, g, rh, b0, b1, w_h, hidden, u0, u1, marker)
+    for b in range(b0, b1):
+        n_valid = _length(lengths, has_lengths, b, steps)
+        if s >= n_valid:
+            new[b, lo:hi] = prev[b, lo:hi]  # a finished sequence carries its state
+            continue
+        if lbr:
+            _gates_after_reset(xp[base + b], g[b], b_hn, prev[b], new[b], u0, u1, f, f_alpha, f_beta, gc, g_alpha,
+                               g_beta, clip)
+        else:
+            _candidate_and_state(xp[base + b], g[b], prev[b], new[b], n_tiles, gc, g_alpha, g_beta, clip)
+        seq_out[_time_of(s, n_valid, reverse) * st + b * sb, col + lo : col + hi] = new[b, lo:hi]
+    if s == steps - 1:
+        for b in range(b0, b1):
+            h_n[layer * directions + d, b, lo:hi] = new[b, lo:hi]
+
+
+@njit(**JIT)
+def _layer_views(layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps,
+                 batch, block_steps):
+    """What a layer reads and writes, and direction d's weights and buffers."""
+    layers = meta[META_LAYERS]
+    hidden = meta[META_HIDDEN]
+    width = meta[META_DIRECTIONS] * hidden
+    rows = steps * batch
+    if layer == 0:
+        n_in = meta[META_INPUT]
+        seq_in = carray(pointer(x_addr, marker), (rows, n_in))
+    else:
+        n_in = width
+        seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+    seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
+    w_x, w_h, b_x, b_hn = _layer_weights(params, meta, layer, d)
+    bufs = _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden)
+    return seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs
 
 
 @njit(**JIT)
@@ -535,22 +510,25 @@ def _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker
 
 
 @njit(**JIT)
-def _split_item(g, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr, y_addr, ws, o_mid0,
-                o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps, codes, acts, clip):
-    """Run item (global step g, chunk c) of MODE_SPLIT; g counts the steps of every layer in order."""
-    layers = meta[META_LAYERS]
-    width = meta[META_HIDDEN]
-    rows = steps * batch
-    layer = g // steps
-    if layer == 0:
-        n_in = meta[META_INPUT]
-        seq_in = carray(pointer(x_addr, marker), (rows, n_in))
+def _chunk_tiles(hidden, chunks, c):
+    """Unit tiles [u0, u1) of chunk c: whole tiles, so chunks share no cache line."""
+    tiles = padded_hidden(hidden) // UNITS
+    return c * tiles // chunks, (c + 1) * tiles // chunks
+
+
+@njit(**JIT)
+def _back_off(spins):
+    """One round of a spin-wait: ``pause`` at first, then give the core away (the awaited thread may be
+    descheduled on a busy machine, and spinning would keep it off the core)."""
+    if spins < SPIN_PAUSES:
+        spin_pause()
     else:
-        n_in = width
-        seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
-    seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
-    _run_item(params, meta, layer, g % steps, c, chunks, steps, batch, st, sb, lengths, has_lengths, seq_in, n_in,
-              seq_out, h0, has_h0, h_n, zeros, scratch, block_steps, codes, acts, clip)
+        yield_cpu()
+
+
+# ---------------------------------------------------------------------------
+# forward over whole sequences
+# ---------------------------------------------------------------------------
 
 
 @njit(**JIT)
@@ -562,31 +540,29 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
     layers = meta[META_LAYERS]
     directions = meta[META_DIRECTIONS]
     hidden = meta[META_HIDDEN]
+    lbr = meta[META_LBR] != 0
     codes = meta[META_CODES : META_CODES + 4]
     acts = params[PARAM_ACT : PARAM_ACT + 8]
     clip = params[PARAM_CLIP]
-    rows = steps * batch
     st = 1 if batch_major else batch
     sb = steps if batch_major else 1
-    o_zeros, o_mid0, o_mid1, o_scratch, scratch_size, end = workspace_layout(
-        steps, batch, hidden, directions, layers, mode, chunks, block_steps, workers)
+    o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
+                                                                  block_steps)
     ws = carray(pointer(ws_addr, marker), (end,))
-    zeros = ws[o_zeros : o_zeros + hidden]
     has_h0 = h0_addr != 0
     has_lengths = lengths_addr != 0
     lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
     h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
     h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
-    width = directions * hidden
+    reverse_only = meta[META_REVERSE] != 0
 
     if mode == MODE_SPLIT:
-        scratch = ws[o_scratch : o_scratch + scratch_size]
         total = layers * steps
         done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
         solo = sync_addr + 8 * LINE * SYNC_SOLO  # 0, or 1 + the worker that runs the rest alone
+        arrived = sync_addr + 8 * LINE * SYNC_ARRIVED
         flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
         own = w % chunks
-        arrived = sync_addr + 8 * LINE * SYNC_ARRIVED
         atomic_add(arrived, 1)
         for g in range(total + 1):
             # Every item of the previous step (or layer) must be complete.  A partner that has not claimed
@@ -602,9 +578,9 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
                     atomic_cas(solo, 0, w + 1)
                     for c in range(chunks):
                         if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
-                            _split_item(g - 1, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths,
-                                        x_addr, y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks,
-                                        block_steps, codes, acts, clip)
+                            _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                                        per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only,
+                                        h0, has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
                             atomic_add(done, 1)
             if g == total:
                 break
@@ -614,21 +590,16 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
             for i in range(chunks if leader == w + 1 else 1):
                 c = (own + i) % chunks
                 if atomic_cas(flags + 8 * (c * total + g), 0, 1):
-                    _split_item(g, c, marker, params, meta, steps, batch, st, sb, lengths, has_lengths, x_addr,
-                                y_addr, ws, o_mid0, o_mid1, h0, has_h0, h_n, zeros, scratch, chunks, block_steps,
-                                codes, acts, clip)
+                    _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                                per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
+                                h_n, block_steps, chunks, lbr, codes, acts, clip)
                     atomic_add(done, 1)
         return
 
-    scratch = ws[o_scratch + w * scratch_size : o_scratch + (w + 1) * scratch_size]
     units = directions * chunks
-    n_in = meta[META_INPUT]
-    seq_in = carray(pointer(x_addr, marker), (rows, n_in))
+    tiles = padded_hidden(hidden) // UNITS
     for layer in range(layers):
-        seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
         if layer > 0:
-            seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
-            n_in = width
             # every unit of the previous layer has been claimed by a running worker: wait until all are done
             spins = 0
             while atomic_load(sync_addr + 8 * LINE * (2 * layer - 1)) < units:
@@ -643,9 +614,37 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
             b0 = c * batch // chunks
             b1 = (c + 1) * batch // chunks
             if b1 > b0:
-                _run_unit(params, meta, layer, d, b0, b1, steps, st, sb, lengths, has_lengths, seq_in, n_in,
-                          seq_out, h0, has_h0, h_n, scratch, block_steps, codes, acts, clip)
+                seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
+                    layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction,
+                    steps, batch, block_steps)
+                reverse = reverse_only or d == 1
+                _begin(layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:],
+                       hidden, directions, marker)
+                for s in range(steps):
+                    _advance(s, layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, reverse, seq_in,
+                             n_in, seq_out, h0, has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden,
+                             directions, lbr, codes, acts, clip, marker)
             atomic_add(sync_addr + 8 * LINE * (2 * layer + 1), 1)
+
+
+@njit(**JIT)
+def _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps, batch,
+                st, sb, lengths, has_lengths, reverse, h0, has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip):
+    """Item (global step g, chunk c) of MODE_SPLIT (one direction); g counts the steps of every layer."""
+    hidden = meta[META_HIDDEN]
+    layer = g // steps
+    s = g % steps
+    u0, u1 = _chunk_tiles(hidden, chunks, c)
+    if u1 <= u0:
+        return
+    seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
+        layer, 0, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps, batch,
+        block_steps)
+    if s == 0:
+        _begin(layer, 0, 0, batch, u0, u1, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:], hidden,
+               1, marker)
+    _advance(s, layer, 0, 0, batch, u0, u1, steps, st, sb, lengths, has_lengths, reverse, seq_in, n_in, seq_out, h0,
+             has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, 1, lbr, codes, acts, clip, marker)
 
 
 @njit(**JIT)

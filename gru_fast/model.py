@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import kernels
+from . import _tiles, kernels
 from ._config import parallel_threads
 from ._memory import address
 from ._validate import as_float_array, as_lengths, check_no_overlap, check_out_array
@@ -47,8 +47,10 @@ _PLANS_PER_THREAD = 8
 # once they have gone to sleep (a few ms here), more than such a call saves.
 _BRIEF_MACS = 1 << 22
 _BACK_TO_BACK_S = 0.002
-# After a split call found its partner thread not running (a busy machine), stay serial this long.
+# When split calls often find their partner thread not running (a busy machine: more than
+# _SOLO_RATE of recent ones, as a moving average), stay serial this long.
 _CONTENDED_S = 0.05
+_SOLO_RATE = 0.3
 
 
 class _ParallelPolicy:
@@ -61,14 +63,15 @@ class _ParallelPolicy:
       which aborts on concurrent launches, is safe);
     * a brief call goes parallel only when the previous parallel-sized call ended within
       _BACK_TO_BACK_S (the workers are still awake);
-    * after a MODE_SPLIT call had to finish alone (its partner was descheduled), calls stay serial for
-      _CONTENDED_S.
+    * when MODE_SPLIT calls often had to finish alone (their partner was descheduled; a quiet machine
+      shows it in about 3 % of calls), calls stay serial for _CONTENDED_S.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.last_end = 0.0
         self.contended_until = 0.0
+        self.solo_rate = 0.0
 
     def acquire(self, plan) -> bool:
         now = perf_counter()
@@ -80,8 +83,12 @@ class _ParallelPolicy:
 
     def release(self, plan) -> None:
         now = self.last_end = perf_counter()
-        if plan.mode == kernels.MODE_SPLIT and plan.sync[kernels.LINE * kernels.SYNC_SOLO]:
-            self.contended_until = now + _CONTENDED_S
+        if plan.mode == kernels.MODE_SPLIT:
+            solo = plan.sync[kernels.LINE * kernels.SYNC_SOLO] != 0
+            self.solo_rate = 0.8 * self.solo_rate + 0.2 * solo
+            if self.solo_rate > _SOLO_RATE:
+                self.contended_until = now + _CONTENDED_S
+                self.solo_rate = 0.0
         self.lock.release()
 
 
@@ -111,6 +118,19 @@ def _as_dtype(dtype) -> np.dtype:
     if resolved is None or resolved.name not in _DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return resolved
+
+
+def _unit_tiles(m, hidden, padded_hidden):
+    """Columns of ``m`` (K, 3H), gate-blocked z | r | n, reordered into unit tiles: the 48 columns of
+    tile u are z, r and n of hidden units 16u..16u+15 (zero for padded units).  See gru_fast.kernels."""
+    K = m.shape[0]
+    tiles = padded_hidden // kernels.UNITS
+    out = np.zeros((K, tiles, 3, kernels.UNITS), m.dtype)
+    for q in range(3):
+        gate = np.zeros((K, padded_hidden), m.dtype)
+        gate[:, :hidden] = m[:, q * hidden : (q + 1) * hidden]
+        out[:, :, q, :] = gate.reshape(K, tiles, kernels.UNITS)
+    return out.reshape(K, 3 * padded_hidden)
 
 
 def _aligned_empty(n: int, dtype: np.dtype) -> np.ndarray:
@@ -248,10 +268,11 @@ class GRU:
         def padded(n):
             return -(-n // align) * align
 
+        Hp = int(kernels.padded_hidden(H))
         sizes = []
         for W, R, B in self._weights:
             n_in = W.shape[2]
-            sizes.append(padded(n_in * 3 * H) + padded(3 * H * H) + padded(3 * H) + padded(H))
+            sizes.append(padded(n_in * 3 * Hp) + padded(3 * Hp * H) + padded(3 * Hp) + padded(Hp))
         params = _aligned_empty(kernels.PARAM_HEADER + D * sum(sizes), self.dtype)
         params[:] = 0
         meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
@@ -279,11 +300,16 @@ class GRU:
                     b_x[2 * H :] += r_bias[2 * H :]
                     b_hn = np.zeros(H, self.dtype)
                 base = kernels.META_OFFSETS + kernels.OFFSETS_PER_BLOCK * (layer * D + d)
-                blocks = (W[d].T, R[d].T, b_x, b_hn)
+                blocks = (
+                    _tiles.pack(_unit_tiles(W[d].T, H, Hp)),  # (I, 3H) -> tiles of (I, 16) in unit-tile order
+                    _tiles.pack(_unit_tiles(R[d].T, H, Hp)),
+                    _unit_tiles(b_x[None, :], H, Hp).ravel(),
+                    np.concatenate([b_hn, np.zeros(Hp - H, self.dtype)]),
+                )
                 for slot, block in zip((kernels.OFFSET_W, kernels.OFFSET_R, kernels.OFFSET_BX, kernels.OFFSET_BHN),
                                        blocks):
                     meta[base + slot] = cursor
-                    params[cursor : cursor + block.size] = np.ascontiguousarray(block).ravel()
+                    params[cursor : cursor + block.size] = block
                     cursor += padded(block.size)
         params.flags.writeable = False
         meta.flags.writeable = False
@@ -363,8 +389,8 @@ class GRU:
         parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
         mode, chunks, workers = kernels.MODE_ROWS, 1, 1
         if parallel and D * batch < threads:
-            if self.linear_before_reset and batch * per_step >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.ALIGN:
-                mode, chunks = kernels.MODE_SPLIT, min(threads, -(-H // kernels.ALIGN))
+            if self.linear_before_reset and batch * per_step >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.UNITS:
+                mode, chunks = kernels.MODE_SPLIT, min(threads, -(-H // kernels.UNITS))
                 workers = chunks
             else:
                 parallel = D > 1  # one unit per direction
@@ -375,10 +401,10 @@ class GRU:
         if workers < 2:
             parallel, workers = False, 1
         rows = batch if mode == kernels.MODE_SPLIT else -(-batch // chunks)
-        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * H)))
-        o_zeros, *_, end = kernels.workspace_layout(steps, batch, H, D, L, mode, chunks, block_steps, workers)
+        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * int(kernels.padded_hidden(H)))))
+        end = kernels.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
         workspace = _aligned_empty(end, self.dtype)
-        workspace[o_zeros : o_zeros + H] = 0
+        workspace[:] = 0  # padded hidden units start (and stay) finite
         sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
         brief = steps * batch * self._macs_per_step < _BRIEF_MACS
         return _Plan(parallel, brief, mode, chunks, block_steps, workers, workspace, sync, address(workspace),

@@ -185,3 +185,27 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
     y_ref, h_ref = run_torch(module, x, None, None)
     assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
     assert_matches(h_n, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")
+
+
+def test_kernel_cache_stamp_covers_every_compiled_module():
+    """Numba checks a cached kernel against its own file only; gru_fast stamps its kernels with every
+    module whose code they compile (gru_fast._config._KERNEL_SOURCES), so a release changing one of them
+    cannot load a stale kernel.  Every module that defines Numba code must be in that list, and the
+    locators must be the ones Numba consults first."""
+    import re
+    from pathlib import Path
+
+    from numba.core import caching
+
+    from gru_fast import _config
+
+    package = Path(_config.__file__).parent
+    compiled = {path.name for path in package.glob("*.py")
+                if re.search(r"@(njit|intrinsic|overload)\b|\bnjit\(", path.read_text())}
+    assert compiled <= set(_config._KERNEL_SOURCES), compiled - set(_config._KERNEL_SOURCES)
+    first = caching.CacheImpl._locator_classes[:2]
+    assert all(cls.__name__.startswith("GruFast") for cls in first), first
+    stamp = _config._kernel_sources_stamp()
+    locator = first[1].from_function(kernels.FORWARD[np.dtype(np.float32), False].py_func, kernels.__file__)
+    assert locator is not None and locator.get_source_stamp() == stamp
+    assert first[1].from_function(test_kernel_cache_stamp_covers_every_compiled_module, __file__) is None

@@ -1,0 +1,165 @@
+"""The matrix-product micro-kernels, written in LLVM IR: accumulators that stay in registers.
+
+The GRU's products are ``c += a @ W`` with ``a`` one to four rows (a batch's hidden states or inputs)
+and ``W`` (K, N) weights.  Written as Numba loops, the best form streams a block of weight rows over
+the output and stores the output back after every block: at B=1 that costs about a third of the
+time, and every block of every slice of columns pays a loop set-up (runtime alias checks and
+prologues), which made a thread's share of a split step as slow as the whole step.  Numba has no
+vector types, so these kernels are generated as LLVM IR through ``numba.extending.intrinsic``:
+
+* the weights are packed once (:func:`pack`) in *tiles* of 16 columns: tile ``t`` holds
+  ``W[:, 16t:16t + 16]`` as K contiguous rows of 16 values, so a tile streams one contiguous block;
+* the output columns are processed in *groups* of 3 tiles (48 columns: the z, r and n gates of 16
+  hidden units, see gru_fast.kernels), with one ``<16 x float>`` accumulator per tile and row: 12
+  registers for four rows;
+* every output element is ``c + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
+  order, the same whether it is computed with 1 or 4 rows, by whichever thread, for whichever range of
+  groups: serial and parallel runs agree bit for bit.
+
+``<16 x double>`` is the same code for float64 (LLVM splits it into two registers), and machines
+without AVX-512 get it split into narrower vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["TILE", "GROUP", "pack", "gemm1_all", "gemm4_all", "gemm1_zr", "gemm4_zr", "gemm1_n", "gemm4_n"]
+
+TILE = 16  # columns per tile
+GROUP = 3  # tiles per group: one tile of each gate
+
+
+def pack(w: np.ndarray) -> np.ndarray:
+    """(K, N) weights, N a multiple of 48, as N/48 contiguous (K, 48) groups (a flat copy): a group's
+    tiles are read together, so they are one stream (three streams per group ran slower)."""
+    K, N = w.shape
+    assert N % (GROUP * TILE) == 0, N
+    return np.ascontiguousarray(w.reshape(K, N // (GROUP * TILE), GROUP * TILE).transpose(1, 0, 2)).ravel()
+
+
+def _float_ir(marker):
+    return ir.FloatType() if marker.bitwidth == 32 else ir.DoubleType()
+
+
+def _make_gemm(rows, first, ntiles):
+    """A kernel computing, for groups g < n_groups and tiles i of [first, first + ntiles) in each group,
+    ``c_m[48g + 16i : 48g + 16i + 16] += a_m @ W[:, 48g + 16i : ...]`` for ``rows`` rows m.
+
+    Arguments (all int64 addresses or counts, then a float marker giving the dtype): c_0..c_{rows-1}
+    (output rows, positioned at the first group's column 0), a_0..a_{rows-1} (input rows of K values),
+    w (packed weights, positioned at the first group's first tile), K, n_groups, marker.
+    """
+
+    def typer(args):
+        if len(args) != 2 * rows + 4 or not isinstance(args[-1], types.Float):
+            return None
+        if not all(isinstance(a, types.Integer) for a in args[:-1]):
+            return None
+        marker = args[-1]
+        sig = types.none(*args)
+
+        def codegen(context, builder, signature, llargs):
+            fty = _float_ir(marker)
+            vty = ir.VectorType(fty, TILE)
+            i64 = ir.IntType(64)
+            name = f"llvm.fma.v{TILE}f{marker.bitwidth}"
+            fma = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                                  name)
+            c_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[:rows]]
+            a_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[rows : 2 * rows]]
+            w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
+            k_n, n_groups = llargs[2 * rows + 1], llargs[2 * rows + 2]
+            zero64 = ir.Constant(i64, 0)
+            one64 = ir.Constant(i64, 1)
+            group_elems = builder.mul(k_n, ir.Constant(i64, GROUP * TILE))  # elements per packed group
+            lane0 = ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE)
+            undef = ir.Constant(vty, ir.Undefined)
+
+            def vptr(base, offset):
+                return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+            tiles = range(first, first + ntiles)
+
+            # for g in range(n_groups): one pass over k per group
+            before = builder.block
+            head = builder.append_basic_block("gemm.group")
+            load = builder.append_basic_block("gemm.init")
+            body = builder.append_basic_block("gemm.k")
+            store = builder.append_basic_block("gemm.store")
+            after = builder.append_basic_block("gemm.next")
+            builder.branch(head)
+
+            builder.position_at_end(head)
+            g = builder.phi(i64)
+            g.add_incoming(zero64, before)
+            builder.cbranch(builder.icmp_signed("<", g, n_groups), load, after)
+
+            # accumulators start from c (bias or zeros, written by the caller)
+            builder.position_at_end(load)
+            slots = list(tiles)
+            cols = [builder.add(builder.mul(g, ir.Constant(i64, GROUP * TILE)), ir.Constant(i64, i * TILE))
+                    for i in slots]
+            w_offsets = [builder.add(builder.mul(g, group_elems), ir.Constant(i64, i * TILE)) for i in slots]
+            init = [[builder.load(vptr(c_ptrs[m], col), align=4) for col in cols] for m in range(rows)]
+            has_k = builder.icmp_signed(">", k_n, zero64)
+            loaded = builder.block
+            builder.cbranch(has_k, body, store)
+
+            # for k in range(K): acc[m][slot] = fma(a_m[k], W[k, tile of slot], acc[m][slot])
+            builder.position_at_end(body)
+            k = builder.phi(i64)
+            acc = [[builder.phi(vty) for _ in slots] for _ in range(rows)]
+            k.add_incoming(zero64, loaded)
+            for m in range(rows):
+                for q in range(len(slots)):
+                    acc[m][q].add_incoming(init[m][q], loaded)
+            k_off = builder.mul(k, ir.Constant(i64, GROUP * TILE))
+            weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
+            new = []
+            for m in range(rows):
+                x = builder.load(builder.gep(a_ptrs[m], [k]))
+                xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)),
+                                            undef, lane0)
+                new.append([builder.call(fma, [xv, weights[q], acc[m][q]]) for q in range(len(slots))])
+            k_next = builder.add(k, one64)
+            k.add_incoming(k_next, body)
+            for m in range(rows):
+                for q in range(len(slots)):
+                    acc[m][q].add_incoming(new[m][q], body)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_n), body, store)
+
+            builder.position_at_end(store)
+            final = [[builder.phi(vty) for _ in slots] for _ in range(rows)]  # phis first in a block
+            for m in range(rows):
+                for q in range(len(slots)):
+                    final[m][q].add_incoming(init[m][q], loaded)  # K == 0: c unchanged
+                    final[m][q].add_incoming(new[m][q], body)
+            for m in range(rows):
+                for q, col in enumerate(cols):
+                    builder.store(final[m][q], vptr(c_ptrs[m], col), align=4)
+            g.add_incoming(builder.add(g, one64), store)
+            builder.branch(head)
+
+            builder.position_at_end(after)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    # Numba's intrinsics take fixed parameters (a *args one would arrive packed as a tuple)
+    name = f"gemm_{rows}_{first}_{ntiles}"
+    names = [f"c{m}" for m in range(rows)] + [f"a{m}" for m in range(rows)] + ["w", "k", "n_groups", "marker"]
+    namespace = {"typer": typer}
+    exec(f"def {name}(typingctx, {', '.join(names)}):\n    return typer(({', '.join(names)},))\n", namespace)
+    return intrinsic(namespace[name])
+
+
+# which tiles of each group a product computes: all three gates, z and r only, n only (lbr=0 needs
+# (r * h) R_n^T after z and r are known)
+GEMM_ALL, GEMM_ZR, GEMM_N = (0, 3), (0, 2), (2, 1)
+gemm1_all, gemm4_all = _make_gemm(1, *GEMM_ALL), _make_gemm(4, *GEMM_ALL)
+gemm1_zr, gemm4_zr = _make_gemm(1, *GEMM_ZR), _make_gemm(4, *GEMM_ZR)
+gemm1_n, gemm4_n = _make_gemm(1, *GEMM_N), _make_gemm(4, *GEMM_N)

@@ -254,6 +254,15 @@ def _row_groups(n):
 
 
 @njit(**JIT)
+def _last_rows(n, i):
+    """Rows i..i+3 for a four-row product; past the last of n rows, the last one again.  Two or three
+    left-over rows cost one four-row pass (compute-bound, ~57 GMAC/s) instead of two or three one-row
+    passes (bandwidth-bound, ~25 GMAC/s); a repeated row computes the same values into the same place."""
+    last = n - 1
+    return min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last)
+
+
+@njit(**JIT)
 def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_lengths, steps, reverse, n_in, u0, u1,
              marker):
     """xp[(s - s0) * B + b, tiles u0..u1] = seq_in[row(t(s, b), b)] @ W + b_x for s in [s0, s1), b in [b0, b1)."""
@@ -264,18 +273,20 @@ def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_len
         xp[_xp_row(i, s0, b0, rows, batch), c0:c1] = b_x[c0:c1]
     i = 0
     while i < n:
-        take = _row_groups(n - i)
-        x0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-        o0 = xp[_xp_row(i, s0, b0, rows, batch)]
-        if take == 4:
-            x1 = _input_row(seq_in, i + 1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            x2 = _input_row(seq_in, i + 2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            x3 = _input_row(seq_in, i + 3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            _gemm(0, o0, xp[_xp_row(i + 1, s0, b0, rows, batch)], xp[_xp_row(i + 2, s0, b0, rows, batch)],
-                  xp[_xp_row(i + 3, s0, b0, rows, batch)], x0, x1, x2, x3, w, n_in, u0, u1, 4, marker)
-        else:
+        if n - i == 1:
+            x0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
+            o0 = xp[_xp_row(i, s0, b0, rows, batch)]
             _gemm(0, o0, o0, o0, o0, x0, x0, x0, x0, w, n_in, u0, u1, 1, marker)
-        i += take
+            break
+        i0, i1, i2, i3 = _last_rows(n, i)
+        _gemm(0, xp[_xp_row(i0, s0, b0, rows, batch)], xp[_xp_row(i1, s0, b0, rows, batch)],
+              xp[_xp_row(i2, s0, b0, rows, batch)], xp[_xp_row(i3, s0, b0, rows, batch)],
+              _input_row(seq_in, i0, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
+              _input_row(seq_in, i1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
+              _input_row(seq_in, i2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
+              _input_row(seq_in, i3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
+              w, n_in, u0, u1, 4, marker)
+        i += 4
 
 
 @njit(**JIT)

@@ -562,8 +562,11 @@ class BoundCall:
 
     def __init__(self, model, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs):
         self.y, self.h_n = y, h_n
+        self._lock = threading.Lock()
+        self._serial = kernels.FORWARD[model.dtype, False]
         self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
         if self._empty:
+            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0),) * 2
             return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's
@@ -582,17 +585,14 @@ class BoundCall:
         self._parallel_args = model._kernel_args(*head, plan) if plan.parallel else None
         self._serial_args = model._kernel_args(*head, serial)
         self._plans = (plan, serial)
-        self._lock = threading.Lock()
 
     def __call__(self):
-        if self._empty:
-            return self.y, self.h_n
-        plan, serial = self._plans
+        plan = self._plans[0]
         with self._lock:
             if plan.parallel and _PARALLEL.acquire(plan):
                 _launch(self._dtype, plan, self._parallel_args)
-            else:
-                _launch(self._dtype, serial, self._serial_args)
+            elif not self._empty:
+                self._serial(*self._serial_args)  # _launch, inlined: the fast path of a small model
         return self.y, self.h_n
 
 

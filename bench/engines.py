@@ -680,7 +680,10 @@ def _batch(runner: Runner, calls: int, warm: bool) -> float:
 
 def calibrate(runner: Runner, batch_seconds: float, max_calls: int = 100_000) -> int:
     """Calls per batch so that one batch lasts about ``batch_seconds`` (at least one call)."""
-    _batch(runner, 1, warm=True)  # first call: lazy initialisation, JIT, allocations
+    # first calls: lazy initialisation, JIT, allocations.  Several: an engine may take another path on
+    # its second call (gru_fast's first parallel call of a shape loads that kernel), and a slow call
+    # here would leave one call per batch, every batch then starting with its thread pool asleep.
+    _batch(runner, 8, warm=True)
     calls = 1
     while True:
         per_call = _batch(runner, calls, warm=False)

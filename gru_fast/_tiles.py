@@ -1,23 +1,25 @@
 """The matrix-product micro-kernels, written in LLVM IR: accumulators that stay in registers.
 
-The GRU's products are ``c += a @ W`` with ``a`` one to four rows (a batch's hidden states or inputs)
-and ``W`` (K, N) weights.  Written as Numba loops, the best form streams a block of weight rows over
-the output and stores the output back after every block: at B=1 that costs about a third of the
-time, and every block of every slice of columns pays a loop set-up (runtime alias checks and
-prologues), which made a thread's share of a split step as slow as the whole step.  Numba has no
-vector types, so these kernels are generated as LLVM IR through ``numba.extending.intrinsic``:
+The GRU's products are ``c = s + a @ W`` with ``a`` one to four rows (a batch's hidden states or
+inputs), ``W`` (K, N) weights and ``s`` zero or a bias row.  Written as Numba loops, the best form
+streams a block of weight rows over the output and stores the output back after every block: at B=1
+that costs about a third of the time, and every block of every slice of columns pays a loop set-up
+(runtime alias checks and prologues), which made a thread's share of a split step as slow as the
+whole step.  Numba has no vector types, so these kernels are generated as LLVM IR through
+``numba.extending.intrinsic``:
 
-* the weights are packed once (:func:`pack`) in *tiles* of 16 columns: tile ``t`` holds
-  ``W[:, 16t:16t + 16]`` as K contiguous rows of 16 values, so a tile streams one contiguous block;
-* the output columns are processed in *groups* of 3 tiles (48 columns: the z, r and n gates of 16
-  hidden units, see gru_fast.kernels), with one ``<16 x float>`` accumulator per tile and row: 12
-  registers for four rows;
-* every output element is ``c + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
+* the output columns are processed in *groups* of 48 (three 16-column *tiles*: the z, r and n gates
+  of 16 hidden units, see gru_fast.kernels), with one ``<16 x float>`` accumulator per tile and row:
+  12 registers for four rows, started at zero or at the bias;
+* the weights are packed once (:func:`pack`) group by group, each group's K rows of 48 values
+  contiguous, so a pass over k reads one stream;
+* every output element is ``s + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
   order, the same whether it is computed with 1 or 4 rows, by whichever thread, for whichever range of
   groups: serial and parallel runs agree bit for bit.
 
-``<16 x double>`` is the same code for float64 (LLVM splits it into two registers), and machines
-without AVX-512 get it split into narrower vectors.
+Four rows reach about 57 GMAC/s on one core here (the FMA peak), one row 24-29 GMAC/s (the rate the
+L2 cache delivers weights).  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
+registers), and machines without AVX-512 get it split into narrower vectors.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["TILE", "GROUP", "pack", "gemm1_all", "gemm4_all", "gemm1_zr", "gemm4_zr", "gemm1_n", "gemm4_n"]
+__all__ = ["TILE", "GROUP", "pack", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
+           "recur1_n", "recur4_n"]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -45,17 +48,20 @@ def _float_ir(marker):
     return ir.FloatType() if marker.bitwidth == 32 else ir.DoubleType()
 
 
-def _make_gemm(rows, first, ntiles):
+def _make_gemm(rows, first, ntiles, start):
     """A kernel computing, for groups g < n_groups and tiles i of [first, first + ntiles) in each group,
-    ``c_m[48g + 16i : 48g + 16i + 16] += a_m @ W[:, 48g + 16i : ...]`` for ``rows`` rows m.
+    ``c_m[48g + 16i : 48g + 16i + 16] = s + a_m @ W[:, 48g + 16i : ...]`` for ``rows`` rows m, where s
+    is 0 (``start="zero"``) or the same columns of a bias row (``start="bias"``): starting the
+    accumulators there saves a pass that fills c before the product.
 
     Arguments (all int64 addresses or counts, then a float marker giving the dtype): c_0..c_{rows-1}
     (output rows, positioned at the first group's column 0), a_0..a_{rows-1} (input rows of K values),
-    w (packed weights, positioned at the first group's first tile), K, n_groups, marker.
+    w (packed weights, positioned at the first group's first tile), bias (positioned like c; unused
+    with "zero"), K, n_groups, marker.  Columns of other tiles are left as they are.
     """
 
     def typer(args):
-        if len(args) != 2 * rows + 4 or not isinstance(args[-1], types.Float):
+        if len(args) != 2 * rows + 5 or not isinstance(args[-1], types.Float):
             return None
         if not all(isinstance(a, types.Integer) for a in args[:-1]):
             return None
@@ -72,7 +78,8 @@ def _make_gemm(rows, first, ntiles):
             c_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[:rows]]
             a_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[rows : 2 * rows]]
             w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
-            k_n, n_groups = llargs[2 * rows + 1], llargs[2 * rows + 2]
+            bias_ptr = builder.inttoptr(llargs[2 * rows + 1], fty.as_pointer())
+            k_n, n_groups = llargs[2 * rows + 2], llargs[2 * rows + 3]
             zero64 = ir.Constant(i64, 0)
             one64 = ir.Constant(i64, 1)
             group_elems = builder.mul(k_n, ir.Constant(i64, GROUP * TILE))  # elements per packed group
@@ -98,13 +105,17 @@ def _make_gemm(rows, first, ntiles):
             g.add_incoming(zero64, before)
             builder.cbranch(builder.icmp_signed("<", g, n_groups), load, after)
 
-            # accumulators start from c (bias or zeros, written by the caller)
+            # accumulators start from zero or the bias
             builder.position_at_end(load)
             slots = list(tiles)
             cols = [builder.add(builder.mul(g, ir.Constant(i64, GROUP * TILE)), ir.Constant(i64, i * TILE))
                     for i in slots]
             w_offsets = [builder.add(builder.mul(g, group_elems), ir.Constant(i64, i * TILE)) for i in slots]
-            init = [[builder.load(vptr(c_ptrs[m], col), align=4) for col in cols] for m in range(rows)]
+            if start == "bias":
+                biases = [builder.load(vptr(bias_ptr, col), align=4) for col in cols]
+                init = [biases for _ in range(rows)]
+            else:
+                init = [[ir.Constant(vty, None) for _ in cols] for _ in range(rows)]
             has_k = builder.icmp_signed(">", k_n, zero64)
             loaded = builder.block
             builder.cbranch(has_k, body, store)
@@ -136,7 +147,7 @@ def _make_gemm(rows, first, ntiles):
             final = [[builder.phi(vty) for _ in slots] for _ in range(rows)]  # phis first in a block
             for m in range(rows):
                 for q in range(len(slots)):
-                    final[m][q].add_incoming(init[m][q], loaded)  # K == 0: c unchanged
+                    final[m][q].add_incoming(init[m][q], loaded)  # K == 0: just the start values
                     final[m][q].add_incoming(new[m][q], body)
             for m in range(rows):
                 for q, col in enumerate(cols):
@@ -150,8 +161,9 @@ def _make_gemm(rows, first, ntiles):
         return sig, codegen
 
     # Numba's intrinsics take fixed parameters (a *args one would arrive packed as a tuple)
-    name = f"gemm_{rows}_{first}_{ntiles}"
-    names = [f"c{m}" for m in range(rows)] + [f"a{m}" for m in range(rows)] + ["w", "k", "n_groups", "marker"]
+    name = f"gemm_{rows}_{first}_{ntiles}_{start}"
+    names = [f"c{m}" for m in range(rows)] + [f"a{m}" for m in range(rows)] + ["w", "bias", "k", "n_groups",
+                                                                                 "marker"]
     namespace = {"typer": typer}
     exec(f"def {name}(typingctx, {', '.join(names)}):\n    return typer(({', '.join(names)},))\n", namespace)
     return intrinsic(namespace[name])
@@ -160,6 +172,7 @@ def _make_gemm(rows, first, ntiles):
 # which tiles of each group a product computes: all three gates, z and r only, n only (lbr=0 needs
 # (r * h) R_n^T after z and r are known)
 GEMM_ALL, GEMM_ZR, GEMM_N = (0, 3), (0, 2), (2, 1)
-gemm1_all, gemm4_all = _make_gemm(1, *GEMM_ALL), _make_gemm(4, *GEMM_ALL)
-gemm1_zr, gemm4_zr = _make_gemm(1, *GEMM_ZR), _make_gemm(4, *GEMM_ZR)
-gemm1_n, gemm4_n = _make_gemm(1, *GEMM_N), _make_gemm(4, *GEMM_N)
+project1, project4 = _make_gemm(1, *GEMM_ALL, "bias"), _make_gemm(4, *GEMM_ALL, "bias")  # x W^T + b
+recur1_all, recur4_all = _make_gemm(1, *GEMM_ALL, "zero"), _make_gemm(4, *GEMM_ALL, "zero")  # h R^T
+recur1_zr, recur4_zr = _make_gemm(1, *GEMM_ZR, "zero"), _make_gemm(4, *GEMM_ZR, "zero")  # lbr=0: h R_zr^T
+recur1_n, recur4_n = _make_gemm(1, *GEMM_N, "zero"), _make_gemm(4, *GEMM_N, "zero")  # lbr=0: (r*h) R_n^T

@@ -57,10 +57,10 @@ Two ways to share a call between threads
     not claimed a chunk after a while (descheduled on a busy machine, or the
     threading layer ran the workers one after another), the waiting worker
     takes that chunk itself and runs the rest of the call alone (recorded in
-    the SYNC_SOLO counter, which the caller reads to back off from parallel
-    calls for a while), so the scheme cannot deadlock, never depends on how
+    the SYNC_SOLO counter), so the scheme cannot deadlock, never depends on how
     many threads actually run, and a busy machine costs one wait per call,
-    not one per step.  Used for linear_before_reset=1, where a step is one
+    not one per step; the caller sets how long a worker waits (``patience``)
+    from the length of the call.  Used for linear_before_reset=1, where a step is one
     product per chunk.
 
 Kernels take raw addresses (see :mod:`gru_fast._memory`) and build views with
@@ -77,7 +77,8 @@ from numba import carray, njit, prange
 from ._config import JIT, PARALLEL_JIT
 from ._math import SIGMOID, TANH, activate, clip_range, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
-from ._tiles import TILE, gemm1_all, gemm1_n, gemm1_zr, gemm4_all, gemm4_n, gemm4_zr
+from ._tiles import (TILE, project1, project4, recur1_all, recur1_n, recur1_zr, recur4_all, recur4_n,
+                     recur4_zr)
 
 # ---- layout of the int64 ``meta`` table ------------------------------------
 META_LAYERS = 0
@@ -102,15 +103,12 @@ MODE_SPLIT = 1
 
 # ---- workspace ---------------------------------------------------------------
 LINE = 8  # int64 counters sit one per 64-byte cache line
-# MODE_SPLIT's counter lines: items done; the worker that went on alone; workers that have started
-SYNC_DONE, SYNC_SOLO, SYNC_ARRIVED = 0, 1, 2
+# MODE_SPLIT's counter lines: items done; the worker that went on alone
+SYNC_DONE, SYNC_SOLO = 0, 1
 ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
 UNITS = TILE  # hidden units per unit tile
 GATES = 3 * TILE  # columns per unit tile: z, r, n
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
-STEAL_EVERY = 1024  # then takes over unclaimed chunks of the step it waits for, and goes on alone;
-START_WAIT = 1280  # but while its partner has not even started (waking a sleeping worker takes 40-70 us),
-#                    it waits this long first (~40 us of pauses and ~250 yields, about 0.25 ms)
 
 
 def meta_size(num_layers: int, num_directions: int) -> int:
@@ -221,36 +219,38 @@ def _addr(row, col):
     return row.ctypes.data + col * row.itemsize
 
 
+# what a product computes (gru_fast._tiles): x W^T + b_x, h R^T, h R_zr^T, (r * h) R_n^T
+PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
+
+
 @njit(**JIT)
-def _gemm(variant, c0, c1, c2, c3, a0, a1, a2, a3, w, k, u0, u1, rows, marker):
-    """Rows c_m[48*u0 : 48*u1] += a_m @ W (the variant's tiles) for ``rows`` (1 or 4) rows."""
-    c_col = GATES * u0
-    w_at = w + GATES * u0 * k * c0.itemsize  # tile 3*u0, each K rows of 16
+def _gemm(kind, c0, c1, c2, c3, a0, a1, a2, a3, w, bias, k, u0, u1, rows, marker):
+    """Product ``kind`` into rows c_m[48*u0 : 48*u1] for ``rows`` (1 or 4) rows a_m (K = k values)."""
     n = u1 - u0
     if n <= 0:
         return
+    col = GATES * u0
+    w_at = w + GATES * u0 * k * c0.itemsize  # group u0: K rows of 48
+    b_at = _addr(bias, col)
     if rows == 4:
-        if variant == 0:
-            gemm4_all(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
-                      a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
-        elif variant == 1:
-            gemm4_zr(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
-                     a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
+        c0_, c1_, c2_, c3_ = _addr(c0, col), _addr(c1, col), _addr(c2, col), _addr(c3, col)
+        x0, x1, x2, x3 = a0.ctypes.data, a1.ctypes.data, a2.ctypes.data, a3.ctypes.data
+        if kind == PROJECT:
+            project4(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+        elif kind == RECUR:
+            recur4_all(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+        elif kind == RECUR_ZR:
+            recur4_zr(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
         else:
-            gemm4_n(_addr(c0, c_col), _addr(c1, c_col), _addr(c2, c_col), _addr(c3, c_col), a0.ctypes.data,
-                    a1.ctypes.data, a2.ctypes.data, a3.ctypes.data, w_at, k, n, marker)
-    elif variant == 0:
-        gemm1_all(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
-    elif variant == 1:
-        gemm1_zr(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
+            recur4_n(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+    elif kind == PROJECT:
+        project1(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+    elif kind == RECUR:
+        recur1_all(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+    elif kind == RECUR_ZR:
+        recur1_zr(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
     else:
-        gemm1_n(_addr(c0, c_col), a0.ctypes.data, w_at, k, n, marker)
-
-
-@njit(**JIT)
-def _row_groups(n):
-    """How many rows the next product takes: 4 while 4 are left, else 1."""
-    return 4 if n >= 4 else 1
+        recur1_n(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
 
 
 @njit(**JIT)
@@ -266,26 +266,23 @@ def _last_rows(n, i):
 def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_lengths, steps, reverse, n_in, u0, u1,
              marker):
     """xp[(s - s0) * B + b, tiles u0..u1] = seq_in[row(t(s, b), b)] @ W + b_x for s in [s0, s1), b in [b0, b1)."""
-    c0, c1 = GATES * u0, GATES * u1
     rows = b1 - b0
     n = (s1 - s0) * rows  # the (step, row) pairs of the block, taken four at a time whatever B is
-    for i in range(n):
-        xp[_xp_row(i, s0, b0, rows, batch), c0:c1] = b_x[c0:c1]
     i = 0
     while i < n:
         if n - i == 1:
             x0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
             o0 = xp[_xp_row(i, s0, b0, rows, batch)]
-            _gemm(0, o0, o0, o0, o0, x0, x0, x0, x0, w, n_in, u0, u1, 1, marker)
+            _gemm(PROJECT, o0, o0, o0, o0, x0, x0, x0, x0, w, b_x, n_in, u0, u1, 1, marker)
             break
         i0, i1, i2, i3 = _last_rows(n, i)
-        _gemm(0, xp[_xp_row(i0, s0, b0, rows, batch)], xp[_xp_row(i1, s0, b0, rows, batch)],
+        _gemm(PROJECT, xp[_xp_row(i0, s0, b0, rows, batch)], xp[_xp_row(i1, s0, b0, rows, batch)],
               xp[_xp_row(i2, s0, b0, rows, batch)], xp[_xp_row(i3, s0, b0, rows, batch)],
               _input_row(seq_in, i0, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
               _input_row(seq_in, i1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
               _input_row(seq_in, i2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
               _input_row(seq_in, i3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
-              w, n_in, u0, u1, 4, marker)
+              w, b_x, n_in, u0, u1, 4, marker)
         i += 4
 
 
@@ -304,27 +301,19 @@ def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, rev
 
 
 @njit(**JIT)
-def _products(variant, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
-    """g[b, the variant's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time.
-
-    ``variant``: 0 all three gates, 1 z and r, 2 n (the others' columns are left alone)."""
-    zero = like(marker, 0.0)
-    first = 2 * UNITS if variant == 2 else 0
-    width = UNITS if variant == 2 else (2 * UNITS if variant == 1 else GATES)
-    for b in range(b0, b1):
-        row = g[b]
-        for u in range(u0, u1):
-            row[GATES * u + first : GATES * u + first + width] = zero
+def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
+    """g[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
+    (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
     b = b0
     while b < b1:
-        take = _row_groups(b1 - b)
-        if take == 4:
-            _gemm(variant, g[b], g[b + 1], g[b + 2], g[b + 3], rows_in[b], rows_in[b + 1], rows_in[b + 2],
-                  rows_in[b + 3], w, hidden, u0, u1, 4, marker)
+        if b1 - b >= 4:
+            _gemm(kind, g[b], g[b + 1], g[b + 2], g[b + 3], rows_in[b], rows_in[b + 1], rows_in[b + 2],
+                  rows_in[b + 3], w, g[b], hidden, u0, u1, 4, marker)
+            b += 4
         else:
-            _gemm(variant, g[b], g[b], g[b], g[b], rows_in[b], rows_in[b], rows_in[b], rows_in[b], w, hidden, u0,
-                  u1, 1, marker)
-        b += take
+            _gemm(kind, g[b], g[b], g[b], g[b], rows_in[b], rows_in[b], rows_in[b], rows_in[b], w, g[b], hidden,
+                  u0, u1, 1, marker)
+            b += 1
 
 
 # ---------------------------------------------------------------------------
@@ -460,20 +449,19 @@ def _advance(s, layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, r
     # The product reads the H real units of h_{s-1}: the previous state rows, but at step 0 h0 itself
     # (another thread may still be copying its units of h0 into the state rows); zero without h0.
     lo, hi = UNITS * u0, min(UNITS * u1, hidden)
-    first, zero = s == 0, like(marker, 0.0)
+    first = s == 0
     if first and not has_h0:
-        for b in range(b0, b1):
-            g[b, GATES * u0 : GATES * u1] = zero
+        g[b0:b1, GATES * u0 : GATES * u1] = like(marker, 0.0)
     else:
-        _products(0 if lbr else 1, g, h0[layer * directions + d] if first else prev, b0, b1, w_h, hidden, u0, u1,
-                  marker)
+        _products(RECUR if lbr else RECUR_ZR, g, h0[layer * directions + d] if first else prev, b0, b1, w_h, hidden,
+                  u0, u1, marker)
     base = (s - s0) * batch
     col = d * hidden
     n_tiles = u1 - u0
     if not lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
         for b in range(b0, b1):
             _update_and_reset_gates(xp[base + b], g[b], prev[b], rh[b], n_tiles, f, f_alpha, f_beta, clip)
-        _products(2, g, rh, b0, b1, w_h, hidden, u0, u1, marker)
+        _products(RECUR_N, g, rh, b0, b1, w_h, hidden, u0, u1, marker)
     for b in range(b0, b1):
         n_valid = _length(lengths, has_lengths, b, steps)
         if s >= n_valid:
@@ -544,7 +532,7 @@ def _back_off(spins):
 
 @njit(**JIT)
 def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience):
     """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
     meta = _meta(meta_addr)
     params = carray(pointer(params_addr, marker), (n_params,))
@@ -571,21 +559,20 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
         total = layers * steps
         done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
         solo = sync_addr + 8 * LINE * SYNC_SOLO  # 0, or 1 + the worker that runs the rest alone
-        arrived = sync_addr + 8 * LINE * SYNC_ARRIVED
         flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
         own = w % chunks
-        atomic_add(arrived, 1)
         for g in range(total + 1):
             # Every item of the previous step (or layer) must be complete.  A partner that has not claimed
-            # its chunk of that step within STEAL_EVERY spins is not running (descheduled on a busy
-            # machine, or the layer runs the workers one after another): this worker takes the chunk over
-            # and runs the rest of the call alone, so a busy machine costs one wait, not one per step.
+            # its chunk of that step within ``patience`` spins (set by the caller from the call's length:
+            # waiting longer than a fraction of the work left costs more than doing it alone) is not
+            # running (asleep, descheduled on a busy machine, or the layer runs the workers one after
+            # another): this worker takes the chunk over and runs the rest of the call alone.  Then it
+            # only waits for items its partner had already started.
             spins = 0
             while atomic_load(done) < g * chunks:
                 spins += 1
-                _back_off(spins)
-                patience = STEAL_EVERY if atomic_load(arrived) == workers else START_WAIT
-                if spins % patience == 0:
+                _back_off(spins)  # a thread sharing this core must be able to run
+                if spins == patience:
                     atomic_cas(solo, 0, w + 1)
                     for c in range(chunks):
                         if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
@@ -670,18 +657,18 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
 def _make_forward(parallel, dtype):
     """Build a forward entry point.  One per (serial | parallel, float32 | float64), each compiled on its
     first call only: the float type is fixed here, not passed, which also keeps every argument a plain
-    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
+    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 18 arguments)."""
     loop = prange if parallel else range
     float_type = np.float32 if dtype == np.float32 else np.float64
 
     def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience):
         """Run every layer: ``workers`` workers share the call (see the module docstring)."""
         marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in loop(workers):
             _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
+                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience)
 
     name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
     forward.__name__ = forward.__qualname__ = name

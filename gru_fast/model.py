@@ -47,10 +47,18 @@ _PLANS_PER_THREAD = 8
 # once they have gone to sleep (a few ms here), more than such a call saves.
 _BRIEF_MACS = 1 << 22
 _BACK_TO_BACK_S = 0.002
-# When split calls often find their partner thread not running (a busy machine: more than
-# _SOLO_RATE of recent ones, as a moving average), stay serial this long.
-_CONTENDED_S = 0.05
-_SOLO_RATE = 0.3
+# A MODE_SPLIT worker waits for a late partner for a quarter of the call's estimated serial time (at
+# ~25 GMAC/s, the rate of one-row products here), at most _PATIENCE_US.  Its wait spins with pause (~40
+# ns a spin) for kernels.SPIN_PAUSES spins, then yields (~1 us a spin when the core is otherwise idle).
+_PATIENCE_SHARE = 0.25
+_PATIENCE_US = 300.0
+
+
+def _patience_spins(macs: int) -> int:
+    wait_us = min(_PATIENCE_US, _PATIENCE_SHARE * macs / 25e3)
+    pause_us = 0.04 * kernels.SPIN_PAUSES
+    spins = wait_us / 0.04 if wait_us <= pause_us else kernels.SPIN_PAUSES + (wait_us - pause_us)
+    return max(16, int(spins))
 
 
 class _ParallelPolicy:
@@ -62,33 +70,26 @@ class _ParallelPolicy:
       callers never put more spinning workers than cores on the machine (and Numba's workqueue layer,
       which aborts on concurrent launches, is safe);
     * a brief call goes parallel only when the previous parallel-sized call ended within
-      _BACK_TO_BACK_S (the workers are still awake);
-    * when MODE_SPLIT calls often had to finish alone (their partner was descheduled; a quiet machine
-      shows it in about 3 % of calls), calls stay serial for _CONTENDED_S.
+      _BACK_TO_BACK_S (the workers are still awake).
+
+    A partner thread that is late anyway (a busy machine) is handled inside the kernel: the other
+    worker finishes the call alone after a wait proportional to the call (see ``patience``).
     """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.last_end = 0.0
-        self.contended_until = 0.0
-        self.solo_rate = 0.0
 
     def acquire(self, plan) -> bool:
         now = perf_counter()
         recent = now - self.last_end <= _BACK_TO_BACK_S
         self.last_end = now
-        if now < self.contended_until or (plan.brief and not recent):
+        if plan.brief and not recent:
             return False
         return self.lock.acquire(blocking=False)
 
     def release(self, plan) -> None:
-        now = self.last_end = perf_counter()
-        if plan.mode == kernels.MODE_SPLIT:
-            solo = plan.sync[kernels.LINE * kernels.SYNC_SOLO] != 0
-            self.solo_rate = 0.8 * self.solo_rate + 0.2 * solo
-            if self.solo_rate > _SOLO_RATE:
-                self.contended_until = now + _CONTENDED_S
-                self.solo_rate = 0.0
+        self.last_end = perf_counter()
         self.lock.release()
 
 
@@ -108,6 +109,7 @@ class _Plan(NamedTuple):
     sync: np.ndarray
     workspace_addr: int
     sync_addr: int
+    patience: int  # spins a MODE_SPLIT worker waits for a late partner (see gru_fast.kernels)
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -406,9 +408,9 @@ class GRU:
         workspace = _aligned_empty(end, self.dtype)
         workspace[:] = 0  # padded hidden units start (and stay) finite
         sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
-        brief = steps * batch * self._macs_per_step < _BRIEF_MACS
-        return _Plan(parallel, brief, mode, chunks, block_steps, workers, workspace, sync, address(workspace),
-                     address(sync))
+        macs = steps * batch * self._macs_per_step
+        return _Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
+                     address(workspace), address(sync), _patience_spins(macs))
 
     def __call__(self, x, h0=None, lengths=None, out=None):
         """Run the model over whole sequences.
@@ -504,7 +506,7 @@ class GRU:
         return (
             self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
             lengths_addr, y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
-            plan.block_steps, plan.workers,
+            plan.block_steps, plan.workers, plan.patience,
         )
 
     def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs=None):
@@ -566,7 +568,7 @@ class BoundCall:
         self._serial = kernels.FORWARD[model.dtype, False]
         self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
         if self._empty:
-            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0),) * 2
+            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0),) * 2
             return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's

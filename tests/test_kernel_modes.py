@@ -25,13 +25,11 @@ needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels
 @pytest.fixture(autouse=True)
 def parallel_launches(monkeypatch):
     """Count launches of the parallel entry points, and let brief calls go parallel even when they do not
-    come back to back or the machine is busy (the engine's speed policy, gru_fast.model._ParallelPolicy,
-    would otherwise run some of them serially: same results, but the parallel kernel untested)."""
+    come back to back (the engine's speed policy, gru_fast.model._ParallelPolicy, would otherwise run
+    them serially: same results, but the parallel kernel untested)."""
     from gru_fast import model as model_module
 
     monkeypatch.setattr(model_module, "_BACK_TO_BACK_S", float("inf"))
-    monkeypatch.setattr(model_module, "_CONTENDED_S", 0.0)  # a busy test machine must not switch it off
-    monkeypatch.setattr(model_module._PARALLEL, "contended_until", 0.0)
     launches = []
     for key in [key for key in kernels.FORWARD if key[1]]:
         forward = kernels.FORWARD[key]

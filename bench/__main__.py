@@ -4,7 +4,8 @@
 
 Per case: build every installed engine from the same weights, check each against PyTorch (max abs
 error, flagged above 1e-4), then time them interleaved round by round (see bench.engines).  Then:
-gru_fast on 1 vs 2 threads, scaling in T / B / H, cold start and peak memory of a fresh process.
+gru_fast on 1 vs 2 threads, scaling in T / B / H, cold start and peak memory of a fresh process, and
+sequences per second on 1 vs 2 Dask workers (bench.dask_scaling).
 Writes ``report.md``, ``report.json``, ``ratios.png`` and ``scaling.png`` to the output directory
 (``report-quick.*`` etc. with ``--quick``) and prints the markdown.
 """
@@ -51,6 +52,7 @@ def _parse(argv):
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")
     parser.add_argument("--no-cold-start", action="store_true", help="skip cold start / peak memory")
     parser.add_argument("--no-threads", action="store_true", help="skip gru_fast 1 vs 2 threads")
+    parser.add_argument("--no-dask", action="store_true", help="skip the Dask scaling entry (bench.dask_scaling)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -211,10 +213,23 @@ def main(argv=None) -> int:
                 report["cold_start"] = cold_start(CASE_BY_NAME[COLD_START_CASE], workdir / "cold",
                                                   repeats=1 if quick else 2, seed=settings["seed"])
 
+    if not args.no_dask:
+        from . import dask_scaling
+
+        _log("Dask scaling (1 vs 2 workers) ...")
+        with stage("dask scaling"):
+            try:
+                report["dask_scaling"] = dask_scaling.run(quick)
+            except ImportError as exc:  # dask not installed: reported, not fatal
+                report["dask_scaling"] = {"error": f"not run: {exc}"}
+
     report["load_average_after"] = list(os.getloadavg())
     report["threadpools_at_end"] = threadpool_summary()
     report["elapsed_s"] = time.perf_counter() - started
     text = markdown(report)
+    if "dask_scaling" in report:
+        text += "\n" + (dask_scaling.markdown(report["dask_scaling"]) if "error" not in report["dask_scaling"]
+                        else f"## Dask scaling\n\n{report['dask_scaling']['error']}\n")
     files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
     files["markdown"].write_text(text)
     if plot_ratios(report, out_dir / f"{stem}-ratios.png"):

@@ -27,10 +27,10 @@ How the work reaches the workers:
   functions with ``cache=True``, so a worker whose machine already holds the
   on-disk cache (``gru_fast/__pycache__``, or ``NUMBA_CACHE_DIR``) loads them
   instead of compiling;
-* results equal a single-process run of the same batches bit for bit: each task
-  is one ordinary ``model(x, h0, lengths)`` call.  A different batch
-  composition may pick another kernel path (the engine switches to one BLAS
-  product per step at 8 rows), which moves float32 results by a few ulps.
+* results equal a single-process run bit for bit, whatever the blocks: each
+  task is one ordinary ``model(x, h0, lengths)`` call, and the engine computes
+  every output element by the same operations whatever other sequences share
+  its batch (tests/test_kernel_modes.py).
 
 ``dask[distributed]`` is an optional extra (``pip install gru_fast[dask]``);
 ``import gru_fast`` never imports this module.
@@ -172,13 +172,8 @@ def _only_block(value):
 
 
 def _run_block(x, lengths, h0, *, model: GRU):
-    """One task: the model over one batch block; (y, h_n) in the model's own layout."""
-    x, h0 = _only_block(x), _only_block(h0)
-    batch = x.shape[0 if model.batch_first else 1]
-    if batch == 0:  # an empty block of an empty input: nothing to run, shapes still right
-        H, D, LD = model.hidden_size, model.num_directions, model.num_layers * model.num_directions
-        return np.empty(x.shape[:-1] + (D * H,), model.dtype), np.empty((LD, 0, H), model.dtype)
-    return model(x, h0=h0, lengths=lengths)
+    """One task: the model over one batch block (empty blocks included); (y, h_n) in the model's layout."""
+    return model(_only_block(x), h0=_only_block(h0), lengths=lengths)
 
 
 def map_sequences(model: GRU, x, lengths=None, h0=None, *, output: str = "y", rechunk: bool = False):
@@ -192,7 +187,7 @@ def map_sequences(model: GRU, x, lengths=None, h0=None, *, output: str = "y", re
         (T, B, I), or (B, T, I) when ``model.batch_first``; any float dtype (computed in
         ``model.dtype``).  Chunked along the batch axis only: each chunk is one task, so
         chunks of hundreds to thousands of sequences keep the per-task overhead (about a
-        millisecond) small and let the engine use its batched path (8 rows and more).
+        millisecond) small and give the engine rows to share between its threads.
     lengths : dask or numpy array of int, optional
         (B,) valid steps per sequence, each in [0, T] (PackedSequence semantics: ``y`` is 0
         at padded steps, ``h_n`` is the state after each sequence's last valid step).  A

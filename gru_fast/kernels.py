@@ -306,14 +306,15 @@ def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
     b = b0
     while b < b1:
-        if b1 - b >= 4:
-            _gemm(kind, g[b], g[b + 1], g[b + 2], g[b + 3], rows_in[b], rows_in[b + 1], rows_in[b + 2],
-                  rows_in[b + 3], w, g[b], hidden, u0, u1, 4, marker)
-            b += 4
-        else:
+        if b1 - b == 1:
             _gemm(kind, g[b], g[b], g[b], g[b], rows_in[b], rows_in[b], rows_in[b], rows_in[b], w, g[b], hidden,
                   u0, u1, 1, marker)
-            b += 1
+            break
+        i0, i1, i2, i3 = _last_rows(b1 - b0, b - b0)
+        r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
+        _gemm(kind, g[r0], g[r1], g[r2], g[r3], rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3], w, g[r0],
+              hidden, u0, u1, 4, marker)
+        b += 4
 
 
 # ---------------------------------------------------------------------------
@@ -322,90 +323,94 @@ def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
 
 
 @njit(**JIT)
-def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
-    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1.
+def _tiles(row, u0, u1, gates):
+    """Unit tiles u0..u1 of a row as a (tiles, gates, 16) view (gates 3: xp, g; 1: states, b_hn).
 
-    Loops run from 0 over 16-element views: with ``range(lo, hi)`` Numba must allow a negative index,
-    and the wrap-around select it adds stops LLVM from vectorising.
-    """
+    Views indexed from 0 by loop counters: with ``range(lo, hi)`` or a slice per tile, Numba must allow
+    a negative index (the wrap-around select stops LLVM from vectorising) or builds a view per tile (at
+    B=64 that cost a fifth of the call)."""
+    start = row.ctypes.data + gates * UNITS * u0 * row.itemsize
+    return carray(pointer(start, row[0]), (u1 - u0, gates, UNITS))  # row[0]: only its type is used
+
+
+@njit(**JIT)
+def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
+    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1."""
     one = like(clip, 1.0)
-    fused = f == SIGMOID and gc == TANH and clip == 0
-    for u in range(u0, u1):
-        o = GATES * u
-        p = UNITS * u
-        xz, xr, xn = xp[o : o + UNITS], xp[o + UNITS : o + 2 * UNITS], xp[o + 2 * UNITS : o + GATES]
-        gz, gr, gn = g[o : o + UNITS], g[o + UNITS : o + 2 * UNITS], g[o + 2 * UNITS : o + GATES]
-        bn, hp, hn = b_hn[p : p + UNITS], h_prev[p : p + UNITS], h_new[p : p + UNITS]
-        if fused:
+    x3, g3 = _tiles(xp, u0, u1, 3), _tiles(g, u0, u1, 3)
+    bn, hp, hn = _tiles(b_hn, u0, u1, 1), _tiles(h_prev, u0, u1, 1), _tiles(h_new, u0, u1, 1)
+    if f == SIGMOID and gc == TANH and clip == 0:
+        for u in range(u1 - u0):
             for j in range(UNITS):
-                z = sigmoid(xz[j] + gz[j])
-                r = sigmoid(xr[j] + gr[j])
-                n = tanh(xn[j] + r * (gn[j] + bn[j]))
-                hn[j] = (one - z) * n + z * hp[j]
-            continue
+                z = sigmoid(x3[u, 0, j] + g3[u, 0, j])
+                r = sigmoid(x3[u, 1, j] + g3[u, 1, j])
+                n = tanh(x3[u, 2, j] + r * (g3[u, 2, j] + bn[u, 0, j]))
+                hn[u, 0, j] = (one - z) * n + z * hp[u, 0, j]
+        return
+    for u in range(u1 - u0):  # any other activations or clip: one pass per step of the equations
+        gz, gr, gn = g3[u, 0], g3[u, 1], g3[u, 2]
         for j in range(UNITS):
-            gz[j] += xz[j]
-            gr[j] += xr[j]
+            gz[j] += x3[u, 0, j]
+            gr[j] += x3[u, 1, j]
         clip_range(gz, clip)
         clip_range(gr, clip)
         activate(gz, f, f_alpha, f_beta)
         activate(gr, f, f_alpha, f_beta)
         for j in range(UNITS):
-            gn[j] = xn[j] + gr[j] * (gn[j] + bn[j])
+            gn[j] = x3[u, 2, j] + gr[j] * (gn[j] + bn[u, 0, j])
         clip_range(gn, clip)
         activate(gn, gc, g_alpha, g_beta)
         for j in range(UNITS):
             z = gz[j]
-            hn[j] = (one - z) * gn[j] + z * hp[j]
+            hn[u, 0, j] = (one - z) * gn[j] + z * hp[u, 0, j]
 
 
 @njit(**JIT)
 def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip):
     """linear_before_reset=0, first half: ``g`` holds h R_zr^T in its z and r tiles; leave z there and
     r * h in ``rh``."""
-    for u in range(n_tiles):
-        o = GATES * u
-        p = UNITS * u
-        xz, xr = xp[o : o + UNITS], xp[o + UNITS : o + 2 * UNITS]
-        gz, gr = g[o : o + UNITS], g[o + UNITS : o + 2 * UNITS]
-        hp, r_h = h_prev[p : p + UNITS], rh[p : p + UNITS]
-        if f == SIGMOID and clip == 0:
+    x3, g3 = _tiles(xp, 0, n_tiles, 3), _tiles(g, 0, n_tiles, 3)
+    hp, r_h = _tiles(h_prev, 0, n_tiles, 1), _tiles(rh, 0, n_tiles, 1)
+    if f == SIGMOID and clip == 0:
+        for u in range(n_tiles):
             for j in range(UNITS):
-                gz[j] = sigmoid(xz[j] + gz[j])
-                r_h[j] = sigmoid(xr[j] + gr[j]) * hp[j]
-            continue
+                g3[u, 0, j] = sigmoid(x3[u, 0, j] + g3[u, 0, j])
+                r_h[u, 0, j] = sigmoid(x3[u, 1, j] + g3[u, 1, j]) * hp[u, 0, j]
+        return
+    for u in range(n_tiles):
+        gz, gr = g3[u, 0], g3[u, 1]
         for j in range(UNITS):
-            gz[j] += xz[j]
-            gr[j] += xr[j]
+            gz[j] += x3[u, 0, j]
+            gr[j] += x3[u, 1, j]
         clip_range(gz, clip)
         clip_range(gr, clip)
         activate(gz, f, f_alpha, f_beta)
         activate(gr, f, f_alpha, f_beta)
         for j in range(UNITS):
-            r_h[j] = gr[j] * hp[j]
+            r_h[u, 0, j] = gr[j] * hp[u, 0, j]
 
 
 @njit(**JIT)
 def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, clip):
     """linear_before_reset=0, second half: the n tiles of ``g`` hold (r * h) R_n^T, the z tiles z."""
     one = like(clip, 1.0)
-    for u in range(n_tiles):
-        o = GATES * u
-        p = UNITS * u
-        gz, xn, gn = g[o : o + UNITS], xp[o + 2 * UNITS : o + GATES], g[o + 2 * UNITS : o + GATES]
-        hp, hn = h_prev[p : p + UNITS], h_new[p : p + UNITS]
-        if gc == TANH and clip == 0:
+    x3, g3 = _tiles(xp, 0, n_tiles, 3), _tiles(g, 0, n_tiles, 3)
+    hp, hn = _tiles(h_prev, 0, n_tiles, 1), _tiles(h_new, 0, n_tiles, 1)
+    if gc == TANH and clip == 0:
+        for u in range(n_tiles):
             for j in range(UNITS):
-                z = gz[j]
-                hn[j] = (one - z) * tanh(xn[j] + gn[j]) + z * hp[j]
-            continue
+                z = g3[u, 0, j]
+                hn[u, 0, j] = (one - z) * tanh(x3[u, 2, j] + g3[u, 2, j]) + z * hp[u, 0, j]
+        return
+    for u in range(n_tiles):
+        gn = g3[u, 2]
         for j in range(UNITS):
-            gn[j] += xn[j]
+            gn[j] += x3[u, 2, j]
         clip_range(gn, clip)
         activate(gn, gc, g_alpha, g_beta)
         for j in range(UNITS):
-            z = gz[j]
-            hn[j] = (one - z) * gn[j] + z * hp[j]
+            z = g3[u, 0, j]
+            hn[u, 0, j] = (one - z) * gn[j] + z * hp[u, 0, j]
 
 
 # ---------------------------------------------------------------------------

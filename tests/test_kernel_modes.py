@@ -85,6 +85,26 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, par
 
 
 @needs_two_threads
+@pytest.mark.parametrize("batch", [2, 3, 7])
+def test_a_few_rows_split_hidden_units(batch, rng, parallel_launches):
+    """MODE_SPLIT also for a handful of sequences (fewer than 4 rows per thread), with lengths: equal to
+    torch.nn.GRU and bit-identical to the serial run."""
+    module = torch_gru(40, 96, 2, seed=18)
+    model = convert_torch(module)
+    T = 21
+    with numba_threads(2):
+        assert model._plan(T, batch).mode == kernels.MODE_SPLIT
+    x = _x(rng, (T, batch, 40), np.float32)
+    lengths = rng.integers(1, T + 1, size=batch)
+    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, lengths=lengths)
+    y_ref, h_ref = run_torch(module, x, None, lengths)
+    assert_matches(y_p, y_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="y")
+    assert_matches(h_p, h_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="h_n")
+    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    assert len(parallel_launches) == 1
+
+
+@needs_two_threads
 def test_split_reverse_direction_starts_at_each_sequence_end(rng, parallel_launches):
     """MODE_SPLIT for an ONNX "reverse" model (one direction, running backwards), with a length shorter
     than T.  Authority: the backward half of a bidirectional torch.nn.GRU (same weights), which is that
@@ -109,7 +129,7 @@ def test_split_reverse_direction_starts_at_each_sequence_end(rng, parallel_launc
 
 
 @needs_two_threads
-@pytest.mark.parametrize("batch, bidirectional", [(3, False), (8, False), (1, True), (5, True)])
+@pytest.mark.parametrize("batch, bidirectional", [(9, False), (8, False), (1, True), (5, True)])
 def test_rows_are_shared_between_threads(batch, bidirectional, rng, parallel_launches):
     """MODE_ROWS in parallel: units of (direction, batch rows), two layers, lengths; bit-identical to the
     serial run.  Authority: torch.nn.GRU."""
@@ -207,3 +227,26 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
     locator = first[1].from_function(kernels.FORWARD[np.dtype(np.float32), False].py_func, kernels.__file__)
     assert locator is not None and locator.get_source_stamp() == stamp
     assert first[1].from_function(test_kernel_cache_stamp_covers_every_compiled_module, __file__) is None
+
+
+@needs_two_threads
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_a_rows_result_does_not_depend_on_its_batch(bidirectional, rng, parallel_launches):
+    """Every output element is the same chain of operations whatever rows share its batch: a batch of 9
+    (MODE_ROWS, four-row products, the last rows repeated) gives each sequence exactly what it gets alone
+    (one-row products; MODE_SPLIT for the unidirectional model).  So Dask blocks, CLI chunks or any other
+    batching give bit-identical results.  Authority for the values: torch.nn.GRU."""
+    module = torch_gru(48, 128, 2, bidirectional=bidirectional, seed=17)
+    model = convert_torch(module)
+    T, B = 13, 9
+    x = _x(rng, (T, B, 48), np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    with numba_threads(2):
+        y, h_n = model(x, lengths=lengths)
+        y_ref, h_ref = run_torch(module, x, None, lengths)
+        assert_matches(y, y_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="y")
+        assert_matches(h_n, h_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="h_n")
+        for b in range(B):
+            y_b, h_b = model(np.ascontiguousarray(x[:, b : b + 1]), lengths=lengths[b : b + 1])
+            assert np.array_equal(y_b, y[:, b : b + 1]) and np.array_equal(h_b, h_n[:, b : b + 1]), b
+    assert parallel_launches  # the batch of 9 ran in parallel (and, unidirectional, so did each sequence)

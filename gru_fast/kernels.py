@@ -53,15 +53,14 @@ Two ways to share a call between threads
     independent rows to hand out, so the unit tiles are split into ``chunks``
     ranges, and *items* (step, chunk) are claimed through compare-and-swap
     flags.  A worker runs its own chunk of each step after the previous step
-    is complete (an atomic counter of finished items).  If its partner has
-    not claimed a chunk after a while (descheduled on a busy machine, or the
-    threading layer ran the workers one after another), the waiting worker
-    takes that chunk itself and runs the rest of the call alone (recorded in
-    the SYNC_SOLO counter), so the scheme cannot deadlock, never depends on how
-    many threads actually run, and a busy machine costs one wait per call,
-    not one per step; the caller sets how long a worker waits (``patience``)
-    from the length of the call.  Used for linear_before_reset=1, where a step is one
-    product per chunk.
+    is complete (an atomic counter of finished items).  An item still
+    unclaimed when the other worker has finished its own is taken over by
+    that worker at once (its owner is still waking, descheduled on a busy
+    machine, or not run at all); the late worker finds its item taken and
+    rejoins at the next step.  So the scheme cannot deadlock, never depends
+    on how many threads actually run, a lone worker is never kept waiting,
+    and two workers stay in step whenever both run.  Used for
+    linear_before_reset=1, where a step is one    product per chunk.
 
 Kernels take raw addresses (see :mod:`gru_fast._memory`) and build views with
 ``carray``; weights live in one flat ``params`` array described by an int64
@@ -103,8 +102,8 @@ MODE_SPLIT = 1
 
 # ---- workspace ---------------------------------------------------------------
 LINE = 8  # int64 counters sit one per 64-byte cache line
-# MODE_SPLIT's counter lines: items done; the worker that went on alone
-SYNC_DONE, SYNC_SOLO = 0, 1
+# MODE_SPLIT's counter lines: items done; items taken over from the other worker
+SYNC_DONE, SYNC_STOLEN = 0, 1
 ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
 UNITS = TILE  # hidden units per unit tile
 GATES = 3 * TILE  # columns per unit tile: z, r, n
@@ -537,7 +536,7 @@ def _back_off(spins):
 
 @njit(**JIT)
 def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience):
+            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
     """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
     meta = _meta(meta_addr)
     params = carray(pointer(params_addr, marker), (n_params,))
@@ -563,40 +562,31 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
     if mode == MODE_SPLIT:
         total = layers * steps
         done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
-        solo = sync_addr + 8 * LINE * SYNC_SOLO  # 0, or 1 + the worker that runs the rest alone
+        stolen = sync_addr + 8 * LINE * SYNC_STOLEN  # items a worker took from the other's chunk
         flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
         own = w % chunks
         for g in range(total + 1):
-            # Every item of the previous step (or layer) must be complete.  A partner that has not claimed
-            # its chunk of that step within ``patience`` spins (set by the caller from the call's length:
-            # waiting longer than a fraction of the work left costs more than doing it alone) is not
-            # running (asleep, descheduled on a busy machine, or the layer runs the workers one after
-            # another): this worker takes the chunk over and runs the rest of the call alone.  Then it
-            # only waits for items its partner had already started.
+            # Every item of the previous step (or layer) must be complete.  An item of that step nobody
+            # has claimed by the time this worker finished its own belongs to a worker that is not
+            # keeping up (still waking, descheduled, or not run at all): take it now.  Claimed items are
+            # being computed: wait for them.  A late worker finds its items taken and rejoins at the
+            # next step, so the two stay in step whenever both run, and one alone is never blocked.
             spins = 0
             while atomic_load(done) < g * chunks:
+                for c in range(chunks):
+                    if g > 0 and atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
+                        _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                                    per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0,
+                                    has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
+                        atomic_add(done, 1)
+                        atomic_add(stolen, 1)
                 spins += 1
                 _back_off(spins)  # a thread sharing this core must be able to run
-                if spins == patience:
-                    atomic_cas(solo, 0, w + 1)
-                    for c in range(chunks):
-                        if atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
-                            _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                                        per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only,
-                                        h0, has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
-                            atomic_add(done, 1)
-            if g == total:
-                break
-            leader = atomic_load(solo)
-            if leader != 0 and leader != w + 1:
-                break  # the other worker runs the remaining items alone
-            for i in range(chunks if leader == w + 1 else 1):
-                c = (own + i) % chunks
-                if atomic_cas(flags + 8 * (c * total + g), 0, 1):
-                    _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                                per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
-                                h_n, block_steps, chunks, lbr, codes, acts, clip)
-                    atomic_add(done, 1)
+            if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
+                _split_item(g, own, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                            per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
+                            h_n, block_steps, chunks, lbr, codes, acts, clip)
+                atomic_add(done, 1)
         return
 
     units = directions * chunks
@@ -662,18 +652,18 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
 def _make_forward(parallel, dtype):
     """Build a forward entry point.  One per (serial | parallel, float32 | float64), each compiled on its
     first call only: the float type is fixed here, not passed, which also keeps every argument a plain
-    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 18 arguments)."""
+    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
     loop = prange if parallel else range
     float_type = np.float32 if dtype == np.float32 else np.float64
 
     def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience):
+                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
         """Run every layer: ``workers`` workers share the call (see the module docstring)."""
         marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in loop(workers):
             _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers, patience)
+                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
 
     name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
     forward.__name__ = forward.__qualname__ = name

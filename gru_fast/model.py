@@ -47,20 +47,6 @@ _PLANS_PER_THREAD = 8
 # once they have gone to sleep (a few ms here), more than such a call saves.
 _BRIEF_MACS = 1 << 22
 _BACK_TO_BACK_S = 0.002
-# A MODE_SPLIT worker waits for a late partner for a quarter of the call's estimated serial time (at
-# ~25 GMAC/s, the rate of one-row products here), at most _PATIENCE_US.  Its wait spins with pause (~40
-# ns a spin) for kernels.SPIN_PAUSES spins, then yields (~1 us a spin when the core is otherwise idle).
-_PATIENCE_SHARE = 0.25
-_PATIENCE_US = 300.0
-
-
-def _patience_spins(macs: int) -> int:
-    wait_us = min(_PATIENCE_US, _PATIENCE_SHARE * macs / 25e3)
-    pause_us = 0.04 * kernels.SPIN_PAUSES
-    spins = wait_us / 0.04 if wait_us <= pause_us else kernels.SPIN_PAUSES + (wait_us - pause_us)
-    return max(16, int(spins))
-
-
 class _ParallelPolicy:
     """Whether a call whose plan is parallel may launch the parallel kernel now.
 
@@ -72,8 +58,8 @@ class _ParallelPolicy:
     * a brief call goes parallel only when the previous parallel-sized call ended within
       _BACK_TO_BACK_S (the workers are still awake).
 
-    A partner thread that is late anyway (a busy machine) is handled inside the kernel: the other
-    worker finishes the call alone after a wait proportional to the call (see ``patience``).
+    A thread that is late anyway (a busy machine) is handled inside the kernel: the other worker takes
+    over its share of each step until it catches up (see gru_fast.kernels, MODE_SPLIT).
     """
 
     def __init__(self):
@@ -109,7 +95,6 @@ class _Plan(NamedTuple):
     sync: np.ndarray
     workspace_addr: int
     sync_addr: int
-    patience: int  # spins a MODE_SPLIT worker waits for a late partner (see gru_fast.kernels)
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -414,7 +399,7 @@ class GRU:
         sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
         macs = steps * batch * self._macs_per_step
         return _Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
-                     address(workspace), address(sync), _patience_spins(macs))
+                     address(workspace), address(sync))
 
     def __call__(self, x, h0=None, lengths=None, out=None):
         """Run the model over whole sequences.
@@ -510,7 +495,7 @@ class GRU:
         return (
             self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
             lengths_addr, y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
-            plan.block_steps, plan.workers, plan.patience,
+            plan.block_steps, plan.workers,
         )
 
     def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs=None):
@@ -572,7 +557,7 @@ class BoundCall:
         self._serial = kernels.FORWARD[model.dtype, False]
         self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
         if self._empty:
-            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0),) * 2
+            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0),) * 2
             return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's

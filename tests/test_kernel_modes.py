@@ -185,8 +185,8 @@ def test_small_calls_stay_serial(rng, parallel_launches):
 @needs_two_threads
 def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launches):
     """The worst case of MODE_SPLIT: only one worker ever runs (here the serial entry point runs the two
-    workers one after the other).  Worker 0 takes over its partner's chunks and finishes the call alone;
-    the result equals torch.nn.GRU and the call reports that it went on alone (SYNC_SOLO)."""
+    workers one after the other).  Worker 0 takes over every one of its partner's items (SYNC_STOLEN
+    counts them) and finishes the call without waiting; the result equals torch.nn.GRU."""
     module = torch_gru(64, 128, 2, seed=16)
     model = convert_torch(module)
     T = 9
@@ -199,7 +199,7 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
 
     args = model._kernel_args(address(x), T, 1, False, 0, 0, address(y), address(h_n), plan)
     kernels.FORWARD[np.dtype(np.float32), False](*args)
-    assert plan.sync[kernels.LINE * kernels.SYNC_SOLO] == 1  # worker 0 (stored as 0 + 1) went on alone
+    assert plan.sync[kernels.LINE * kernels.SYNC_STOLEN] == 2 * T  # both layers' T steps of chunk 1
     y_ref, h_ref = run_torch(module, x, None, None)
     assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
     assert_matches(h_n, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")

@@ -230,6 +230,27 @@ def markdown(report: dict) -> str:
     lines.append("GFLOP/s = flops / time with flops = D*T*B*(2*3H*(I+H) + 12*H) (matrix products of the "
                  "input projection and the recurrence, plus element-wise work per unit and step).")
 
+    isolated = report.get("isolated")
+    if isolated:
+        lines.append("")
+        lines.append("## Each engine alone in a process")
+        lines.append("")
+        lines.append("The same cases, each engine timed in a child process of its own: no other engine's thread "
+                     "pool lingers beside it (ONNX Runtime's intra-op threads keep waking for a few seconds after "
+                     "its batches here, which slows whichever engine runs next, most of all one that needs both "
+                     "cores at once).  The targets are judged on the table above.")
+        lines.append("")
+        present = [e for e in engines if any(e in v for v in isolated.values() if isinstance(v, dict))]
+        lines.append("| case | " + " | ".join(f"{ENGINE_LABELS[e]} (us)" for e in present)
+                     + " | best peer / gru_fast |")
+        lines.append("|---|" + "---|" * (len(present) + 1))
+        for row in report["cases"]:
+            times = isolated.get(row["name"], {})
+            peers = [times[e] for e in present if e != "gru_fast" and e in times]
+            ratio = (f"{min(peers) / times['gru_fast']:.2f}x" if peers and times.get("gru_fast") else "")
+            lines.append(f"| {row['name']} ({row['shape']}) | " + " | ".join(_us(times.get(e)) for e in present)
+                         + f" | {ratio} |")
+
     threads = report.get("threads")
     if threads:
         lines.append("")

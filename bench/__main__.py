@@ -218,8 +218,10 @@ def main(argv=None) -> int:
     _log("measuring sgemm ...")
     with stage("sgemm"):
         report["sgemm"] = measure_sgemm(repeats=3 if quick else 7)
-    sgemm_gflops = report["sgemm"]["gflops"]
-    _log(f"  sgemm {sgemm_gflops:.0f} GFLOP/s")
+    # the machine's rate is its best run: on this shared machine the median of seven can catch a moment
+    # when the second core is busy elsewhere (seen here: median 106 GFLOP/s, best 201)
+    sgemm_gflops = report["sgemm"]["best_gflops"]
+    _log(f"  sgemm {sgemm_gflops:.0f} GFLOP/s (best of {report['sgemm']['repeats']})")
 
     with tempfile.TemporaryDirectory(prefix="gru_fast-bench-") as tmp:
         workdir = Path(tmp)

@@ -187,8 +187,9 @@ def markdown(report: dict) -> str:
     versions = machine["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
     if sgemm:
-        lines.append(f"- sgemm ({sgemm['n']}^3 float32 numpy matmul, {sgemm['threads']} threads, median of "
-                     f"{sgemm['repeats']}): **{sgemm['gflops']:.0f} GFLOP/s** (best {sgemm['best_gflops']:.0f})")
+        lines.append(f"- sgemm ({sgemm['n']}^3 float32 numpy matmul, {sgemm['threads']} threads, best of "
+                     f"{sgemm['repeats']}, the rate the % sgemm figures use): **{sgemm['best_gflops']:.0f} "
+                     f"GFLOP/s** (median {sgemm['gflops']:.0f})")
     s = report["settings"]
     lines.append(f"- rounds per case: {s['rounds']}, batch ~{1e3 * s['batch_seconds']:.0f} ms of calls per "
                  f"sample, engines shuffled each round; times are median per call in microseconds")

@@ -333,6 +333,19 @@ def _tiles(row, u0, u1, gates):
 
 
 @njit(**JIT)
+def _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip):
+    """z and r of unit tile u in place in g3, for any activation and clip (the general, slower path)."""
+    gz, gr = g3[u, 0], g3[u, 1]
+    for j in range(UNITS):
+        gz[j] += x3[u, 0, j]
+        gr[j] += x3[u, 1, j]
+    clip_range(gz, clip)
+    clip_range(gr, clip)
+    activate(gz, f, f_alpha, f_beta)
+    activate(gr, f, f_alpha, f_beta)
+
+
+@njit(**JIT)
 def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
     """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1."""
     one = like(clip, 1.0)
@@ -347,14 +360,8 @@ def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, g
                 hn[u, 0, j] = (one - z) * n + z * hp[u, 0, j]
         return
     for u in range(u1 - u0):  # any other activations or clip: one pass per step of the equations
+        _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip)
         gz, gr, gn = g3[u, 0], g3[u, 1], g3[u, 2]
-        for j in range(UNITS):
-            gz[j] += x3[u, 0, j]
-            gr[j] += x3[u, 1, j]
-        clip_range(gz, clip)
-        clip_range(gr, clip)
-        activate(gz, f, f_alpha, f_beta)
-        activate(gr, f, f_alpha, f_beta)
         for j in range(UNITS):
             gn[j] = x3[u, 2, j] + gr[j] * (gn[j] + bn[u, 0, j])
         clip_range(gn, clip)
@@ -377,16 +384,9 @@ def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip
                 r_h[u, 0, j] = sigmoid(x3[u, 1, j] + g3[u, 1, j]) * hp[u, 0, j]
         return
     for u in range(n_tiles):
-        gz, gr = g3[u, 0], g3[u, 1]
+        _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip)
         for j in range(UNITS):
-            gz[j] += x3[u, 0, j]
-            gr[j] += x3[u, 1, j]
-        clip_range(gz, clip)
-        clip_range(gr, clip)
-        activate(gz, f, f_alpha, f_beta)
-        activate(gr, f, f_alpha, f_beta)
-        for j in range(UNITS):
-            r_h[u, 0, j] = gr[j] * hp[u, 0, j]
+            r_h[u, 0, j] = g3[u, 1, j] * hp[u, 0, j]
 
 
 @njit(**JIT)

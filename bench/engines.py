@@ -86,8 +86,6 @@ def configure_threads(threads: int = THREADS) -> dict:
     for engine in ENGINES:
         if missing_reason(engine) is None:
             importlib.import_module(_IMPORT_NAMES[engine])
-    with contextlib.suppress(ImportError):  # Numba's np.dot calls scipy's BLAS: load it before limiting
-        importlib.import_module("scipy.linalg")
     info = {"threads": threads}
     import numba
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

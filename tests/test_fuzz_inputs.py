@@ -597,7 +597,7 @@ NONFINITE_CHILD = textwrap.dedent(
     torch.manual_seed(0)
     torch.set_num_threads(1)  # two OpenMP pools (torch's and Numba's) on 2 cores slow PyTorch 100-fold
     results = []
-    # (layers, bidirectional, I, H, T, B): serial rows, parallel units (B < 8, enough work), batched BLAS (B >= 8)
+    # (layers, bidirectional, I, H, T, B): serial, split by hidden units (few rows), by rows and directions
     for L, bi, I, H, T, B in [(2, False, 3, 5, 40, 2), (1, True, 16, 64, 300, 4), (2, False, 16, 64, 200, 3),
                               (1, True, 8, 32, 300, 9)]:
         module = torch.nn.GRU(I, H, num_layers=L, bidirectional=bi).eval()

@@ -159,10 +159,10 @@ def test_all_sizes_one(bidirectional, dtype, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("batch", [4, 8, 16])
-def test_large_enough_for_parallel_and_blas_kernels(batch, bidirectional, dtype, rng):
-    """Authority: torch.nn.GRU.  H=64, T=20, two layers, B = 4 / 8 / 16: the sizes at which the engine
-    splits rows across threads, uses BLAS for the input projection, or one matrix product per step for
-    the whole batch."""
+def test_large_enough_for_the_parallel_kernels(batch, bidirectional, dtype, rng):
+    """Authority: torch.nn.GRU.  H=64, T=20, two layers, B = 4 / 8 / 16: sizes at which the engine shares
+    a call between threads, by hidden units (few rows, one direction) or by rows and directions, with
+    four-row products and their left-over rows (tests/test_kernel_modes.py pins which mode runs)."""
     module = torch_gru(16, 64, 2, bidirectional=bidirectional, dtype=dtype, seed=7, bias_scale=0.5)
     x, h0, _ = _inputs(rng, module, batch=batch, steps=20, unbatched=False, with_h0=True, with_lengths=False,
                        dtype=dtype)

@@ -2,8 +2,8 @@
 
 Extends tests/test_concurrency.py (4 threads x 200 calls on one shared model) to the load a service puts on
 the engine: 8 threads, 600 sequence calls and 600 stream steps each, over a pool of mixed shapes (every
-kernel path: the parallel kernel for bidirectional and multi-row sizes below the batched threshold, the
-batched BLAS kernel, the serial row kernel, unbatched, batch_first, lengths, h0, out=), float32 and float64,
+kernel path: the parallel kernel split by rows and directions or by hidden units, the serial kernel,
+unbatched, batch_first, lengths, h0, out=), float32 and float64,
 on models shared by all threads and on models each thread builds for itself from the same weights.
 
 Authorities:
@@ -94,7 +94,7 @@ CHILD = textwrap.dedent(
     cases = [
         case("big_bi", 20, 4, lengths=True, h0=True),   # parallel kernel (units = directions)
         case("big_bi", 12, 3),                          # parallel kernel
-        case("big_bi", 20, 9, h0=True),                 # batched BLAS kernel
+        case("big_bi", 20, 9, h0=True),                 # parallel kernel (units = directions x rows)
         case("big_bi", 7, 1, unbatched=True),
         case("deep_fwd", 16, 4, lengths=True),          # parallel kernel (units = row slices)
         case("deep_fwd", 9, 2, h0=True),

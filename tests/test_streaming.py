@@ -2,9 +2,8 @@
 
 Authorities: the documented equivalence (API contract) — T calls of ``step`` equal one ``model(x, h0)``
 call over T steps (y_t == y[t], final state == h_n) — and PyTorch itself (``nn.GRU`` over the whole
-sequence, ``nn.GRUCell`` step by step).  Tolerances are the parity ones (1e-5 float32, 1e-10 float64):
-the whole-sequence call may use BLAS for the input projection, a step does not, so the summation order
-may differ.
+sequence, ``nn.GRUCell`` step by step).  Tolerances are the parity ones (1e-5 float32, 1e-10 float64),
+though the engine computes each element by the same operations in a step and in a whole call.
 """
 
 from __future__ import annotations

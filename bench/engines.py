@@ -422,9 +422,25 @@ class OrtSequence(Runner):
         return self.y.copy(), self.h_n.copy()
 
 
-class OrtStream(Runner):
-    engine = "onnxruntime"
+class _CrossedStream(Runner):
+    """A peer's one-step runner whose two state buffers are crossed (``states``, ``current``): step i
+    reads states[current] and writes the other, so the state is fed back without a copy."""
+
     stream = True
+
+    def set_frame(self, x_t):
+        self.x[0] = x_t
+
+    def reset(self, h0):
+        self.states[0][...] = h0
+        self.current = 0
+
+    def outputs(self):
+        return self.y[0].copy(), self.states[self.current].copy()
+
+
+class OrtStream(_CrossedStream):
+    engine = "onnxruntime"
 
     def __init__(self, path: Path, problem: Problem):
         super().__init__()
@@ -450,16 +466,6 @@ class OrtStream(Runner):
         self.call = call
         self.config["call"] = ("run_with_iobinding on a T=1 model, alternating two bindings whose "
                                "h0 / h_n buffers are crossed (state fed back without a copy)")
-
-    def set_frame(self, x_t):
-        self.x[0] = x_t
-
-    def reset(self, h0):
-        self.states[0][...] = h0
-        self.current = 0
-
-    def outputs(self):
-        return self.y[0].copy(), self.states[self.current].copy()
 
 
 OPENVINO_CONFIG = {"INFERENCE_NUM_THREADS": THREADS, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1,
@@ -513,9 +519,8 @@ class OpenVinoSequence(Runner):
         return self.y.copy(), self.h_n.copy()
 
 
-class OpenVinoStream(Runner):
+class OpenVinoStream(_CrossedStream):
     engine = "openvino"
-    stream = True
 
     def __init__(self, path: Path, problem: Problem):
         super().__init__()
@@ -540,16 +545,6 @@ class OpenVinoStream(Runner):
         self.call = call
         self.config["call"] = ("start_async(); wait() on a T=1 model, alternating two requests whose "
                                "h0 / h_n tensors are crossed (state fed back without a copy)")
-
-    def set_frame(self, x_t):
-        self.x[0] = x_t
-
-    def reset(self, h0):
-        self.states[0][...] = h0
-        self.current = 0
-
-    def outputs(self):
-        return self.y[0].copy(), self.states[self.current].copy()
 
 
 def build_runner(engine: str, artifacts: Artifacts) -> Runner:

@@ -225,7 +225,20 @@ class _CrossedStates:
         self.current = 0
 
 
-class OrtRunner(Runner):
+class _CrossedRunner(Runner):
+    """A peer runner over crossed state buffers (``self.crossed``): in a stream the call alternates
+    between two bindings, so the newest state is ``states[current]``; a sequence call writes states[1]."""
+
+    def reset(self):
+        self.crossed.reset()
+
+    def result(self):
+        c = self.crossed
+        h = c.states[c.current] if self.stream else c.states[1]
+        return self.y.transpose(1, 0, 2).copy(), h.copy()
+
+
+class OrtRunner(_CrossedRunner):
     """ONNX Runtime with inputs and outputs bound once to numpy buffers (IOBinding)."""
 
     def __init__(self, onnx_bytes, x_time_major, L, H, stream):
@@ -256,16 +269,8 @@ class OrtRunner(Runner):
                 crossed.current ^= 1
         self.call = call
 
-    def reset(self):
-        self.crossed.reset()
 
-    def result(self):
-        c = self.crossed
-        h = c.states[c.current] if self.stream else c.states[1]
-        return self.y.transpose(1, 0, 2).copy(), h.copy()
-
-
-class OpenVinoRunner(Runner):
+class OpenVinoRunner(_CrossedRunner):
     """OpenVINO, f32 precision, one reused infer request per state buffer, tensors sharing numpy memory."""
 
     def __init__(self, onnx_path, x_time_major, L, H, stream):
@@ -294,14 +299,6 @@ class OpenVinoRunner(Runner):
             if stream:
                 crossed.current ^= 1
         self.call = call
-
-    def reset(self):
-        self.crossed.reset()
-
-    def result(self):
-        c = self.crossed
-        h = c.states[c.current] if self.stream else c.states[1]
-        return self.y.transpose(1, 0, 2).copy(), h.copy()
 
 
 # --------------------------------------------------------------------------------------------------

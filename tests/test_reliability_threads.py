@@ -263,3 +263,54 @@ def test_interleaved_streams_of_one_model_are_independent(tmp_path):
         for mode in ("interleaved", "threaded"):
             err = float(np.max(np.abs(got[mode][s] - want)))
             assert err <= 1e-5, f"stream {s} ({mode}): max abs error {err:.2e} vs torch"
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenMP state left to the other libraries in the process
+# --------------------------------------------------------------------------------------------------
+
+OPENMP_CHILD = textwrap.dedent(
+    """
+    import ctypes
+    import json
+
+    import numpy as np
+    from numba.np.ufunc import omppool
+
+    omp = ctypes.CDLL(omppool.__file__)  # resolves in the libgomp Numba's pool runs on
+    default_levels = omp.omp_get_max_active_levels()  # before anything started a team
+
+    import gru_fast
+    from gru_fast import kernels
+
+    launches = []
+    for key in [key for key in kernels.FORWARD if key[1]]:
+        kernels.FORWARD[key] = (lambda f: lambda *a: (launches.append(1), f(*a))[1])(kernels.FORWARD[key])
+
+    r = np.random.default_rng(0)
+    W = r.uniform(-0.1, 0.1, (1, 3 * 128, 32)).astype(np.float32)
+    R = r.uniform(-0.1, 0.1, (1, 3 * 128, 128)).astype(np.float32)
+    model = gru_fast.GRU([(W, R, None)])
+    model(r.standard_normal((10, 32, 32)).astype(np.float32))  # starts Numba's omp layer here
+
+    import torch  # imported after the layer started, torch binds to the same libgomp
+    mapped = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})
+    print(json.dumps({"default": default_levels, "after": omp.omp_get_max_active_levels(),
+                      "layer": gru_fast.threading_layer(), "vendor": omppool.openmp_vendor,
+                      "launches": len(launches), "libgomp": mapped}))
+    """
+)
+
+
+def test_engine_leaves_openmp_nesting_at_the_runtime_default(monkeypatch):
+    """Starting its omp layer, Numba calls omp_set_nested(1) (max-active-levels 255) in the starting thread;
+    torch, sharing that libgomp, then nested a team inside each of its parallel regions and nn.GRU ran 10x
+    slower (B=64 T=100 H=256: 35 ms -> 340 ms on 2 cores).  Authority: the OpenMP runtime's own default for
+    max-active-levels, read before anything started a team, must hold again after the engine's parallel
+    kernel ran (the ICV is what torch's regions consult)."""
+    for var in ("OMP_MAX_ACTIVE_LEVELS", "OMP_NESTED"):  # set, they are the user's choice and kept
+        monkeypatch.delenv(var, raising=False)
+    out = last_json_line(run_python(OPENMP_CHILD, env=dict(ENV, NUMBA_THREADING_LAYER="omp"), timeout=300))
+    assert out["layer"] == "omp" and out["vendor"] == "GNU" and out["launches"] >= 1, out
+    assert len(out["libgomp"]) == 1, out  # one runtime in the process: its ICV is the one torch reads
+    assert out["after"] == out["default"], out

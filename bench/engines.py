@@ -88,7 +88,10 @@ def configure_threads(threads: int = THREADS) -> dict:
             importlib.import_module(_IMPORT_NAMES[engine])
     info = {"threads": threads}
     import numba
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # starts Numba's threading layer
+    # ... which, as omp, turns OpenMP nesting on for this thread; the engine's first call puts it back, and so
+    # does this, before any peer is timed (nested, torch's own OpenMP regions ran 10x slower)
+    importlib.import_module("gru_fast._config").parallel_threads()
     info["numba_threads"] = numba.get_num_threads()
     try:
         info["numba_threading_layer"] = importlib.import_module("gru_fast").threading_layer()

@@ -351,7 +351,10 @@ def _limit_threads(threads: int) -> str:
     """Give gru_fast ``threads`` Numba threads (its kernels use no BLAS); the peers get theirs when built."""
     import numba
 
+    from ._config import parallel_threads
+
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    parallel_threads()  # as the engine's first call does: OpenMP nesting back off before any peer runs
     return f"{numba.get_num_threads()} threads per engine"
 
 

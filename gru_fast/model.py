@@ -36,8 +36,10 @@ _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 # is about 1.5 us with the workers awake, 40-70 us when they have gone to sleep.
 _PARALLEL_MIN_MACS = 1 << 18
 # Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
-# step (about 0.3 us): worth it from this many multiply-adds per step.
-_SPLIT_MIN_MACS_PER_STEP = 1 << 15
+# layer and step (about 0.3 us): worth it from this many multiply-adds per layer-step (all rows).  Below it,
+# one row per thread (MODE_ROWS) or the serial kernel is faster: a 2-layer H=64 model (19K per layer-step
+# and row) ran B=1 in 235 us split vs 124 us serial, B=2 in 209-239 us split vs 140-146 us by rows.
+_SPLIT_MIN_MACS_PER_STEP = 1 << 16
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
@@ -377,7 +379,7 @@ class GRU:
         parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
         mode, chunks, workers = kernels.MODE_ROWS, 1, 1
         split = (parallel and D == 1 and batch < 4 * threads and self.linear_before_reset
-                 and batch * per_step >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.UNITS)
+                 and batch * per_step // L >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.UNITS)
         if split:
             # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
             # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows

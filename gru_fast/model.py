@@ -36,10 +36,11 @@ _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 # is about 1.5 us with the workers awake, 40-70 us when they have gone to sleep.
 _PARALLEL_MIN_MACS = 1 << 18
 # Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
-# layer and step (about 0.3 us): worth it from this many multiply-adds per layer-step (all rows).  Below it,
-# one row per thread (MODE_ROWS) or the serial kernel is faster: a 2-layer H=64 model (19K per layer-step
-# and row) ran B=1 in 235 us split vs 124 us serial, B=2 in 209-239 us split vs 140-146 us by rows.
-_SPLIT_MIN_MACS_PER_STEP = 1 << 16
+# layer and step (about 0.3 us): worth it from this many multiply-adds per row, layer and step.  Measured
+# here, T=1000 I=40, one row, 2 threads: H=128 (64.5K) split 1,940 us vs serial 2,640 us; H=96 (39K) split
+# 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.  With exactly one row per thread, rows beat
+# a split (B=2: H=96 2,685 vs 4,559 us; H=128 2,764 vs 3,343; H=256 even); from 3 rows the split wins.
+_SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
@@ -369,17 +370,17 @@ class GRU:
         """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
 
         * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
-        * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful)
-          when a step is large enough to pay for a handshake: the threads share each step's hidden
-          units, and every product stays a four-row pass;
+        * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful,
+          but not exactly one row per thread) when a row's layer-step is large enough to pay for a
+          handshake: the threads share each step's hidden units, and every product stays a four-row pass;
         * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
         """
         H, D, L = self.hidden_size, self.num_directions, self.num_layers
         per_step = self._macs_per_step // D  # one row, one direction, every layer
         parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
         mode, chunks, workers = kernels.MODE_ROWS, 1, 1
-        split = (parallel and D == 1 and batch < 4 * threads and self.linear_before_reset
-                 and batch * per_step // L >= _SPLIT_MIN_MACS_PER_STEP and H > kernels.UNITS)
+        split = (parallel and D == 1 and batch < 4 * threads and batch != threads and self.linear_before_reset
+                 and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > kernels.UNITS)
         if split:
             # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
             # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows

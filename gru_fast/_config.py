@@ -206,8 +206,8 @@ if hasattr(os, "register_at_fork"):
 # Starting its omp layer, Numba turns nested parallelism on (omp_set_nested(1): max-active-levels 255)
 # for the starting thread.  Any other OpenMP code that shares that libgomp and is called from the same
 # thread then nests a team inside each of its own parallel regions: PyTorch imported after the layer
-# started (it then binds to the same libgomp) ran nn.GRU 10x slower here (B=64 T=100 H=256: 35 ms ->
-# 340 ms).  gru_fast never nests parallel regions, so it puts back OpenMP's default of one active level,
+# started (it then binds to the same libgomp) ran nn.GRU 10x slower here (B=64 T=100 H=256: 32 ms ->
+# 324 ms).  gru_fast never nests parallel regions, so it puts back OpenMP's default of one active level,
 # unless the user asked for nesting through the environment.
 
 def _undo_openmp_nesting() -> None:

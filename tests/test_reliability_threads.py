@@ -305,7 +305,7 @@ OPENMP_CHILD = textwrap.dedent(
 def test_engine_leaves_openmp_nesting_at_the_runtime_default(monkeypatch):
     """Starting its omp layer, Numba calls omp_set_nested(1) (max-active-levels 255) in the starting thread;
     torch, sharing that libgomp, then nested a team inside each of its parallel regions and nn.GRU ran 10x
-    slower (B=64 T=100 H=256: 35 ms -> 340 ms on 2 cores).  Authority: the OpenMP runtime's own default for
+    slower (B=64 T=100 H=256: 32 ms -> 324 ms on 2 cores).  Authority: the OpenMP runtime's own default for
     max-active-levels, read before anything started a team, must hold again after the engine's parallel
     kernel ran (the ICV is what torch's regions consult)."""
     for var in ("OMP_MAX_ACTIVE_LEVELS", "OMP_NESTED"):  # set, they are the user's choice and kept

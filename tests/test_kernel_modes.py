@@ -52,12 +52,16 @@ def _x(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _serial_and_parallel(model, *args, **kwargs):
+def _check_serial_and_parallel(model, x, expected, *, authority, dtype=np.float32, what="", **kwargs):
+    """Run ``model(x, **kwargs)`` on one thread and on two: the parallel run must match ``expected`` (the
+    authority's (y, h_n)) and the serial run bit for bit."""
     with numba_threads(1):
-        serial = model(*args, **kwargs)
+        y_s, h_s = model(x, **kwargs)
     with numba_threads(min(2, THREADS)):
-        parallel = model(*args, **kwargs)
-    return serial, parallel
+        y_p, h_p = model(x, **kwargs)
+    assert_matches(y_p, expected[0], authority=authority, dtype=dtype, what=f"y{what}")
+    assert_matches(h_p, expected[1], authority=authority, dtype=dtype, what=f"h_n{what}")
+    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p), f"serial and parallel runs differ{what}"
 
 
 @needs_two_threads
@@ -76,11 +80,9 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, par
     h0 = _x(rng, (num_layers, 128) if unbatched else (num_layers, 1, 128), dtype)
     lengths = 29 if unbatched else np.array([29])
     for kwargs in ({}, {"h0": h0}, {"h0": h0, "lengths": lengths}):
-        (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, **kwargs)
-        y_ref, h_ref = run_torch(module, x, kwargs.get("h0"), kwargs.get("lengths"))
-        assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split y {sorted(kwargs)}")
-        assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=dtype, what=f"split h_n {sorted(kwargs)}")
-        assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p), "serial and split runs differ"
+        expected = run_torch(module, x, kwargs.get("h0"), kwargs.get("lengths"))
+        _check_serial_and_parallel(model, x, expected, authority="torch.nn.GRU", dtype=dtype,
+                                   what=f" {sorted(kwargs)}", **kwargs)
     assert len(parallel_launches) == 3
 
 
@@ -96,11 +98,8 @@ def test_a_few_rows_split_hidden_units(batch, rng, parallel_launches):
         assert model._plan(T, batch).mode == kernels.MODE_SPLIT
     x = _x(rng, (T, batch, 40), np.float32)
     lengths = rng.integers(1, T + 1, size=batch)
-    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, lengths=lengths)
-    y_ref, h_ref = run_torch(module, x, None, lengths)
-    assert_matches(y_p, y_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="y")
-    assert_matches(h_p, h_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="h_n")
-    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    _check_serial_and_parallel(model, x, run_torch(module, x, None, lengths), authority="torch.nn.GRU (packed)",
+                               lengths=lengths)
     assert len(parallel_launches) == 1
 
 
@@ -120,11 +119,9 @@ def test_split_reverse_direction_starts_at_each_sequence_end(rng, parallel_launc
         assert reverse._plan(T, 1).mode == kernels.MODE_SPLIT
     x = _x(rng, (T, 1, 64), np.float32)
     lengths = np.array([17])
-    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(reverse, x, lengths=lengths)
     y_ref, h_ref = run_torch(module, x, None, lengths)
-    assert_matches(y_p, y_ref[:, :, 128:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="y")
-    assert_matches(h_p, h_ref[1:], authority="torch.nn.GRU (backward half)", dtype=np.float32, what="h_n")
-    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    _check_serial_and_parallel(reverse, x, (y_ref[:, :, 128:], h_ref[1:]), authority="torch.nn.GRU (backward half)",
+                               lengths=lengths)
     assert len(parallel_launches) == 1
 
 
@@ -143,11 +140,8 @@ def test_rows_are_shared_between_threads(batch, bidirectional, hidden, rng, para
     assert plan.mode == kernels.MODE_ROWS and plan.parallel and plan.workers == 2
     x = _x(rng, (T, batch, 48), np.float32)
     lengths = rng.integers(1, T + 1, size=batch)
-    (y_s, h_s), (y_p, h_p) = _serial_and_parallel(model, x, lengths=lengths)
-    y_ref, h_ref = run_torch(module, x, None, lengths)
-    assert_matches(y_p, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
-    assert_matches(h_p, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="h_n")
-    assert np.array_equal(y_s, y_p) and np.array_equal(h_s, h_p)
+    _check_serial_and_parallel(model, x, run_torch(module, x, None, lengths), authority="torch.nn.GRU",
+                               lengths=lengths)
     assert len(parallel_launches) == 1
 
 

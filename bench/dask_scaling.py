@@ -191,22 +191,6 @@ def _cluster(workers: int, extra_env: dict | None = None):
             yield client
 
 
-def _kernel_cache_stats() -> dict:
-    """Numba's on-disk cache hits / misses over every gru_fast kernel loaded in this process."""
-    import sys
-
-    from numba.core.dispatcher import Dispatcher
-
-    hits = misses = 0
-    for name, module in list(sys.modules.items()):
-        if name == "gru_fast" or name.startswith("gru_fast."):
-            for value in vars(module).values():
-                if isinstance(value, Dispatcher):
-                    hits += sum(value.stats.cache_hits.values())
-                    misses += sum(value.stats.cache_misses.values())
-    return {"cache_hits": hits, "cache_misses": misses}
-
-
 def _first_task_costs(task_stream: list) -> list:
     """Per worker: the first model task's duration vs the median of its later ones (seconds)."""
     per_worker: dict = {}
@@ -238,6 +222,7 @@ def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env:
     """
     import gru_fast.dask as gd
     from distributed import futures_of, get_task_stream, wait
+    from gru_fast._config import kernel_cache_stats
 
     with _cluster(workers, extra_env) as client, client.as_current():
         x = client.persist(_dask_input(workload))
@@ -248,7 +233,7 @@ def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env:
             start = time.perf_counter()
             client.compute(h_n, sync=True)
             first_run["first_run_s"] = time.perf_counter() - start
-        cache = client.run(_kernel_cache_stats)
+        cache = client.run(kernel_cache_stats)
         first_run["first_task_per_worker"] = _first_task_costs(stream.data)
         for entry in first_run["first_task_per_worker"]:
             entry.update(cache.get(entry["worker"], {}))

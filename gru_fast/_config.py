@@ -115,6 +115,23 @@ def _install_cache_locators() -> None:
 _install_cache_locators()
 
 
+def kernel_cache_stats() -> dict:
+    """Numba's on-disk cache hits / misses over every gru_fast kernel loaded in this process (a miss is a
+    compile).  Module-level, so ``distributed.Client.run`` can send it to workers."""
+    import sys
+
+    from numba.core.dispatcher import Dispatcher
+
+    hits = misses = 0
+    for name, module in list(sys.modules.items()):
+        if name == "gru_fast" or name.startswith("gru_fast."):
+            for value in vars(module).values():
+                if isinstance(value, Dispatcher):
+                    hits += sum(value.stats.cache_hits.values())
+                    misses += sum(value.stats.cache_misses.values())
+    return {"cache_hits": hits, "cache_misses": misses}
+
+
 def _layer_loads(name: str) -> bool:
     module = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}[name]
     try:

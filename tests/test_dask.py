@@ -32,6 +32,7 @@ from distributed import Client, LocalCluster, get_task_stream
 
 import gru_fast
 import gru_fast.dask as gd
+from gru_fast._config import kernel_cache_stats
 from conftest import assert_matches, convert_torch, run_torch, torch_gru
 
 I, H, LAYERS = 6, 12, 2
@@ -330,23 +331,9 @@ def test_workers_load_kernels_from_disk_cache(client, rng):
     got = client.compute(gd.map_sequences(model, da.from_array(x, chunks=(6, 10, I))), sync=True)
     assert np.array_equal(got, expected)
 
-    def kernel_cache_stats():
-        import sys
-
-        from numba.core.dispatcher import Dispatcher
-
-        hits = misses = 0
-        for name, module in list(sys.modules.items()):
-            if name == "gru_fast" or name.startswith("gru_fast."):
-                for value in vars(module).values():
-                    if isinstance(value, Dispatcher):
-                        hits += sum(value.stats.cache_hits.values())
-                        misses += sum(value.stats.cache_misses.values())
-        return hits, misses
-
     stats = client.run(kernel_cache_stats)
-    assert all(misses == 0 for _, misses in stats.values()), f"workers compiled kernels: {stats}"
-    assert sum(hits for hits, _ in stats.values()) > 0, f"no worker loaded a kernel: {stats}"
+    assert all(s["cache_misses"] == 0 for s in stats.values()), f"workers compiled kernels: {stats}"
+    assert sum(s["cache_hits"] for s in stats.values()) > 0, f"no worker loaded a kernel: {stats}"
 
 
 # --------------------------------------------------------------------------------------------------

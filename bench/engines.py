@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import importlib
 import io
 import json
@@ -52,6 +51,10 @@ import numpy as np
 
 from . import THREAD_ENV_VARS, THREADS
 from .cases import PARITY_TOLERANCE, Case, Problem, make_problem, reference_gru
+
+# the demo's batch timer (same runner protocol: ``call`` and ``context()``); importing gru_fast here is
+# fine: bench/__init__ has capped the thread pools through the environment already
+from gru_fast._demo import seconds_per_call
 
 __all__ = [
     "ENGINES", "ENGINE_LABELS", "THREADS", "Artifacts", "Timing", "build_runner", "check_parity",
@@ -655,34 +658,15 @@ class Timing:
                 "samples_us": [round(s, 3) for s in self.samples_us]}
 
 
-def _batch(runner: Runner, calls: int, warm: bool) -> float:
-    """Seconds per call of one batch of ``calls`` calls."""
-    call = runner.call
-    gc_was_enabled = gc.isenabled()
-    with runner.context():
-        if warm:
-            call()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            for _ in range(calls):
-                call()
-            elapsed = time.perf_counter() - start
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    return elapsed / calls
-
-
 def calibrate(runner: Runner, batch_seconds: float, max_calls: int = 100_000) -> int:
     """Calls per batch so that one batch lasts about ``batch_seconds`` (at least one call)."""
     # first calls: lazy initialisation, JIT, allocations.  Several: an engine may take another path on
     # its second call (gru_fast's first parallel call of a shape loads that kernel), and a slow call
     # here would leave one call per batch, every batch then starting with its thread pool asleep.
-    _batch(runner, 8, warm=True)
+    seconds_per_call(runner, 8, warm=True)
     calls = 1
     while True:
-        per_call = _batch(runner, calls, warm=False)
+        per_call = seconds_per_call(runner, calls, warm=False)
         if per_call * calls >= batch_seconds / 5 or calls >= max_calls:
             break
         calls *= 4
@@ -710,7 +694,7 @@ def time_interleaved(runners: dict, rounds: int, batch_seconds: float, seed: int
         rng.shuffle(order)
         for name in order:
             time.sleep(gap_seconds)
-            samples[name].append(1e6 * _batch(runners[name], calls[name], warm=calls[name] > 1))
+            samples[name].append(1e6 * seconds_per_call(runners[name], calls[name], warm=calls[name] > 1))
     result = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3

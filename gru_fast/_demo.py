@@ -305,9 +305,10 @@ class OpenVinoRunner(_CrossedRunner):
 # timing
 # --------------------------------------------------------------------------------------------------
 
-def _per_call(runner, calls: int, warm: bool = True) -> float:
+def seconds_per_call(runner, calls: int, warm: bool = True) -> float:
     """Seconds per call of a batch of ``calls`` calls (after one untimed call that wakes this engine's
-    thread pool, when ``warm``), with the garbage collector off."""
+    thread pool, when ``warm``), with the garbage collector off.  ``runner`` has ``call`` and ``context()``;
+    the benchmark harness (bench/engines.py) times its batches with this too."""
     call = runner.call
     with runner.context():
         if warm:
@@ -333,7 +334,7 @@ def time_interleaved(runners: dict, rounds: int, *, batch_seconds: float = 0.01,
     ``batch_seconds`` (one call for slower engines); the median is over rounds.  Fewer rounds (at
     least 3) run when ``rounds`` of them would exceed ``budget_seconds``: a slow peer or a busy machine
     must not stretch the demo."""
-    estimate = {name: _per_call(runner, 1, warm=True) for name, runner in runners.items()}
+    estimate = {name: seconds_per_call(runner, 1, warm=True) for name, runner in runners.items()}
     calls = {name: max(1, min(20_000, round(batch_seconds / max(t, 1e-7)))) for name, t in estimate.items()}
     round_seconds = sum((calls[n] + (calls[n] > 1)) * estimate[n] + 0.002 for n in runners)
     rounds = max(3, min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
@@ -343,7 +344,7 @@ def time_interleaved(runners: dict, rounds: int, *, batch_seconds: float = 0.01,
         rng.shuffle(order)
         for name in order:
             time.sleep(0.002)
-            samples[name].append(_per_call(runners[name], calls[name], warm=calls[name] > 1))
+            samples[name].append(seconds_per_call(runners[name], calls[name], warm=calls[name] > 1))
     return {name: statistics.median(values) for name, values in samples.items()}, rounds
 
 

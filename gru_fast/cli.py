@@ -12,7 +12,9 @@ Model files (MODEL, SRC) are recognised by their suffix:
   ``nn.GRU`` (``np.savez(path, **state_dict)``), read with ``--prefix`` / ``--batch-first``;
 - ``.onnx``: every GRU node of the graph (one single-layer model each), ``--node NAME`` picks one;
 - ``.pt`` / ``.pth``: a PyTorch state dict, read with ``torch.load(weights_only=True)`` (needs torch),
-  ``--prefix`` picks one GRU of a larger model.
+  ``--prefix`` picks one GRU of a larger model;
+- ``.keras`` / ``.h5``: every GRU layer of a Keras model or weights file (:func:`converters.from_keras.load`,
+  needs h5py), ``--node NAME`` picks one by layer name.
 
 Exit codes: 0 success; 1 bad input (a missing, unreadable or invalid file, data that does not fit the
 model); 2 usage error (unknown command or option, missing argument, ``bench`` outside a source
@@ -37,7 +39,7 @@ import numpy as np
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_MISSING, EXIT_CHECK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
-_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None}
+_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None, "h5py": "keras"}
 
 
 class CliError(Exception):
@@ -84,8 +86,9 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
 
     source = _existing_file(path)
     suffix = source.suffix.lower()
-    if node is not None and suffix != ".onnx":
-        raise CliError(f"--node applies to .onnx files only, {path} is a {suffix or 'suffix-less'} file",
+    if node is not None and suffix not in (".onnx", ".keras", ".h5"):
+        raise CliError(f"--node applies to .onnx, .keras and .h5 files only, {path} is a "
+                       f"{suffix or 'suffix-less'} file",
                        EXIT_USAGE)
     if suffix == ".onnx":
         if prefix is not None:
@@ -107,6 +110,25 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         return "ONNX model", models
     if suffix in (".pt", ".pth"):
         return "PyTorch state dict", {source.stem: _read_torch(source, prefix, batch_first)}
+    if suffix in (".keras", ".h5"):
+        if prefix is not None or batch_first:
+            raise CliError("--prefix and --batch-first apply to PyTorch state dicts, not to Keras files "
+                           "(Keras files record their layer names and layout)", EXIT_USAGE)
+        try:
+            from converters import from_keras
+
+            models = from_keras.load(source)
+        except ImportError as exc:
+            raise _missing(exc, f"reading {suffix} files") from None
+        except (ValueError, TypeError, OSError) as exc:
+            message = str(exc)
+            raise CliError(message if source.name in message else f"{path}: {message}") from None
+        if node is not None:
+            if node not in models:
+                raise CliError(f"{path}: no GRU layer named {node!r}; the model's GRU layers are: "
+                               f"{', '.join(repr(k) for k in models)}")
+            models = {node: models[node]}
+        return "Keras model", models
     if suffix == ".npz":
         if prefix is not None or batch_first:
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
@@ -119,7 +141,8 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
                 raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
                                f"dict of an nn.GRU ({torch_error})") from None
     raise CliError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a gru_fast engine file "
-                   "(.npz), an ONNX model (.onnx) or a PyTorch state dict (.pt, .pth, .npz)")
+                   "(.npz), an ONNX model (.onnx), a PyTorch state dict (.pt, .pth, .npz) or a Keras model "
+                   "(.keras, .h5)")
 
 
 def _read_torch(source: Path, prefix, batch_first):
@@ -422,7 +445,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(parser, *, onnx_node=True):
     if onnx_node:
-        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME")
+        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME; "
+                            "Keras: the GRU layer called NAME")
     parser.add_argument("--prefix", metavar="PREFIX",
                         help="PyTorch state dict: the GRU's key prefix, e.g. 'encoder.gru.' (needed when the "
                              "file holds several GRUs)")
@@ -463,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print layers, sizes, variant (linear_before_reset), activations, clip, dtype, "
                     "batch_first and provenance of a gru_fast engine file, of every GRU node of an ONNX "
                     "model, or of a PyTorch state dict (converted in memory).")
-    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt or .pth")
+    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt, .pth, .keras or .h5")
     _model_options(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=cmd_info)
@@ -478,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /) "
                "each model goes to DIR/<node>.npz (ONNX) or DIR/<source name>.npz. Node names are reduced "
                "to letters, digits, '_', '-' and '.'.")
-    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth or .npz")
+    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth, .npz, .keras or .h5")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npz file or directory")
     _model_options(convert)
     convert.add_argument("--dtype", choices=["float32", "float64"], help="compute precision of the written "
@@ -496,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                "holds y (N, T, D*H) and h_n (N, L*D, H), sequence-major too (the engine's own h_n is "
                "(L*D, N, H)), in the model's dtype; a .npy output holds the one array named by --outputs. "
                "The initial state is zero. A progress bar is drawn on stderr when it is a terminal.")
-    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node), .pt or .pth")
+    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node), .pt, .pth, .keras or .h5 (one GRU layer)")
     run.add_argument("--input", required=True, metavar="X.npy", help="input sequences (N, T, I)")
     run.add_argument("--lengths", metavar="L.npy", help="valid steps per sequence (N,) (default: all T)")
     run.add_argument("--output", required=True, metavar="OUT", help="output .npz (y and h_n) or .npy (one array)")

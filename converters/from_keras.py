@@ -355,7 +355,7 @@ def load(path, *, config=None, keras_version=None, other_merge_modes="refuse", m
     -------
     dict[str, gru_fast.GRU]
         Keyed by layer name (``"outer/inner"`` for a layer inside a nested model), in the model's layer
-        order.  Each model is batch-major (``batch_first=True``) unless the layer had ``time_major``.
+        order (a Keras 3 weights-only file records no order: its layers come in the file's order).  Each model is batch-major (``batch_first=True``) unless the layer had ``time_major``.
 
     What Keras returned, from the engine's ``y, h_n = model(x)`` (``h_n`` is (D, B, H))
         - ``GRU(return_sequences=True)``: ``y``, or ``y[:, ::-1]`` with ``go_backwards=True`` (Keras

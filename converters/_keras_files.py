@@ -152,7 +152,11 @@ def _read_zip(stream, path, size, max_bytes):
         with zipfile.ZipFile(stream) as archive:
             names = [info.filename for info in archive.infolist()]
             for name in names:
-                _checked_location(name, f"{path!r}: zip member {name!r}")
+                try:
+                    _checked_location(name, name)
+                except ValueError:
+                    raise ValueError(f"{path!r}: zip member {name!r} is an absolute path or contains '..'; a "
+                                     ".keras archive holds plain relative names only") from None
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{path!r}: zip members {duplicates} appear more than once (ambiguous archive)")

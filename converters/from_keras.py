@@ -1,4 +1,7 @@
-"""Keras -> gru_fast converters, from plain numpy arrays (no TensorFlow or Keras needed).
+"""Keras -> gru_fast converters, from numpy arrays or from Keras files (no TensorFlow or Keras needed).
+
+:func:`convert` and friends take a layer's arrays; :func:`load` reads every GRU layer of a ``.keras`` or
+``.h5`` file with json and h5py (the file formats: :mod:`converters._keras_files`).
 
 A Keras ``GRU`` layer holds ``kernel`` (I, 3H), ``recurrent_kernel`` (H, 3H) and ``bias``, with the gates
 stacked in the order (z, r, h) -- the ONNX order -- along the last axis.  ``layer.get_weights()`` returns

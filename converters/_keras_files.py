@@ -140,7 +140,11 @@ def open_keras_file(path, max_bytes):
             raise ValueError(f"{path!r} is neither a .keras zip archive nor an HDF5 (.h5) file "
                              f"(first bytes {head!r})")
         with _h5_file(h5py, stream, repr(path)) as h5:
-            yield _classify_h5(h5, path, source, budget)
+            try:
+                found = _classify_h5(h5, path, source, budget)
+            except (OSError, RuntimeError, KeyError) as exc:  # h5py on damaged HDF5 structures
+                raise ValueError(f"{path!r}: unreadable HDF5 structure (corrupt file?): {exc}") from None
+            yield found
 
 
 def _read_zip(stream, path, size, max_bytes):

@@ -393,29 +393,39 @@ def load(path, *, config=None, keras_version=None, other_merge_modes="refuse", m
             raise TypeError(f"config must be a dict (model.get_config()) or JSON text (model.to_json()), "
                             f"got {type(config).__name__}")
     with _keras_files.open_keras_file(path, int(max_bytes)) as kf:
-        version = keras_version if keras_version is not None else kf.keras_version
-        if kf.legacy and version is not None and str(version).strip().startswith("1"):
-            raise ValueError(f"{kf.source}: written by Keras {version}; Keras 1 files (per-gate GRU weights) "
-                             "are not supported: load and re-save the model with Keras 2 or 3")
-        model_config = config if config is not None else kf.config
-        if model_config is None:
-            found, seen = _find_without_config(kf)
-            if found:
-                import warnings
+        try:
+            return _convert_file(kf, config, keras_version, other_merge_modes)
+        except (OSError, RuntimeError, KeyError, IndexError, AttributeError) as exc:
+            # h5py raises these for damaged HDF5 structures (bad heaps, addresses past the end); a config
+            # of unexpected shape raises the last three
+            raise ValueError(f"{kf.source}: unreadable or inconsistent Keras file ({type(exc).__name__}: "
+                             f"{exc})") from None
 
-                warnings.warn(f"{kf.source} holds weights only: its GRU settings (activations, go_backwards, "
-                              "Bidirectional merge mode) are not recorded, so Keras' defaults were assumed; "
-                              "pass config=model.to_json() to use the model's own", RuntimeWarning, stacklevel=2)
-        else:
-            found, seen = _find_in_config(kf, model_config)
-        if not found:
-            listing = ", ".join(seen[:40]) + (f", ... ({len(seen)} in all)" if len(seen) > 40 else "")
-            raise ValueError(f"{kf.source}: no GRU layer found (GRU and Bidirectional(GRU) are converted); "
-                             f"layers found: {listing or 'none'}")
-        hard_sigmoid = _hard_sigmoid_for(version)
-        models = {}
-        for entry in found:
-            models[entry["key"]] = _entry_model(kf, entry, hard_sigmoid, version, other_merge_modes)
+
+def _convert_file(kf, config, keras_version, other_merge_modes):
+    version = keras_version if keras_version is not None else kf.keras_version
+    if kf.legacy and version is not None and str(version).strip().startswith("1"):
+        raise ValueError(f"{kf.source}: written by Keras {version}; Keras 1 files (per-gate GRU weights) "
+                         "are not supported: load and re-save the model with Keras 2 or 3")
+    model_config = config if config is not None else kf.config
+    if model_config is None:
+        found, seen = _find_without_config(kf)
+        if found:
+            import warnings
+
+            warnings.warn(f"{kf.source} holds weights only: its GRU settings (activations, go_backwards, "
+                          "Bidirectional merge mode) are not recorded, so Keras' defaults were assumed; "
+                          "pass config=model.to_json() to use the model's own", RuntimeWarning, stacklevel=3)
+    else:
+        found, seen = _find_in_config(kf, model_config)
+    if not found:
+        listing = ", ".join(seen[:40]) + (f", ... ({len(seen)} in all)" if len(seen) > 40 else "")
+        raise ValueError(f"{kf.source}: no GRU layer found (GRU and Bidirectional(GRU) are converted); "
+                         f"layers found: {listing or 'none'}")
+    hard_sigmoid = _hard_sigmoid_for(version)
+    models = {}
+    for entry in found:
+        models[entry["key"]] = _entry_model(kf, entry, hard_sigmoid, version, other_merge_modes)
     return models
 
 

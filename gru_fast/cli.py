@@ -87,7 +87,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
     source = _existing_file(path)
     suffix = source.suffix.lower()
     if node is not None and suffix not in (".onnx", ".keras", ".h5"):
-        raise CliError(f"--node applies to .onnx, .keras and .h5 files only, {path} is a "
+        raise CliError(f"--node applies to .onnx files only (and Keras .keras / .h5 files), {path} is a "
                        f"{suffix or 'suffix-less'} file",
                        EXIT_USAGE)
     if suffix == ".onnx":

@@ -436,7 +436,8 @@ def _find_in_config(kf, model_config):
     found, seen = [], []
     top = model_config
     if "class_name" not in top and "layers" in top:  # a bare get_config() of a model
-        top = {"class_name": "Functional", "config": top}
+        # a functional model's config names its inputs and outputs; a Sequential's does not
+        top = {"class_name": "Functional" if "input_layers" in top else "Sequential", "config": top}
     cls = top.get("class_name")
     if cls not in _MODEL_CLASSES and not isinstance(_inner_config(top).get("layers"), list):
         # a single layer saved as the model (rare); treat it as a one-layer Functional
@@ -559,11 +560,15 @@ def _find_without_config(kf):
                           "nested": False, "defaults": True})
         return found, seen
 
+    import h5py
+
     def walk(node, path, depth):
         if depth > 40:
             raise ValueError(f"{kf.source}: groups nested more than 40 deep")
         members = kfiles.children(node, kf.source)
         name = _k3_name(kf, path) or path
+        if any(entry["key"] == name for entry in found):  # layers of nested models may share a name
+            name = path
         if "forward_layer" in members and "backward_layer" in members \
                 and _k3_gru_shaped(kf, f"{path}/forward_layer") and _k3_gru_shaped(kf, f"{path}/backward_layer"):
             found.append({"key": name, "name": name, "class_name": "Bidirectional", "k3_path": path,
@@ -579,8 +584,6 @@ def _find_without_config(kf):
             if member == "vars":
                 continue
             child = kfiles.resolve(kf.weights, f"{path}/{member}", kf.source)
-            import h5py
-
             if isinstance(child, h5py.Group):
                 walk(child, f"{path}/{member}".lstrip("/"), depth + 1)
 
@@ -727,15 +730,18 @@ def _entry_model(kf, entry, hard_sigmoid, version, other_merge_modes):
         raise ValueError(f"{where}: uses hard_sigmoid, which is clip(x/6 + 0.5, 0, 1) in Keras 3 and "
                          "clip(0.2x + 0.5, 0, 1) in tf.keras 2, and the file does not record its Keras version "
                          f"({version!r}); pass keras_version='3' or '2'")
-    arrays = []
+    arrays, inferred = [], None
     for settings_d, w in zip(settings, weights):
         kernel, recurrent_kernel, bias = _split_weights(w, where + " ")
         if settings_d["use_bias"] != (bias is not None):
             raise ValueError(f"{where}: config says use_bias={settings_d['use_bias']} but the file holds "
                              f"{len(w)} arrays")
         reset_after = settings_d["reset_after"]
-        if reset_after is None:
+        if reset_after is None:  # not in the config: the bias shape tells, (2, 3H) or (3H,)
             reset_after = bias is None or np.ndim(bias) == 2
+        if arrays and reset_after != inferred:
+            raise ValueError(f"{where}: the forward and backward layers' biases differ in form (reset_after)")
+        inferred = reset_after
         arrays.append(_direction_arrays(kernel, recurrent_kernel, bias, reset_after, where + " "))
         hidden = arrays[-1][1].shape[1]
         if settings_d["units"] is not None and settings_d["units"] != hidden:
@@ -746,7 +752,8 @@ def _entry_model(kf, entry, hard_sigmoid, version, other_merge_modes):
         "framework": "keras", "source": kf.source, "layer": entry["key"], "class_name": entry["class_name"],
         "keras_version": None if version is None else str(version), "reset_after": bool(reset_after),
         "go_backwards": s["go_backwards"], "return_sequences": s["return_sequences"],
-        "return_state": s["return_state"], "hard_sigmoid": hard_sigmoid if "hard_sigmoid" in activations else None,
+        "return_state": s["return_state"], "stateful": s["stateful"],
+        "hard_sigmoid": hard_sigmoid if "hard_sigmoid" in activations else None,
     }
     if bidirectional:
         provenance["merge_mode"] = merge_mode

@@ -312,3 +312,23 @@ def test_cli_info_convert_and_run(tmp_path, capsys):
     assert main(["run", str(tmp_path / "m.keras"), "--node", "nope", "--input", str(tmp_path / "x.npy"),
                  "--output", str(tmp_path / "z.npy")]) == 1
     assert "no GRU layer named 'nope'" in capsys.readouterr().err
+
+
+def test_same_layer_name_in_two_nested_models(tmp_path):
+    inp = keras.Input((T, I))
+    a = keras.Sequential([keras.Input((T, I)), L.GRU(H, return_sequences=True, name="g")], name="a")
+    b = keras.Sequential([keras.Input((T, H)), L.GRU(2, return_sequences=True, name="g")], name="b")
+    model = _randomize(keras.Model(inp, b(a(inp))), seed=11)
+    models = _save_and_load(model, tmp_path, "keras")
+    assert list(models) == ["a/g", "b/g"]
+    model.save_weights(tmp_path / "w.weights.h5")
+    with pytest.warns(RuntimeWarning):
+        weights_only = from_keras.load(tmp_path / "w.weights.h5")
+    assert len(weights_only) == 2  # keyed by name, then by path where the name is taken
+    x = _x()
+    y_a = _outputs(keras.Model(inp, model.layers[1].output), x)
+    _close(models["a/g"](x)[0], y_a)
+    _close(models["b/g"](y_a)[0], _outputs(model, x))
+    by_input = {m.input_size: m for m in weights_only.values()}
+    _close(by_input[I](x)[0], y_a)
+    _close(by_input[H](y_a)[0], _outputs(model, x))

@@ -9,8 +9,8 @@ Three containers hold Keras weights:
     ``layers`` list first, each layer under ``layers/<snake_case(class name)>`` made unique with ``_1``,
     ``_2`` ... in list order (``_save_container_state``), its own variables in ``<path>/vars/0, 1, ...``
     and its sub-objects below it (a GRU's cell in ``<path>/cell/vars``; a Bidirectional's
-    ``forward_layer`` and ``backward_layer``).  Keras 3.x writes the layer's name as the ``name``
-    attribute of ``<path>/vars``.  ``model.save_weights("m.weights.h5")`` writes the same file alone.
+    ``forward_layer`` and ``backward_layer``).  Recent Keras 3 releases (3.15 here) also write the
+    layer's name as the ``name`` attribute of ``<path>/vars``; the loader checks it where present.  ``model.save_weights("m.weights.h5")`` writes the same file alone.
 
 ``.h5`` full model (tf.keras 2 ``keras/saving/hdf5_format.py`` ``save_model_to_hdf5``, and Keras 3's
 ``legacy_h5_format.py``, which keeps the layout)
@@ -94,7 +94,8 @@ def parse_json(text, what):
             raise ValueError(f"{what} is not UTF-8 text: {exc}") from None
     if not isinstance(text, str):
         raise ValueError(f"{what}: expected JSON text, got {type(text).__name__}")
-    # a cheap bound on nesting before json.loads recurses into it
+    # a bound on nesting before json.loads recurses into it (brackets inside strings count too, so this
+    # over-estimates the depth; real configs stay far below the limit)
     depth = deepest = 0
     for ch in text:
         if ch in "[{":

@@ -725,7 +725,11 @@ def _entry_model(kf, entry, hard_sigmoid, version, other_merge_modes):
         weights = _legacy_arrays(kf, entry, where)
 
     s = settings[0]
-    activations = (s["activation"], s["recurrent_activation"])
+    try:
+        activations = (_activation_name(s["activation"], "activation"),
+                       _activation_name(s["recurrent_activation"], "recurrent_activation"))
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
     if "hard_sigmoid" in activations and hard_sigmoid is None:
         raise ValueError(f"{where}: uses hard_sigmoid, which is clip(x/6 + 0.5, 0, 1) in Keras 3 and "
                          "clip(0.2x + 0.5, 0, 1) in tf.keras 2, and the file does not record its Keras version "

@@ -395,6 +395,9 @@ def test_hostile_configs_are_refused(tmp_path):
         (_gru_config("gru", H, activation={"class_name": "function", "config": "my_activation"}),
          "my_activation"),
         (_gru_config("gru", H, use_bias=False), "use_bias=False"),
+        # a serialized hard_sigmoid in a file that records no Keras version: which one is meant is unknown
+        (_gru_config("gru", H, recurrent_activation={"class_name": "function", "config": "hard_sigmoid"}),
+         "keras_version='3' or '2'"),
     ]
     for layer, message in cases:
         with pytest.raises(ValueError, match=message):

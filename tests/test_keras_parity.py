@@ -12,7 +12,6 @@ Keras 2 (tf.keras) files cannot be written by Keras 3; tests/test_keras_files.py
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile

@@ -131,26 +131,43 @@ def _split_prefixes(keys):
             if any(k[:2] == ("weight", "hh") for k in g["gru"]) or ("weight", "hh") in g["cell"]}
 
 
-def _params_from_state_dict(state_dict, prefix):
+def _pick_prefix(groups, prefix, where="the state dict", seen=None):
+    """The key prefix of the one GRU ``prefix`` names among ``groups`` (from :func:`_split_prefixes`).
+
+    ``prefix`` None: the only GRU there is.  Otherwise the GRU whose prefix is ``prefix`` (with or without
+    its trailing dot) or ends with ``"." + prefix``, so ``"encoder.gru."`` finds ``"model.encoder.gru."``
+    inside a checkpoint's ``"model"`` entry.  ``seen`` describes what was searched, for the message when no
+    GRU is found."""
+    if prefix is None:
+        if not groups:
+            raise ValueError(f"no GRU parameters found in {where}: expected keys such as 'weight_ih_l0', "
+                             "'weight_hh_l0' (nn.GRU) or 'weight_ih', 'weight_hh' (nn.GRUCell), with or without a "
+                             f"module prefix{seen or ''}")
+        if len(groups) > 1:
+            listing = ", ".join(repr(p) for p in sorted(groups))
+            raise ValueError(f"{where} holds {len(groups)} GRUs; pick one with prefix= (--prefix): {listing}")
+        return next(iter(groups))
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    wanted = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    for exact in (prefix, wanted):
+        if exact in groups:
+            return exact
+    matches = sorted(p for p in groups if wanted and p.endswith("." + wanted))
+    if len(matches) == 1:
+        return matches[0]
+    listing = ", ".join(repr(p) for p in sorted(groups)) or "none"
+    if matches:
+        raise ValueError(f"prefix {prefix!r} matches {len(matches)} GRUs in {where}; give the full prefix: "
+                         f"{', '.join(repr(p) for p in matches)}")
+    raise ValueError(f"prefix {prefix!r} names no GRU in {where}; candidates: {listing}")
+
+
+def _params_from_state_dict(state_dict, prefix, where="the state dict", seen=None):
     """-> (prefix, params, num_layers, num_directions, has_bias) for the GRU under ``prefix``, where
     ``params[(layer, direction)] = (w_ih, w_hh, b_ih, b_hh, names)`` holds numpy arrays in PyTorch layout."""
     groups = _split_prefixes(state_dict.keys())
-    if prefix is None:
-        if not groups:
-            raise ValueError("no GRU parameters found: expected keys such as 'weight_ih_l0', 'weight_hh_l0' "
-                             "(nn.GRU) or 'weight_ih', 'weight_hh' (nn.GRUCell), with or without a module prefix")
-        if len(groups) > 1:
-            listing = ", ".join(repr(p) for p in sorted(groups))
-            raise ValueError(f"the state dict holds {len(groups)} GRUs; pick one with prefix=: {listing}")
-        prefix = next(iter(groups))
-    else:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        if prefix and not prefix.endswith(".") and prefix + "." in groups and prefix not in groups:
-            prefix = prefix + "."
-        if prefix not in groups:
-            listing = ", ".join(repr(p) for p in sorted(groups)) or "none"
-            raise ValueError(f"prefix {prefix!r} names no GRU in the state dict; candidates: {listing}")
+    prefix = _pick_prefix(groups, prefix, where, seen)
     group = groups[prefix]
     if group["gru"] and group["cell"]:
         raise ValueError(f"prefix {prefix!r} mixes nn.GRU keys (weight_ih_l0, ...) and nn.GRUCell keys "
@@ -206,7 +223,19 @@ def _params_from_state_dict(state_dict, prefix):
 # public API
 # --------------------------------------------------------------------------------------------------
 
-def from_state_dict(state_dict, *, batch_first=False, prefix=None, _source="state_dict"):
+_LAYOUTS = {False: "time-major (T, B, I)", True: "batch-major (B, T, I)"}
+
+
+def _layout(batch_first, origin):
+    """The provenance entries that say which input layout a converted model takes and why."""
+    if batch_first is None:
+        return {"layout": f"{_LAYOUTS[False]}, assumed: the weights do not record batch_first; pass "
+                          "batch_first=True (gru-fast: --batch-first) if the module was built with "
+                          "batch_first=True", "layout_assumed": True}
+    return {"layout": f"{_LAYOUTS[bool(batch_first)]}, {origin}", "layout_assumed": False}
+
+
+def from_state_dict(state_dict, *, batch_first=None, prefix=None, _source="state_dict", _layout_origin=None):
     """Build a gru_fast.GRU from an nn.GRU / nn.GRUCell state dict.
 
     Parameters
@@ -216,18 +245,24 @@ def from_state_dict(state_dict, *, batch_first=False, prefix=None, _source="stat
         variants for a bidirectional GRU), or ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` for a
         GRUCell, optionally behind a module prefix such as ``"encoder.gru."``.  Values may be torch tensors
         or numpy arrays.  Layers, directions, sizes and bias are inferred from the keys and shapes.
-    batch_first : bool
-        The state dict does not record it; pass the module's setting.
+    batch_first : bool, optional
+        The state dict does not record it; pass the module's setting.  When omitted the model is
+        time-major, (T, B, I), and its ``provenance["layout"]`` says that this was assumed
+        (``provenance["layout_assumed"]`` is True).
     prefix : str, optional
-        Picks one GRU out of a larger model's state dict (``"encoder.gru."`` or ``"encoder.gru"``).  When
-        the dict holds several GRUs and no prefix is given, ValueError lists the candidates.
+        Picks one GRU out of a larger model's state dict (``"encoder.gru."`` or ``"encoder.gru"``; a unique
+        ending such as ``"gru."`` also finds ``"model.gru."``).  When the dict holds several GRUs and no
+        prefix is given, ValueError lists the candidates.
     """
     if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    if batch_first is not None and not isinstance(batch_first, (bool, np.bool_)):
+        raise TypeError(f"batch_first must be True, False or None, got {batch_first!r}")
     prefix, params, num_layers, num_directions, has_bias = _params_from_state_dict(state_dict, prefix)
+    provenance = {"framework": "torch", "source": _source, "prefix": prefix or None}
+    provenance.update(_layout(batch_first, _layout_origin or f"as given (batch_first={bool(batch_first)})"))
     return _build(params, num_layers=num_layers, num_directions=num_directions, has_bias=has_bias,
-                  batch_first=batch_first,
-                  provenance={"framework": "torch", "source": _source, "prefix": prefix or None})
+                  batch_first=bool(batch_first), provenance=provenance)
 
 
 def convert(module):
@@ -247,7 +282,7 @@ def convert(module):
 
     if isinstance(module, torch.nn.GRUCell):
         return from_state_dict(_module_parameters(module, ("weight_ih", "weight_hh", "bias_ih", "bias_hh")),
-                               batch_first=False, _source="module")
+                               batch_first=False, _source="module", _layout_origin="nn.GRUCell (one step at a time)")
     if not isinstance(module, torch.nn.GRU):
         if isinstance(module, torch.nn.RNNBase):
             raise ValueError(f"convert() handles nn.GRU and nn.GRUCell only, got {type(module).__name__} "
@@ -258,7 +293,8 @@ def convert(module):
     if getattr(module, "proj_size", 0):
         raise ValueError(f"nn.GRU with proj_size={module.proj_size} is not supported")
     model = from_state_dict(_module_parameters(module, module._flat_weights_names),
-                            batch_first=module.batch_first, _source="module")
+                            batch_first=module.batch_first, _source="module",
+                            _layout_origin=f"from the module (batch_first={module.batch_first})")
     expected = (module.input_size, module.hidden_size, module.num_layers, 2 if module.bidirectional else 1)
     got = (model.input_size, model.hidden_size, model.num_layers, model.num_directions)
     if expected != got:  # e.g. a module whose parameters were swapped for something odd
@@ -281,23 +317,39 @@ def _module_parameters(module, names):
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
 
-def load(path, prefix=None, *, batch_first=False, max_bytes=DEFAULT_MAX_BYTES):
+def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     """Load a GRU from a PyTorch checkpoint (.pt / .pth) or a numpy .npz state dict, executing no pickled code.
 
     A checkpoint is read with ``torch.load(path, weights_only=True, map_location="cpu")`` only: one whose
     pickle would need arbitrary classes or callables (a whole pickled module, a malicious payload) is
-    refused with ValueError, never run.  It may hold a bare state dict or a dict with a ``"state_dict"`` /
-    ``"model_state_dict"`` entry.  A ``.npz`` file (``np.savez(path, **state_dict)``) is read with
+    refused with ValueError, never run.  A ``.npz`` file (``np.savez(path, **state_dict)``) is read with
     ``np.load(allow_pickle=False)``, so object arrays are refused.  Paths that are not regular files
     (directories, FIFOs, devices) are refused before anything is opened.
+
+    Where the GRU is: anywhere in the checkpoint's nested dicts (and lists), as checkpoints are saved --
+    a bare ``model.state_dict()``, ``{"model": sd, "epoch": 3}``, ``{"state_dict": sd}`` (PyTorch
+    Lightning, keys like ``"model.gru.weight_ih_l0"``), ``{"model_state_dict": sd}``, ``{"net": sd}``,
+    DataParallel's ``"module."`` keys, or deeper.  Each GRU is named by its full dotted path, e.g.
+    ``"state_dict.model.gru."``.  Without ``prefix`` the file must hold exactly one GRU; with several,
+    ValueError lists every one by that path, and with none it lists the file's top-level keys.
+    ``prefix`` is that full path or a unique ending of it (``"gru."``, ``"encoder.gru"``).
+
+    Layout: ``batch_first`` given (True/False) is used.  Otherwise it is taken from the checkpoint when
+    one of its dicts records a boolean ``"batch_first"`` (a saved config, Lightning's
+    ``"hyper_parameters"``) and every such entry agrees; else the model is time-major, (T, B, I).
+    ``provenance["layout"]`` says which, and ``provenance["layout_assumed"]`` is True when it was guessed.
 
     ``max_bytes`` (default 2 GiB) caps the file and the arrays it declares: a file larger than the cap is
     refused unread, and in an .npz or a zip-format checkpoint every member's declared size is checked
     against the cap and against the bytes really in the file before anything is read, so a header
-    cannot make the loader allocate what it claims.
+    cannot make the loader allocate what it claims.  Then the tensors' own sizes (elements x element
+    size, what converting them allocates) are summed and checked against the cap before any is copied:
+    a tensor can be a broadcast view (stride 0) of a far smaller storage.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    if batch_first is not None and not isinstance(batch_first, (bool, np.bool_)):
+        raise TypeError(f"batch_first must be True, False or None, got {batch_first!r}")
     path = os.fspath(path)
     with _open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
@@ -305,13 +357,90 @@ def load(path, prefix=None, *, batch_first=False, max_bytes=DEFAULT_MAX_BYTES):
             raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
         if path.lower().endswith(".npz"):
             _check_zip_sizes(stream, path, size, max_bytes, npy_headers=True)
-            state_dict = _load_npz(stream, path)
+            obj = _load_npz(stream, path)
         else:
             _refuse_legacy_checkpoint(stream, path)
             _check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
-            state_dict = _load_checkpoint(stream, path)
-    return from_state_dict(state_dict, batch_first=batch_first, prefix=prefix,
-                           _source=os.path.basename(path))
+            obj = _load_checkpoint(stream, path)
+    tensors, flags = _flatten_checkpoint(obj, path, max_bytes)
+    top = list(obj.keys())[:20] if isinstance(obj, dict) else []
+    seen = ("; its top-level keys are: " + ", ".join(repr(k) for k in top) + (", ..." if len(obj) > 20 else "")
+            if top else "; it holds no dict")
+    groups = _split_prefixes(tensors.keys())
+    found = _pick_prefix(groups, prefix, repr(path), seen)
+    origin = None
+    if batch_first is None:
+        batch_first, origin = _recorded_batch_first(flags)
+    else:
+        origin = f"as given (batch_first={bool(batch_first)})"
+    return from_state_dict(tensors, batch_first=batch_first, prefix=found, _source=os.path.basename(path),
+                           _layout_origin=origin)
+
+
+_MAX_DEPTH = 64  # nesting deeper than any checkpoint writer produces; a hostile pickle can nest far deeper
+
+
+def _flatten_checkpoint(obj, path, max_bytes):
+    """Walk a loaded checkpoint's dicts, lists and tuples without recursion and without copying a tensor.
+
+    Returns ``({dotted path: tensor or array}, {dotted path: bool})``: every tensor / array by its full
+    path (``"state_dict.model.gru.weight_ih_l0"``), and every boolean entry called ``batch_first``.  The
+    tensors' sizes (elements x element size) are summed as they are met and ValueError is raised, naming
+    the size and the cap, as soon as the total exceeds ``max_bytes``: nothing has been copied yet.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r}: expected a state dict (a dict of tensors, possibly inside other dicts), "
+                         f"got {type(obj).__name__}")
+    tensors, flags, total = {}, {}, 0
+    visited = set()
+    stack = [("", obj, 0)]
+    while stack:
+        where, node, depth = stack.pop()
+        if id(node) in visited:  # a pickle can make a dict contain itself
+            continue
+        visited.add(id(node))
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"{path!r}: nested more than {_MAX_DEPTH} levels deep at {where[:200]!r}")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            name = f"{where}{key}"
+            if isinstance(value, (dict, list, tuple)):
+                stack.append((name + ".", value, depth + 1))
+                continue
+            if isinstance(key, str) and key == "batch_first" and isinstance(value, bool):
+                flags[name] = value
+                continue
+            nbytes = _logical_nbytes(value)
+            if nbytes is None:
+                continue
+            total += nbytes
+            if total > max_bytes:
+                raise ValueError(f"{path!r}: the tensors hold {total} bytes or more once materialised "
+                                 f"({name!r} alone is {nbytes} bytes, shape {tuple(value.shape)}), over the "
+                                 f"memory cap max_bytes={max_bytes}")
+            tensors[name] = value
+    return tensors, flags
+
+
+def _logical_nbytes(value):
+    """Elements x element size of a torch tensor or numpy array (None for anything else): what a dense
+    copy of it takes, whatever its storage holds (an ``expand``-ed view stores one element)."""
+    if isinstance(value, np.ndarray):
+        return int(value.size) * value.dtype.itemsize
+    if hasattr(value, "element_size") and hasattr(value, "numel") and hasattr(value, "shape"):
+        return int(value.numel()) * int(value.element_size())
+    return None
+
+
+def _recorded_batch_first(flags):
+    """(batch_first, where it came from) from the checkpoint's ``batch_first`` entries, or (None, None)."""
+    if not flags:
+        return None, None
+    values = set(flags.values())
+    if len(values) > 1:
+        return None, None
+    names = ", ".join(repr(k) for k in sorted(flags))
+    return values.pop(), f"from the checkpoint's {names}"
 
 
 def _open_regular_file(path):
@@ -443,19 +572,22 @@ def _load_checkpoint(stream, path):
     try:
         obj = torch.load(stream, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path!r}: refused to load: the checkpoint needs arbitrary unpickling, which "
-                         f"weights_only=True forbids (save a state dict instead): {_one_line(exc)}") from exc
+        raise ValueError(_pickled_objects_message(path, exc)) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
             IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path!r}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
                          f"{_one_line(exc)})") from exc
-    state_dict = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                state_dict = obj[key]
-                break
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path!r}: expected a state dict (or a dict with 'state_dict' / 'model_state_dict'), "
-                         f"got {type(state_dict).__name__}")
-    return state_dict
+    return obj
+
+
+def _pickled_objects_message(path, exc):
+    """Why a checkpoint that torch.load(weights_only=True) refuses is not loaded, and the two ways out."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" ({found.group(1)})" if found else ""
+    return (f"{path!r}: refused to load: the file holds pickled Python objects{what}, not only tensors, and "
+            "unpickling them could run code from the file, so torch.load(weights_only=True) stops. What to do: "
+            "re-save the weights with torch.save(model.state_dict(), path) and load that; or, only for a file "
+            "you trust, load it yourself with torch.load(path, weights_only=False) and pass the nn.GRU (or "
+            "nn.GRUCell) to converters.from_torch.convert(module)")

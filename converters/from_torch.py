@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-__all__ = ["convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
+__all__ = ["accelerate", "convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
 
 # weight_ih_l0, bias_hh_l3_reverse, ... (nn.GRU) and weight_ih, bias_hh (nn.GRUCell)
 _GRU_KEY = re.compile(r"^(?P<prefix>.*?)(?P<kind>weight|bias)_(?P<mat>ih|hh)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
@@ -591,3 +591,202 @@ def _pickled_objects_message(path, exc):
             "re-save the weights with torch.save(model.state_dict(), path) and load that; or, only for a file "
             "you trust, load it yourself with torch.load(path, weights_only=False) and pass the nn.GRU (or "
             "nn.GRUCell) to converters.from_torch.convert(module)")
+
+
+# --------------------------------------------------------------------------------------------------
+# accelerate: nn.GRU / nn.GRUCell inside a torch model, run by gru_fast
+# --------------------------------------------------------------------------------------------------
+
+def accelerate(module):
+    """Run every ``torch.nn.GRU`` and ``torch.nn.GRUCell`` inside ``module`` with gru_fast; returns ``module``.
+
+    In place: each GRU (or the module itself, if it is one) keeps its identity, parameters, state_dict
+    keys, ``isinstance(m, nn.GRU)`` and attributes; only its class becomes ``AcceleratedGRU`` /
+    ``AcceleratedGRUCell`` (a subclass), whose ``forward`` runs a gru_fast model converted from the
+    module's weights.  The rest of the model (convolutions, heads) stays torch.
+
+    ``forward`` takes and returns what nn.GRU's does: ``(input, hx=None) -> (output, h_n)`` with
+    ``batch_first``, unbatched (T, I) input, and PackedSequence in and out; nn.GRUCell's
+    ``(input, hx=None) -> h'``, batched (B, I) or unbatched (I,).  Contiguous CPU tensors are read in
+    place (``tensor.numpy()``) and the results are tensors over gru_fast's output arrays
+    (``torch.from_numpy``), so no copy is made on the way in or out; other inputs are made contiguous
+    first.
+
+    Inference only.  The converted weights are refreshed whenever a parameter changes (``load_state_dict``,
+    an in-place update, ``.double()``), checked through the parameters' version counters.  eval() vs
+    train(): in eval mode a call always runs, and its results carry no autograd graph (gradients stop
+    at the GRU, even for inputs that require grad).  In training mode with autograd on -- where a
+    gradient is what the caller wants -- a call raises RuntimeError naming the fix (``model.eval()``, or
+    ``torch.no_grad()`` / ``torch.inference_mode()``).  Training mode under no_grad runs as eval mode
+    would, except for an nn.GRU with ``dropout`` > 0 between layers, which torch applies in training
+    mode (RuntimeError).
+
+    float32 and float64 modules run in their own precision; inputs must have the module's dtype (as
+    torch requires).  CPU only: a module or input on another device raises ValueError, and so does a
+    module that cannot be converted (``proj_size``, other dtypes); ``accelerate`` checks every GRU before
+    changing any.
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"accelerate() expects a torch.nn.Module, got {type(module).__name__}")
+    targets = [(name or type(m).__name__, m) for name, m in module.named_modules()
+               if isinstance(m, (torch.nn.GRU, torch.nn.GRUCell)) and not isinstance(m, _Accelerated)]
+    for name, m in targets:
+        _check_servable(m, name)
+    for _, m in targets:
+        m.__class__ = _accelerated_class(type(m))
+        m.__dict__.pop("_gru_fast", None)
+        m._gru_fast_model()  # convert now, so a module gru_fast cannot run fails here, not mid-model
+    return module
+
+
+class _Accelerated:
+    """Marker base of the accelerated classes."""
+
+
+def _check_servable(module, name):
+    import torch
+
+    params = list(module.parameters())
+    for p in params:
+        if p.device.type != "cpu":
+            raise ValueError(f"{name}: gru_fast runs on the CPU only, the module's parameters are on {p.device} "
+                             "(move the model with .cpu() first)")
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name}: gru_fast runs float32 and float64 modules, this one is {p.dtype} "
+                             "(convert it with .float() first)")
+    if getattr(module, "proj_size", 0):
+        raise ValueError(f"{name}: nn.GRU with proj_size={module.proj_size} is not supported")
+
+
+_CLASSES = {}
+
+
+def _accelerated_class(base):
+    """``AcceleratedGRU`` / ``AcceleratedGRUCell`` for nn.GRU / nn.GRUCell (importable from this module, so
+    an accelerated model pickles), or a subclass of another base (a user's GRU subclass, a parametrized
+    module's class)."""
+    import torch
+
+    if base not in _CLASSES:
+        cell = issubclass(base, torch.nn.GRUCell)
+        mixin = _cell_mixin() if cell else _gru_mixin()
+        if base in (torch.nn.GRU, torch.nn.GRUCell):
+            name, qualname = "Accelerated" + base.__name__, "Accelerated" + base.__name__
+        else:
+            name, qualname = "Accelerated" + base.__name__, "_accelerated_class.<locals>.Accelerated" + base.__name__
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": qualname})
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def __getattr__(name):
+    """``AcceleratedGRU`` and ``AcceleratedGRUCell``, made on first use (they subclass torch's classes,
+    and torch is imported only where it is used)."""
+    if name in ("AcceleratedGRU", "AcceleratedGRUCell"):
+        import torch
+
+        return _accelerated_class(getattr(torch.nn, name[len("Accelerated"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _AcceleratedBase(_Accelerated):
+    """What the accelerated GRU and GRUCell share: the converted model, kept in step with the weights, and
+    the checks made on every call."""
+
+    def _gru_fast_model(self):
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = self.__dict__.get("_gru_fast")
+        if cached is None or cached[0] != key:
+            import torch
+
+            _check_servable(self, type(self).__name__)
+            with torch.no_grad():
+                cached = (key, convert(self))
+            self.__dict__["_gru_fast"] = cached
+        return cached[1]
+
+    def _gru_fast_check(self, tensors):
+        import torch
+
+        name = type(self).__name__
+        dtype = next(self.parameters()).dtype
+        for what, t in tensors:
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device.type != "cpu":
+                raise ValueError(f"{name}: gru_fast runs on the CPU only, {what} is on {t.device}")
+            if t.dtype != dtype:
+                raise TypeError(f"{name}: {what} has dtype {t.dtype}, the module's parameters {dtype} (as in torch, "
+                                "they must match)")
+        if self.training and torch.is_grad_enabled():
+            wanting = [what for what, t in tensors if t is not None and t.requires_grad]
+            if wanting or any(p.requires_grad for p in self.parameters()):
+                because = f"{' and '.join(wanting)} requires grad" if wanting else "its parameters require grad"
+                raise RuntimeError(f"{name} is run by gru_fast, an inference engine without gradients, and is "
+                                   f"in training mode with autograd on ({because}): call model.eval() or run it "
+                                   "under torch.no_grad() / torch.inference_mode()")
+
+
+def _as_numpy(tensor):
+    """A CPU tensor as a numpy array sharing its memory (a contiguous copy first when it is not contiguous)."""
+    t = tensor.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def _gru_mixin():
+    import torch
+    from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+    class _GRUForward(_AcceleratedBase):
+        def forward(self, input, hx=None):  # noqa: A002 - nn.GRU's own argument name
+            model = self._gru_fast_model()
+            packed = isinstance(input, PackedSequence)
+            if self.training and self.dropout and self.num_layers > 1:
+                raise RuntimeError(f"{type(self).__name__}: in training mode nn.GRU applies dropout="
+                                   f"{self.dropout} between layers, which gru_fast (inference only) does not: "
+                                   "call model.eval()")
+            if packed:
+                self._gru_fast_check([("input.data", input.data), ("hx", hx)])
+                x, lengths = pad_packed_sequence(input, batch_first=self.batch_first)
+                lengths = lengths.numpy()
+            else:
+                self._gru_fast_check([("input", input), ("hx", hx)])
+                x, lengths = input, None
+            y, h_n = model(_as_numpy(x), h0=None if hx is None else _as_numpy(hx), lengths=lengths)
+            y, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
+            if not packed:
+                return y, h_n
+            # back to the packed order: time-major, the rows of step t are the first batch_sizes[t]
+            # sequences in sorted order
+            steps_first = y.transpose(0, 1) if self.batch_first else y
+            if input.sorted_indices is not None:
+                steps_first = steps_first.index_select(1, input.sorted_indices)
+            batch_sizes = input.batch_sizes
+            mask = torch.arange(steps_first.shape[1])[None, :] < batch_sizes[:, None]
+            return PackedSequence(steps_first[mask], batch_sizes, input.sorted_indices, input.unsorted_indices), h_n
+
+    return _GRUForward
+
+
+def _cell_mixin():
+    import torch
+
+    class _GRUCellForward(_AcceleratedBase):
+        def forward(self, input, hx=None):  # noqa: A002 - nn.GRUCell's own argument name
+            model = self._gru_fast_model()
+            self._gru_fast_check([("input", input), ("hx", hx)])
+            if input.dim() not in (1, 2):
+                raise ValueError(f"{type(self).__name__}: expected input to be 1-D or 2-D, got {input.dim()}-D "
+                                 f"shape {tuple(input.shape)}")
+            x = _as_numpy(input)[None]  # one time step: (1, B, I), or (1, I) unbatched
+            h0 = None if hx is None else _as_numpy(hx)[None]
+            y, _ = model(x, h0=h0)
+            return torch.from_numpy(y[0])
+
+    return _GRUCellForward

@@ -234,3 +234,15 @@ def test_cpu_only_and_convertible_modules_only():
         fast(torch.randn(3, 2, 4, device="meta"))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         from_torch.accelerate(np.zeros(3))
+
+
+def test_bench_entry_runs_and_matches_torch():
+    """bench.accelerate (the report's end-to-end entry) on its real model: the accelerated output agrees
+    with torch's and the record holds both timings (their values are the report's, not asserted)."""
+    from bench import accelerate
+
+    result = accelerate.run(rounds=3, batch_seconds=0.001)
+    assert result["max_abs_err"] <= ATOL32
+    assert result["rounds"] == 3 and set(result["timings"]) == {"pytorch", "accelerated"}
+    text = accelerate.markdown(result)
+    assert "Speed-up" in text and "ratio of medians" in text

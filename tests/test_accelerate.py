@@ -246,3 +246,14 @@ def test_bench_entry_runs_and_matches_torch():
     assert result["rounds"] == 3 and set(result["timings"]) == {"pytorch", "accelerated"}
     text = accelerate.markdown(result)
     assert "Speed-up" in text and "ratio of medians" in text
+
+
+def test_tensors_are_shared_not_copied_where_they_can_be():
+    """A contiguous CPU tensor reaches gru_fast as a view of its own memory, not a copy; a strided one is
+    made contiguous first."""
+    x = torch.randn(7, 3, 4)
+    view = from_torch._as_numpy(x)
+    assert view.ctypes.data == x.data_ptr() and view.dtype == np.float32
+    strided = x.transpose(0, 1)
+    copied = from_torch._as_numpy(strided)
+    assert copied.ctypes.data != strided.data_ptr() and np.array_equal(copied, strided.numpy())

@@ -7,9 +7,12 @@ form, so every converted model has ``linear_before_reset=True``.
 Inference only: ``nn.GRU``'s ``dropout`` is applied between layers during training and never at
 inference, so it is ignored here.
 
-torch is imported only inside the functions that need it (``convert``, and ``load`` for .pt files); the
-core of the conversion works on plain numpy arrays, so ``from_state_dict`` accepts numpy state dicts and
-``load`` reads .npz state dicts without torch.
+``accelerate(model)`` goes the other way: it leaves a torch model in torch and runs each of its nn.GRU /
+nn.GRUCell modules with a converted gru_fast model.
+
+torch is imported only inside the functions that need it (``convert``, ``accelerate``, and ``load`` for
+.pt files); the core of the conversion works on plain numpy arrays, so ``from_state_dict`` accepts numpy
+state dicts and ``load`` reads .npz state dicts without torch.
 """
 
 from __future__ import annotations

@@ -205,12 +205,12 @@ def cmd_info(args) -> int:
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
-    _note_assumed_layouts(models)
     return EXIT_OK
 
 
 def _note_assumed_layouts(models) -> None:
-    """A converted state dict whose layout was guessed (time-major) says so on stderr."""
+    """``convert``: a state dict whose layout was guessed (time-major) says so on stderr (``info`` prints
+    it on its ``layout`` line)."""
     for name, model in models.items():
         if model.provenance.get("layout_assumed"):
             print(f"gru-fast: note: {name}: layout {model.provenance.get('layout')}", file=sys.stderr)

@@ -11,8 +11,11 @@ Model files (MODEL, SRC) are recognised by their suffix:
 - ``.npz``: a gru_fast engine file (:func:`gru_fast.save`); otherwise a numpy state dict of an
   ``nn.GRU`` (``np.savez(path, **state_dict)``), read with ``--prefix`` / ``--batch-first``;
 - ``.onnx``: every GRU node of the graph (one single-layer model each), ``--node NAME`` picks one;
-- ``.pt`` / ``.pth``: a PyTorch state dict, read with ``torch.load(weights_only=True)`` (needs torch),
-  ``--prefix`` picks one GRU of a larger model;
+- ``.pt`` / ``.pth``: a PyTorch checkpoint, read with ``torch.load(weights_only=True)`` (needs torch): a
+  state dict, bare or anywhere inside the checkpoint's dicts (``{"model": sd, "epoch": 3}``, Lightning,
+  DataParallel); ``--prefix`` picks one GRU when it holds several.  Without ``--batch-first`` /
+  ``--no-batch-first`` the layout comes from a ``batch_first`` entry the checkpoint records, else it is
+  assumed time-major and ``info`` / ``convert`` say so.
 - ``.keras`` / ``.h5``: every GRU layer of a Keras model or weights file (:func:`converters.from_keras.load`,
   needs h5py), ``--node NAME`` picks one by layer name.
 
@@ -80,7 +83,7 @@ def _existing_file(path: str) -> Path:
 
 
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
-                batch_first: bool = False) -> tuple[str, dict]:
+                batch_first: bool | None = None) -> tuple[str, dict]:
     """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc)."""
     import gru_fast
 
@@ -111,7 +114,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
     if suffix in (".pt", ".pth"):
         return "PyTorch state dict", {source.stem: _read_torch(source, prefix, batch_first)}
     if suffix in (".keras", ".h5"):
-        if prefix is not None or batch_first:
+        if prefix is not None or batch_first is not None:
             raise CliError("--prefix and --batch-first apply to PyTorch state dicts, not to Keras files "
                            "(Keras files record their layer names and layout)", EXIT_USAGE)
         try:
@@ -130,13 +133,13 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
             models = {node: models[node]}
         return "Keras model", models
     if suffix == ".npz":
-        if prefix is not None or batch_first:
+        if prefix is not None or batch_first is not None:
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
         try:
             return "gru_fast engine file", {source.stem: gru_fast.load(source)}
         except (ValueError, OSError) as engine_error:
             try:
-                return "numpy state dict", {source.stem: _read_torch(source, None, False)}
+                return "numpy state dict", {source.stem: _read_torch(source, None, None)}
             except CliError as torch_error:
                 raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
                                f"dict of an nn.GRU ({torch_error})") from None
@@ -159,7 +162,7 @@ def _read_torch(source: Path, prefix, batch_first):
 
 def _single_model(path, args):
     _, models = read_models(path, node=getattr(args, "node", None), prefix=getattr(args, "prefix", None),
-                            batch_first=getattr(args, "batch_first", False))
+                            batch_first=getattr(args, "batch_first", None))
     if len(models) > 1:
         raise CliError(f"{path} holds {len(models)} GRU models ({', '.join(repr(k) for k in models)}); pick one "
                        "with --node NAME")
@@ -210,6 +213,8 @@ def _info_text(name: str, facts: dict) -> list[str]:
         ("parameters", f"{d['parameters']:,} ({d['parameter_bytes'] / 1024:,.1f} KiB)"),
         ("provenance", json.dumps(d["provenance"], sort_keys=True) if d["provenance"] else "none recorded"),
     ]
+    if isinstance(d["provenance"], dict) and "layout" in d["provenance"]:  # a converted state dict's layout
+        lines.insert(-2, ("layout", d["provenance"]["layout"]))
     return [f"{name}:"] + [f"  {key:<12s} {value}" for key, value in lines]
 
 
@@ -224,6 +229,14 @@ def cmd_info(args) -> int:
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
     return EXIT_OK
+
+
+def _note_assumed_layouts(models) -> None:
+    """``convert``: a state dict whose layout was guessed (time-major) says so on stderr (``info`` prints
+    it on its ``layout`` line)."""
+    for name, model in models.items():
+        if model.provenance.get("layout_assumed"):
+            print(f"gru-fast: note: {name}: layout {model.provenance.get('layout')}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +276,7 @@ def cmd_convert(args) -> int:
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
         print(f"wrote {path}  ({name}: {model})")
+    _note_assumed_layouts(models)
     return EXIT_OK
 
 
@@ -448,11 +462,12 @@ def _model_options(parser, *, onnx_node=True):
         parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME; "
                             "Keras: the GRU layer called NAME")
     parser.add_argument("--prefix", metavar="PREFIX",
-                        help="PyTorch state dict: the GRU's key prefix, e.g. 'encoder.gru.' (needed when the "
-                             "file holds several GRUs)")
-    parser.add_argument("--batch-first", action="store_true",
-                        help="PyTorch state dict: the module was built with batch_first=True (state dicts "
-                             "do not record it)")
+                        help="PyTorch checkpoint: the GRU's dotted path, e.g. 'model.encoder.gru.' or a unique "
+                             "ending of it such as 'encoder.gru' (needed when the file holds several GRUs)")
+    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="PyTorch checkpoint: the module was built with batch_first=True (or, with "
+                             "--no-batch-first, False); default: the checkpoint's recorded 'batch_first' if "
+                             "any, else time-major, with a note")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,10 +77,19 @@ def _existing_file(path: str) -> Path:
     return p
 
 
+def _unnamed(message: str, path: str) -> str:
+    """``message`` without the file name it starts with (for a message that quotes it inside another)."""
+    for form in (f"{path}: ", f"{path!r}: ", f"{path} ", f"{path!r} "):
+        if message.startswith(form):
+            return message[len(form):]
+    return message
+
+
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
                 batch_first: bool = False) -> tuple[str, dict]:
     """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc)."""
     import gru_fast
+    from gru_fast._files import name_file, sniff
 
     source = _existing_file(path)
     suffix = source.suffix.lower()
@@ -98,7 +107,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         except ImportError as exc:
             raise _missing(exc, "reading .onnx files") from None
         except (ValueError, TypeError, OSError) as exc:
-            raise CliError(f"{path}: {exc}") from None
+            raise CliError(name_file(str(exc), path)) from None
         if node is not None:
             if node not in models:
                 raise CliError(f"{path}: no GRU node named {node!r}; the graph's GRU nodes are: "
@@ -108,16 +117,19 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
     if suffix in (".pt", ".pth"):
         return "PyTorch state dict", {source.stem: _read_torch(source, prefix, batch_first)}
     if suffix == ".npz":
-        if prefix is not None or batch_first:
+        kind = sniff(source)  # the members tell an engine file from a numpy state dict
+        if prefix is not None or batch_first or kind == "torch":
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
         try:
             return "gru_fast engine file", {source.stem: gru_fast.load(source)}
         except (ValueError, OSError) as engine_error:
+            if kind == "gru_fast":
+                raise CliError(name_file(str(engine_error), path)) from None
             try:
                 return "numpy state dict", {source.stem: _read_torch(source, None, False)}
             except CliError as torch_error:
-                raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
-                               f"dict of an nn.GRU ({torch_error})") from None
+                raise CliError(f"{path} is neither a gru_fast engine file ({_unnamed(str(engine_error), path)}) "
+                               f"nor a numpy state dict of an nn.GRU ({_unnamed(str(torch_error), path)})") from None
     raise CliError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a gru_fast engine file "
                    "(.npz), an ONNX model (.onnx) or a PyTorch state dict (.pt, .pth, .npz)")
 
@@ -125,13 +137,14 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
 def _read_torch(source: Path, prefix, batch_first):
     from converters import from_torch
 
+    from ._files import name_file
+
     try:
         return from_torch.load(source, prefix=prefix, batch_first=batch_first)
     except ImportError as exc:
         raise _missing(exc, f"reading {source.suffix} files") from None
     except (ValueError, TypeError, OSError) as exc:
-        message = str(exc)  # from_torch's messages usually name the file already
-        raise CliError(message if str(source) in message else f"{source}: {message}") from None
+        raise CliError(name_file(str(exc), source)) from None
 
 
 def _single_model(path, args):
@@ -230,6 +243,11 @@ def cmd_convert(args) -> int:
 
     _, models = read_models(args.src, node=args.node, prefix=args.prefix, batch_first=args.batch_first)
     paths = output_paths(args.output, list(models), Path(args.src))
+    if args.output.endswith(("/", os.sep)):  # -o DIR/ names a directory to write into: made when missing
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: cannot create the directory ({exc.strerror or exc})") from None
     for path, (name, model) in zip(paths, models.items()):
         if args.dtype is not None:
             model = model.astype(args.dtype)
@@ -475,9 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "format.",
         epilog="Output paths: with -o FILE.npz a single model is written to FILE.npz; several (an ONNX "
                "graph with several GRU nodes, one per stacked layer as torch.onnx.export writes them) go "
-               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /) "
-               "each model goes to DIR/<node>.npz (ONNX) or DIR/<source name>.npz. Node names are reduced "
-               "to letters, digits, '_', '-' and '.'.")
+               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /, "
+               "created with its parents when missing) each model goes to DIR/<node>.npz (ONNX) or "
+               "DIR/<source name>.npz. Node names are reduced to letters, digits, '_', '-' and '.'.")
     convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth or .npz")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npz file or directory")
     _model_options(convert)

@@ -213,6 +213,10 @@ def cmd_info(args) -> int:
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
+        if model.provenance.get("source") == "scripts/train_default_model.py" and "test_accuracy" in model.provenance:
+            from ._demo import accuracy_sets  # the shipped demo model: which set test_accuracy is on
+
+            print(f"  {'accuracy':<12s} {accuracy_sets()}")
     return EXIT_OK
 
 
@@ -531,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the benchmark harness (python -m bench) of a source checkout: every case against "
                     "the installed peers, written to bench/results/report*.{md,json,png}.",
         epilog="Needs a source checkout (exit 2 otherwise). The exit code is the harness's.")
-    bench.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke-test run, under a minute on a quiet machine (no isolated-engine table, no "
+                            "empty-kernel-cache rows: those are the full run's)")
     bench.add_argument("--cases", nargs="+", metavar="NAME", help="cases to run (default: all)")
     bench.add_argument("--out-dir", metavar="DIR", help="where the report goes (default bench/results)")
     bench.set_defaults(handler=cmd_bench)

@@ -11,9 +11,10 @@ directory (``report-quick.*`` with ``--quick``; charts of an earlier run under t
 first, so none is left beside a report it does not belong to) and prints the markdown.
 
 ``--quick`` is a smoke test, under a minute on a quiet 2-core machine: 3 rounds of 2 ms batches, a
-short scaling sweep, and none of the slow measurements -- the table of each engine alone in a child
-process, and the rows that start from an empty kernel cache (cold start, a Dask worker), which
-compile every kernel.  Those are the full run's.
+short scaling sweep, every case but the largest (``FULL_RUN_ONLY_CASES``, unless ``--cases`` names
+it), and none of the slow measurements -- the table of each engine alone in a child process, and the
+rows that start from an empty kernel cache (cold start, a Dask worker), which compile every kernel.
+Those are the full run's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .report import (machine_info, markdown, measure_sgemm, plot_ratios, plot_sc
                      write_json)
 
 THREAD_CASES = ("small_batch", "throughput_64")
+#: cases --quick leaves out unless --cases names them: B=256 calls take ~0.2 s each per engine here
+FULL_RUN_ONLY_CASES = ("throughput_256",)
 COLD_START_CASE = "latency"
 
 
@@ -45,7 +48,8 @@ def _log(message: str) -> None:
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", metavar="NAME", choices=[c.name for c in CASES],
-                        help="cases to run (default: all): " + ", ".join(c.name for c in CASES))
+                        help="cases to run (default: all; with --quick all but " + ", ".join(FULL_RUN_ONLY_CASES)
+                             + "): " + ", ".join(c.name for c in CASES))
     parser.add_argument("--rounds", type=int, help="timing rounds per case (default 25; 3 with --quick)")
     parser.add_argument("--batch-ms", type=float,
                         help="duration of one timed batch of calls in ms (default 20; 2 with --quick)")
@@ -54,8 +58,8 @@ def _parse(argv):
                              "(default 30)")
     parser.add_argument("--out-dir", default="bench/results", help="where report files go")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke-test run, under a minute on a quiet machine: no isolated-engine table, no "
-                             "empty-kernel-cache rows")
+                        help="smoke-test run, under a minute on a quiet machine: no B=256 case, no isolated-engine "
+                             "table, no empty-kernel-cache rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")
     parser.add_argument("--no-cold-start", action="store_true", help="skip cold start / peak memory")
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
         # a case stops adding rounds after this long (at least 3 rounds always run)
         "case_budget_seconds": 5.0 if quick else 40.0,
         "threads": THREADS,
-        "cases": args.cases or [c.name for c in CASES],
+        "cases": args.cases or [c.name for c in CASES if not (quick and c.name in FULL_RUN_ONLY_CASES)],
         "engines": args.engines,
     }
     if missing_reason("gru_fast") is not None:

@@ -668,7 +668,14 @@ def calibrate(runner: Runner, batch_seconds: float, max_calls: int = 100_000) ->
     # first calls: lazy initialisation, JIT, allocations.  Several: an engine may take another path on
     # its second call (gru_fast's first parallel call of a shape loads that kernel), and a slow call
     # here would leave one call per batch, every batch then starting with its thread pool asleep.
-    seconds_per_call(runner, 8, warm=True)
+    # Nine calls, or fewer (at least two) once they have taken half a second: a call that slow is past
+    # its first-call paths, and nine of them would dominate a quick run.
+    started = time.perf_counter()
+    seconds_per_call(runner, 1, warm=True)
+    for _ in range(7):
+        if time.perf_counter() - started > 0.5:
+            break
+        seconds_per_call(runner, 1, warm=False)
     calls = 1
     while True:
         per_call = seconds_per_call(runner, calls, warm=False)

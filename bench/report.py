@@ -164,7 +164,8 @@ def busy_summary(report: dict) -> str | None:
     if not busy:
         return None
     share = sorted(shares)[len(shares) // 2] if shares else 1.0
-    return busy_warning(share, f"median of the rounds; too few quiet rounds in: {', '.join(busy)}")
+    named = ", ".join(busy[:3]) + (f" and {len(busy) - 3} more" if len(busy) > 3 else "")
+    return busy_warning(share, f"median of the rounds; too few quiet rounds in {named}")
 
 
 # ----------------------------------------------------------------------------------------------------

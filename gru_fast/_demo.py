@@ -12,7 +12,9 @@ The package ships a small GRU classifier trained by ``scripts/train_default_mode
    batch cut to one common length), and ONNX Runtime running the same file with the lengths;
 4. times the model on three calls -- one streaming step (B=1), one sequence (B=1, T=64) and a batch
    (B=64, T=64) -- against whichever of PyTorch, ONNX Runtime and OpenVINO are installed, each on 2
-   threads, interleaved round by round; the figure is the median per-call time.
+   threads, interleaved round by round; the figure is the median per-call time over the quiet rounds
+   (a round during which other processes used over a quarter of the CPUs is left out, :class:`CpuMeter`);
+   when too few rounds are quiet the table is printed with a warning that its times are unreliable.
 
 Peers run the same weights: PyTorch an ``nn.GRU(batch_first=True)`` (the trained module's layout),
 ONNX Runtime and OpenVINO a GRU-only ONNX graph in time-major layout built from the engine's weights

@@ -213,7 +213,8 @@ def cmd_info(args) -> int:
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
-        if model.provenance.get("source") == "scripts/train_default_model.py" and "test_accuracy" in model.provenance:
+        provenance = model.provenance or {}
+        if provenance.get("source") == "scripts/train_default_model.py" and "test_accuracy" in provenance:
             from ._demo import accuracy_sets  # the shipped demo model: which set test_accuracy is on
 
             print(f"  {'accuracy':<12s} {accuracy_sets()}")
@@ -476,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--peers", nargs="+", choices=["pytorch", "onnxruntime", "openvino"], metavar="NAME",
                       help="peers to time: pytorch, onnxruntime, openvino (default: every one installed)")
     demo.add_argument("--rounds", type=_positive_int, default=7,
-                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s)")
+                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s); rounds "
+                           "during which other processes used the CPUs are left out, and more are run in their "
+                           "place")
     demo.add_argument("--threads", type=_positive_int, default=2, help="threads per engine (default 2)")
     demo.set_defaults(handler=cmd_demo)
 
@@ -536,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the installed peers, written to bench/results/report*.{md,json,png}.",
         epilog="Needs a source checkout (exit 2 otherwise). The exit code is the harness's.")
     bench.add_argument("--quick", action="store_true",
-                       help="smoke-test run, under a minute on a quiet machine (no isolated-engine table, no "
-                            "empty-kernel-cache rows: those are the full run's)")
+                       help="smoke-test run, under a minute on a quiet machine (no B=256 case, no isolated-engine "
+                            "table, no empty-kernel-cache rows: those are the full run's)")
     bench.add_argument("--cases", nargs="+", metavar="NAME", help="cases to run (default: all)")
     bench.add_argument("--out-dir", metavar="DIR", help="where the report goes (default bench/results)")
     bench.set_defaults(handler=cmd_bench)

@@ -38,6 +38,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # HDF5 superblock signature: Keras 2 .h5
 _LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _SUFFIXES = {".onnx": "onnx", ".pt": "torch", ".pth": "torch", ".keras": "keras", ".h5": "keras",
              ".hdf5": "keras"}
+_MAX_DIRECTORY = 16 << 20  # bytes of zip central directory read to tell the kind of an archive
 _STATE_DICT_KEY = re.compile(r"(^|\.)(weight|bias)_(ih|hh)(_l\d+)?(_reverse)?\.npy$")
 
 
@@ -55,6 +56,20 @@ def _zip_kind(names: list[str]) -> str | None:
     if any(_STATE_DICT_KEY.search(n) for n in names):  # np.savez(path, **module.state_dict())
         return "torch"
     return None
+
+
+def _member_names(stream) -> list[str]:
+    """The member names of a zip archive, read only when its central directory declares at most
+    :data:`_MAX_DIRECTORY` bytes (the loaders' memory caps apply later); [] for a damaged archive."""
+    try:
+        end = zipfile._EndRecData(stream)  # the end-of-central-directory record, as ZipFile reads it
+        if end is None or end[zipfile._ECD_SIZE] > _MAX_DIRECTORY:
+            return []
+        stream.seek(0)
+        with zipfile.ZipFile(stream) as archive:
+            return archive.namelist()
+    except Exception:  # noqa: BLE001 - a damaged zip is its loader's to report
+        return []
 
 
 def sniff(path) -> str | None:
@@ -79,12 +94,7 @@ def sniff(path) -> str | None:
             if head == _LEGACY_TORCH:
                 return "torch"
             if head.startswith(b"PK"):
-                stream.seek(0)
-                try:
-                    with zipfile.ZipFile(stream) as archive:
-                        names = archive.namelist()
-                except Exception:  # noqa: BLE001 - a damaged zip is its loader's to report
-                    names = []
+                names = _member_names(stream)
                 kind = _zip_kind(names)
                 if kind is not None:
                     return kind

@@ -157,3 +157,19 @@ def test_convert_into_a_directory_that_does_not_exist_creates_it(tmp_path):
 def test_convert_to_a_file_in_a_missing_directory_is_still_an_error(tmp_path):
     user_error(cli("convert", ENGINE, "-o", tmp_path / "no" / "o.npz"), 1, "does not exist")
     assert not (tmp_path / "no").exists()
+
+
+def test_a_zip_declaring_a_huge_directory_is_left_to_the_loader(tmp_path):
+    """The kind of a zip is read from its member names only when its central directory is small; a
+    declared 2 GiB directory is not read for that, and the loader refuses the damaged file."""
+    data = bytearray(ENGINE.read_bytes())
+    end = data.rindex(b"PK\x05\x06")  # end-of-central-directory record (zip APPNOTE 4.3.16)
+    data[end + 12 : end + 16] = (2**31).to_bytes(4, "little")  # size of the central directory
+    path = tmp_path / "huge_directory.npz"
+    path.write_bytes(bytes(data))
+    from gru_fast._files import sniff
+
+    assert sniff(path) is None
+    with pytest.raises(ValueError) as info:
+        gru_fast.load(path)
+    assert str(info.value).count("huge_directory.npz") == 1, str(info.value)

@@ -374,11 +374,14 @@ def _pyplot():
 def _save(fig, path: Path, report: dict) -> None:
     """Write a chart; on a busy machine with the report's warning across its top, in red."""
     warning = busy_summary(report)
-    fig.tight_layout(rect=(0, 0, 1, 0.9) if warning else None)
     if warning:
         import textwrap
-        fig.text(0.5, 0.995, textwrap.fill(warning, 110), ha="center", va="top", fontsize=8, color="red",
-                 weight="bold")
+        text = textwrap.fill(warning, int(16 * fig.get_figwidth()))  # ~16 characters an inch at 8 pt
+        reserved = (0.15 * (text.count("\n") + 1) + 0.1) / fig.get_figheight()  # ~0.15 inch a line
+        fig.tight_layout(rect=(0, 0, 1, 1 - reserved))
+        fig.text(0.5, 0.995, text, ha="center", va="top", fontsize=8, color="red", weight="bold")
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 

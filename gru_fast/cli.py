@@ -133,8 +133,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         except ImportError as exc:
             raise _missing(exc, f"reading {suffix} files") from None
         except (ValueError, TypeError, OSError) as exc:
-            message = str(exc)
-            raise CliError(message if source.name in message else f"{path}: {message}") from None
+            raise CliError(name_file(str(exc), path)) from None
         if node is not None:
             if node not in models:
                 raise CliError(f"{path}: no GRU layer named {node!r}; the model's GRU layers are: "

@@ -1,135 +1,30 @@
 """Numba settings for every gru_fast kernel, kept in one place.
 
-Three process-wide decisions live here:
+Process-wide decisions live here:
 
 * the threading layer: GNU OpenMP when it loads, TBB otherwise.  Numba's
   fallback, ``workqueue``, aborts the process when two Python threads launch
-  parallel kernels at once; gru_fast never does that whatever the layer
+  parallel kernels at once; gru_fast never does that itself whatever the layer
   (:mod:`gru_fast.model` runs one parallel call at a time, others serially);
-* the on-disk kernel cache: next to the package when that is writable,
-  otherwise a per-user directory (a read-only site-packages must not turn
-  every process start into a full compile);
-* the decorator flags shared by all kernels.
+* OpenMP nesting, put back to one level after Numba's omp layer starts;
+* what a forked child may launch;
+* the decorator flags shared by all kernels, caching included
+  (:mod:`gru_fast._cache` chooses where, or whether, kernels are cached).
 
-A user who sets ``NUMBA_THREADING_LAYER`` or ``NUMBA_CACHE_DIR`` keeps the
-choice; gru_fast only fills in what was left unset.
+A user who sets ``NUMBA_THREADING_LAYER`` keeps the choice; gru_fast only
+fills in what was left unset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
-import warnings
-from pathlib import Path
+
+from numba.core import config as _numba_config
+
+from . import _cache
 
 __all__ = ["JIT", "PARALLEL_JIT", "parallel_threads", "threading_layer"]
-
-
-def _writable(directory: Path) -> bool:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError:
-        return False
-    return True
-
-
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gru_fast" / "numba"
-
-
-def _choose_cache_dir() -> None:
-    """Point Numba's cache at a writable place before any kernel is compiled."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    package_cache = Path(__file__).resolve().parent / "__pycache__"
-    if _writable(package_cache):
-        return  # Numba's default (the package's __pycache__) works.
-    fallback = _user_cache_dir()
-    if not _writable(fallback):
-        fallback = Path(tempfile.gettempdir()) / f"gru_fast-numba-{os.getuid()}"
-        fallback.mkdir(parents=True, exist_ok=True)
-    warnings.warn(
-        f"gru_fast: the package directory is not writable; caching compiled kernels in {fallback}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    os.environ["NUMBA_CACHE_DIR"] = str(fallback)
-
-
-_choose_cache_dir()
-
-from numba.core import config as _numba_config  # noqa: E402  (must follow the cache-directory choice)
-
-
-# ---- cache invalidation -----------------------------------------------------
-# Numba checks a cached kernel against its own source file only.  gru_fast's kernels inline code from
-# several modules (kernels.py calls _math.py, _tiles.py, _memory.py and takes its flags from this
-# file), so after an upgrade that changed, say, _tiles.py alone, a cache written by the old version
-# would be loaded as if it were current (seen here: wrong results until the cache was cleared).  The
-# locators below stamp every gru_fast kernel with the content of all of those files together.
-
-_KERNEL_SOURCES = ("_config.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _kernel_sources_stamp() -> bytes:
-    digest = hashlib.sha256()
-    for name in _KERNEL_SOURCES:
-        with open(os.path.join(_PACKAGE_DIR, name), "rb") as source:
-            digest.update(source.read())
-    return digest.digest()
-
-
-def _install_cache_locators() -> None:
-    from numba.core import caching
-
-    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
-    bases = [getattr(caching, name, None) or getattr(caching, "_" + name, None)
-             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator")]
-    if impl is None or None in bases or not isinstance(getattr(impl, "_locator_classes", None), list):
-        return  # another Numba layout: its own per-file stamps apply
-    stamp = _kernel_sources_stamp()
-
-    class _Stamped:
-        """Only for gru_fast's own modules; stamped with all kernel sources."""
-
-        def get_source_stamp(self):
-            return stamp
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            if os.path.dirname(os.path.abspath(py_file)) != _PACKAGE_DIR:
-                return None
-            return super().from_function(py_func, py_file)
-
-    locators = [type(f"GruFast{base.__name__.lstrip('_')}", (_Stamped, base), {"__module__": __name__})
-                for base in bases]
-    impl._locator_classes[:0] = locators
-
-
-_install_cache_locators()
-
-
-def kernel_cache_stats() -> dict:
-    """Numba's on-disk cache hits / misses over every gru_fast kernel loaded in this process (a miss is a
-    compile).  Module-level, so ``distributed.Client.run`` can send it to workers."""
-    import sys
-
-    from numba.core.dispatcher import Dispatcher
-
-    hits = misses = 0
-    for name, module in list(sys.modules.items()):
-        if name == "gru_fast" or name.startswith("gru_fast."):
-            for value in vars(module).values():
-                if isinstance(value, Dispatcher):
-                    hits += sum(value.stats.cache_hits.values())
-                    misses += sum(value.stats.cache_misses.values())
-    return {"cache_hits": hits, "cache_misses": misses}
 
 
 def _layer_loads(name: str) -> bool:
@@ -266,8 +161,9 @@ def parallel_threads() -> int:
     return count
 
 
-# ``cache=True`` everywhere: a cold compile costs about a second per signature,
-# a cache hit about 0.2 s.  No fastmath: NaN and Inf must propagate as they do
-# in PyTorch, and float64 parity is held to 1e-10.
-JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+# Cached wherever gru_fast._cache found a place (a cold compile costs about a
+# second per signature, a cache hit about 0.2 s), else not at all.  No fastmath:
+# NaN and Inf must propagate as they do in PyTorch, and float64 parity is held
+# to 1e-10.
+JIT = dict(cache=_cache.CACHE_PATH is not None, nogil=True, error_model="numpy", boundscheck=False)
 PARALLEL_JIT = dict(JIT, parallel=True)

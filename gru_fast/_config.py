@@ -5,8 +5,11 @@ Process-wide decisions live here:
 * the threading layer: GNU OpenMP when it loads, TBB otherwise.  Numba's
   fallback, ``workqueue``, aborts the process when two Python threads launch
   parallel kernels at once; gru_fast never does that itself whatever the layer
-  (:mod:`gru_fast.model` runs one parallel call at a time, others serially);
-* OpenMP nesting, put back to one level after Numba's omp layer starts;
+  (:mod:`gru_fast.model` runs one parallel call at a time, others serially),
+  but it cannot stop the application's own parallel Numba code from doing it,
+  so it warns once when it finds workqueue in use;
+* the OpenMP state of the thread that starts Numba's omp layer, put back as it
+  was (other libraries sharing the OpenMP runtime read it);
 * what a forked child may launch;
 * the decorator flags shared by all kernels, caching included
   (:mod:`gru_fast._cache` chooses where, or whether, kernels are cached).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from numba.core import config as _numba_config
 
@@ -83,8 +87,8 @@ def threading_layer() -> str:
 # Numba thread count is set to 1, which makes the engine choose the serial path.
 # Threads the child starts later begin with Numba's default count, so the
 # engine must ask parallel_threads(), not numba.get_num_threads(), for its
-# thread count.  For parallel kernels in forked workers, the documented setting
-# is NUMBA_THREADING_LAYER=workqueue (or forksafe; tbb where installed).
+# thread count.  For parallel kernels in worker processes, the README advises
+# the spawn or forkserver start method, or the tbb layer where TBB is installed.
 
 _FORKED_FROM_GNU_OPENMP = False
 
@@ -114,26 +118,85 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# ---- OpenMP nesting -----------------------------------------------------------
-# Starting its omp layer, Numba turns nested parallelism on (omp_set_nested(1): max-active-levels 255)
-# for the starting thread.  Any other OpenMP code that shares that libgomp and is called from the same
-# thread then nests a team inside each of its own parallel regions: PyTorch imported after the layer
-# started (it then binds to the same libgomp) ran nn.GRU 10x slower here (B=64 T=100 H=256: 32 ms ->
-# 324 ms).  gru_fast never nests parallel regions, so it puts back OpenMP's default of one active level,
-# unless the user asked for nesting through the environment.
+# ---- OpenMP state of the starting thread -------------------------------------------------------
+# Starting its omp layer, Numba calls omp_set_num_threads(NUMBA_NUM_THREADS) and omp_set_nested(1)
+# (max-active-levels 255) in the starting thread.  Other OpenMP code sharing that runtime and called from
+# the same thread reads both: PyTorch then ran one thread under NUMBA_NUM_THREADS=1 (nn.GRU B=64 T=100
+# H=256: 32 -> 52 ms), and nested a team inside each of its own parallel regions (32 -> 324 ms).  Numba's
+# own launches name their team size explicitly and never nest in gru_fast, so gru_fast reads those ICVs
+# before it starts the layer and puts them back after.  If the application started the layer, the values
+# before are unknown; gru_fast then puts back OpenMP's default of one active level, unless the user asked
+# for nesting through the environment.
+#
+# Which runtime the pool calls: its omp_* symbols bind to a definition already in the process's global
+# scope (torch loads its own libgomp that way when imported first), else to the libgomp the pool links.
+# Both are adjusted; in the one the pool does not use, the values written are the values read.
 
-def _undo_openmp_nesting() -> None:
-    if _LAYER != "omp" or "OMP_MAX_ACTIVE_LEVELS" in os.environ or "OMP_NESTED" in os.environ:
-        return
+_OPENMP_ICVS = (("omp_get_max_threads", "omp_set_num_threads"), ("omp_get_nested", "omp_set_nested"),
+                ("omp_get_max_active_levels", "omp_set_max_active_levels"))
+
+
+def _openmp_runtimes() -> list:
     try:
         import ctypes
 
         from numba.np.ufunc import omppool
 
-        # a symbol looked up through the pool's own handle resolves in the libgomp the pool uses
-        ctypes.CDLL(omppool.__file__).omp_set_max_active_levels(1)
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - no GNU/LLVM OpenMP entry point
-        pass
+        handles = [ctypes.CDLL(None), ctypes.CDLL(omppool.__file__)]
+    except (ImportError, OSError):  # pragma: no cover - no omp layer
+        return []
+    return [handle for handle in handles if all(hasattr(handle, name) for pair in _OPENMP_ICVS for name in pair)]
+
+
+def _read_openmp_state(runtimes) -> list:
+    return [(runtime, [getattr(runtime, get)() for get, _ in _OPENMP_ICVS]) for runtime in runtimes]
+
+
+def _write_openmp_state(state) -> None:
+    for runtime, values in state:
+        for (_, set_), value in zip(_OPENMP_ICVS, values):
+            getattr(runtime, set_)(value)
+
+
+def _undo_openmp_nesting(runtimes) -> None:
+    if "OMP_MAX_ACTIVE_LEVELS" in os.environ or "OMP_NESTED" in os.environ:
+        return
+    for runtime in runtimes:
+        runtime.omp_set_max_active_levels(1)
+
+
+_WORKQUEUE_WARNING = (
+    "gru_fast: Numba's threading layer is 'workqueue', which aborts the process (SIGABRT) when two threads "
+    "launch parallel Numba code at the same time.  gru_fast launches one parallel kernel at a time, but a "
+    "parallel Numba function of the application running in another thread meanwhile aborts the process.  "
+    "The 'omp' layer (GNU OpenMP, gru_fast's default) and 'tbb' take concurrent launches; see the README "
+    "(Reliability: fork / spawn) for worker processes.")
+
+
+_warned_workqueue = False
+
+
+def _start_layer() -> int:
+    """Start Numba's threading layer from the calling thread, leave that thread's OpenMP state as it was,
+    and warn once if the layer is workqueue.  Returns Numba's thread count for this thread."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    global _warned_workqueue
+    started_here = not parallel._is_initialized
+    runtimes = _openmp_runtimes() if _LAYER == "omp" else []
+    before = _read_openmp_state(runtimes) if started_here else None
+    count = numba.get_num_threads()  # starts the layer
+    layer = numba.threading_layer()
+    if layer == "omp":
+        if before is not None:
+            _write_openmp_state(before)
+        else:
+            _undo_openmp_nesting(runtimes)
+    elif layer == "workqueue" and not _warned_workqueue:
+        _warned_workqueue = True
+        warnings.warn(_WORKQUEUE_WARNING, RuntimeWarning, stacklevel=4)
+    return count
 
 
 _thread_count = None  # Numba's per-thread count, read straight from the threading layer once it is up
@@ -144,7 +207,8 @@ def parallel_threads() -> int:
 
     A launch is unsafe in a process forked from one that started GNU OpenMP (Numba would terminate it).
     ``numba.get_num_threads()`` costs about 0.9 us (it re-checks the layer's start-up under two locks); once
-    the layer has started, its C getter answers the same question in about 0.1 us.
+    the layer has started, its C getter answers the same question in about 0.1 us.  The first call starts
+    the layer (:func:`_start_layer`).
     """
     global _thread_count
     if _FORKED_FROM_GNU_OPENMP:
@@ -154,8 +218,7 @@ def parallel_threads() -> int:
     import numba
     from numba.np.ufunc import parallel
 
-    count = numba.get_num_threads()  # starts the layer
-    _undo_openmp_nesting()
+    count = _start_layer()
     getter = getattr(parallel, "_get_num_threads", None)
     _thread_count = getter if callable(getter) else numba.get_num_threads
     return count

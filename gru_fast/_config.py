@@ -176,6 +176,14 @@ _WORKQUEUE_WARNING = (
 _warned_workqueue = False
 
 
+def _first_frame_outside_gru_fast() -> int:
+    """The ``stacklevel`` that points a warning raised by its caller at the application's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "gru_fast":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _start_layer() -> int:
     """Start Numba's threading layer from the calling thread, leave that thread's OpenMP state as it was,
     and warn once if the layer is workqueue.  Returns Numba's thread count for this thread."""
@@ -195,7 +203,7 @@ def _start_layer() -> int:
             _undo_openmp_nesting(runtimes)
     elif layer == "workqueue" and not _warned_workqueue:
         _warned_workqueue = True
-        warnings.warn(_WORKQUEUE_WARNING, RuntimeWarning, stacklevel=4)
+        warnings.warn(_WORKQUEUE_WARNING, RuntimeWarning, stacklevel=_first_frame_outside_gru_fast())
     return count
 
 

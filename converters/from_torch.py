@@ -373,7 +373,7 @@ def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     seen = ("; its top-level keys are: " + ", ".join(repr(k) for k in top) + (", ..." if len(obj) > 20 else "")
             if top else "; it holds no dict")
     groups = _split_prefixes(tensors.keys())
-    found = _pick_prefix(groups, prefix, repr(path), seen)
+    found = _pick_prefix(groups, prefix, "the checkpoint", seen)  # model_file puts the path in front
     origin = None
     if batch_first is None:
         batch_first, origin = _recorded_batch_first(flags)

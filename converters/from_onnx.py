@@ -49,6 +49,7 @@ onnx is imported inside :func:`load` only; onnxruntime is never used.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -57,8 +58,9 @@ import warnings
 import numpy as np
 
 from ._onnx_graph import Budget, ConstantFolder, NotConstant, attr_value, attributes, decode_tensor
+from ._onnx_stack import find_stacks
 
-__all__ = ["load", "DEFAULT_MAX_BYTES"]
+__all__ = ["load", "DEFAULT_MAX_BYTES", "StackWarning"]
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
@@ -75,8 +77,8 @@ _ATTRIBUTE_KINDS = {
 _INPUT_ROLES = ("X", "W", "R", "B", "sequence_lens", "initial_h")
 
 
-def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
-    """Convert every GRU node of an ONNX model to a :class:`gru_fast.GRU`.
+def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
+    """Convert the GRU nodes of an ONNX model to :class:`gru_fast.GRU` models.
 
     Parameters
     ----------
@@ -85,18 +87,29 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
         in memory (which must then carry no external data).  The ModelProto is only read.
     max_bytes : int
         Memory cap, in bytes.  A model file larger than this is refused unread, and the arrays the
-        importer holds at any moment -- decoded tensors, folded intermediates and the weights of the
-        models converted so far -- may not exceed it.  Every size is checked from shapes before the
-        allocation.  Default 2 GiB.
+        importer holds at any moment -- decoded tensors, folded intermediates, the models being built
+        (their weight copies and packed parameters, whose hidden axis the engine pads to whole 16-unit
+        tiles, plus the packing's scratch copies) and the models converted so far -- may not exceed
+        it.  Every size is checked from shapes before the allocation.  Default 2 GiB.
+    stack : bool
+        Default True: chains of GRU nodes that are exactly a stacked GRU -- as ``torch.onnx.export``
+        writes ``nn.GRU(num_layers=L)``, one node per layer joined by Squeeze / Transpose / Reshape --
+        become one L-layer model (see :mod:`converters._onnx_stack` for the precise rule).  Pairs of
+        GRU nodes that are connected some other way stay separate, and a :class:`StackWarning` says
+        why for each.  False: one single-layer model per node.
 
     Returns
     -------
     dict[str, gru_fast.GRU]
-        One single-layer model per GRU node of the main graph, in graph order, keyed by the node's
-        name; an unnamed node (or one whose name another GRU node already uses) is keyed by its first
-        named output.  Each model's ``provenance`` is ``{"framework": "onnx", "source": <file name, or
-        "<ModelProto>">, "node": <key>, "opset": <default-domain opset>}``.  GRU nodes inside
-        control-flow subgraphs or model-local functions are not converted (a RuntimeWarning says so).
+        One model per GRU node of the main graph, or per stack of nodes, in graph order, keyed by the
+        node's name (a stack: its first node's name); an unnamed node (or one whose name another GRU
+        node already uses) is keyed by its first named output.  Each model's ``provenance`` is
+        ``{"framework": "onnx", "source": <file name, or "<ModelProto>">, "node": <key>, "opset":
+        <default-domain opset>}``; a stack's also has ``"stacked_nodes"``, the keys of its nodes from
+        the first layer on, and ``"initial_h"``, the tensor whose rows [l*D, (l+1)*D) are layer l's
+        initial state (the stacked model's ``h0=``; None when every layer starts from zeros).
+        GRU nodes inside control-flow subgraphs or model-local functions are not converted (a
+        RuntimeWarning says so).
 
     Raises
     ------
@@ -113,7 +126,9 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
     -----
     Shapes: see the module docstring.  In short, ``y`` is ONNX's ``Y`` with the direction axis merged
     into the feature axis, and with ``layout=1`` ONNX's ``initial_h`` / ``Y_h`` are the engine's
-    ``h0`` / ``h_n`` transposed by ``(1, 0, 2)``.
+    ``h0`` / ``h_n`` transposed by ``(1, 0, 2)``.  A stacked model takes its first node's ``X`` and
+    returns its last node's ``Y`` (direction axis merged) and every node's ``Y_h`` concatenated, layer
+    by layer, as ``h_n``.
     """
     import onnx
 
@@ -136,15 +151,39 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
         warnings.warn(f"{source}: {nested} GRU node(s) inside control-flow subgraphs or model-local functions "
                       "were not converted", RuntimeWarning, stacklevel=2)
 
+    if not isinstance(stack, bool):
+        raise TypeError(f"stack must be True or False, got {stack!r}")
     schema_attributes = _schema_attributes(onnx, opset, source)
     budget = Budget(max_bytes)
     folder = ConstantFolder(graph, opset=opset, base_dir=base_dir, budget=budget)
     keys = _node_keys(gru_nodes)
+    configs = [_read_attributes(node, f"GRU node {key!r}", opset, schema_attributes)
+               for node, key in zip(gru_nodes, keys)]
+    groups = [([i], None) for i in range(len(gru_nodes))]
+    if stack and len(gru_nodes) > 1:
+        groups, notes = find_stacks(graph, gru_nodes, keys, [_stack_config(n, c, folder) for n, c in
+                                                             zip(gru_nodes, configs)],
+                                    folder, opset, functools.partial(_initial_h_kind, folder))
+        for note in notes:
+            warnings.warn(f"{source}: {note}", StackWarning, stacklevel=2)
     models = {}
-    for node, key in zip(gru_nodes, keys):
+    for indices, initial_h in groups:
+        key = keys[indices[0]]
         provenance = {"framework": "onnx", "source": source, "node": key, "opset": opset}
-        models[key] = _convert_node(node, key, folder, budget, opset, schema_attributes, provenance)
+        if len(indices) > 1:
+            provenance["stacked_nodes"] = [keys[i] for i in indices]
+            provenance["initial_h"] = initial_h
+        built = _convert_group([gru_nodes[i] for i in indices], [keys[i] for i in indices],
+                               [configs[i] for i in indices], folder, budget, provenance)
+        for name, model in built:
+            if len(built) > 1:  # a stack whose weights turned out not to chain: its nodes, one by one
+                model.provenance = {"framework": "onnx", "source": source, "node": name, "opset": opset}
+            models[name] = model
     return models
+
+
+class StackWarning(UserWarning):
+    """GRU nodes connected in the graph stay separate models; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,11 +269,44 @@ def _node_keys(nodes):
 # one GRU node
 # --------------------------------------------------------------------------------------------------
 
-def _convert_node(node, key, folder, budget, opset, schema_attributes, provenance):
-    import gru_fast
+def _convert_group(nodes, keys, configs, folder, budget, provenance):
+    """-> [(key, model)]: one model of every node in ``nodes`` (consecutive layers of one stack), or,
+    when their folded weights do not chain (element types differ, or a layer's input size is not
+    the previous layer's output size), one model per node, with a StackWarning."""
+    specs = []
+    try:
+        for node, key, config in zip(nodes, keys, configs):
+            specs.append(_read_node(node, key, config, folder, budget))
+        mismatch = _weights_do_not_chain(specs)
+        if mismatch is None:
+            return [(keys[0], _build(specs, configs[0], budget, provenance, specs[0]["label"]))]
+        warnings.warn(f"{provenance['source']}: GRU nodes {', '.join(map(repr, keys))} stay separate: "
+                      f"{mismatch}", StackWarning, stacklevel=3)
+        built = []
+        for key, config, spec in zip(keys, configs, specs):
+            built.append((key, _build([spec], config, budget, dict(provenance, node=key), spec["label"])))
+        return built
+    finally:
+        for spec in specs:
+            folder.release(spec["weights"])
 
+
+def _weights_do_not_chain(specs):
+    for previous, spec in zip(specs, specs[1:]):
+        if spec["dtype"] != previous["dtype"]:
+            return f"their weights' element types differ ({previous['dtype'].__name__}, {spec['dtype'].__name__})"
+        W, R = spec["weights"][0], previous["weights"][1]
+        if W.shape[2] != R.shape[0] * R.shape[2]:
+            return (f"{spec['label']} takes {W.shape[2]} input features, the previous layer gives "
+                    f"{R.shape[0] * R.shape[2]}")
+        if (spec["weights"][2] is None) != (previous["weights"][2] is None):
+            return "one has a bias B and the other not"
+    return None
+
+
+def _read_node(node, key, config, folder, budget):
+    """Fold one node's weights (they stay charged to ``budget``) and check everything but the model."""
     label = f"GRU node {key!r}"
-    config = _read_attributes(node, label, opset, schema_attributes)
     D = _DIRECTIONS[config["direction"]]
     if not 3 <= len(node.input) <= 6:
         raise ValueError(f"{label}: expected 3 to 6 inputs (X, W, R, B, sequence_lens, initial_h), "
@@ -259,30 +331,119 @@ def _convert_node(node, key, folder, budget, opset, schema_attributes, provenanc
             if inputs[role]:
                 weights[role] = _fold_weight(folder, inputs[role], role, label)
         W, R, B = weights["W"], weights["R"], weights.get("B")
-        hidden = _check_shapes(W, R, B, D, hidden, label)
+        _check_shapes(W, R, B, D, hidden, label)
         dtype = _weight_dtype(W, R, B, label)
         _check_runtime_inputs(folder, budget, inputs, label)
-        layers = [(W, R, B)]  # the engine copies them into `dtype`
-        model_bytes = sum(a.size for a in (W, R, B) if a is not None) * np.dtype(dtype).itemsize
-        try:
-            model = gru_fast.GRU(
-                layers,
-                direction=config["direction"],
-                linear_before_reset=bool(config["linear_before_reset"]),
-                activations=config["activations"],
-                activation_alpha=config["activation_alpha"],
-                activation_beta=config["activation_beta"],
-                clip=config["clip"],
-                batch_first=config["layout"] == 1,
-                dtype="float64" if dtype == np.float64 else "float32",
-                provenance=provenance,
-            )
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{label}: {exc}") from exc
-    finally:
+    except BaseException:
         folder.release(weights.values())
-    budget.charge(model_bytes, f"{label}: the converted weights")  # the model keeps them
+        raise
+    return {"label": label, "weights": (W, R, B), "dtype": dtype}
+
+
+def _build(specs, config, budget, provenance, label):
+    """One gru_fast.GRU of the layers in ``specs``; what it keeps is charged to ``budget``."""
+    import gru_fast
+
+    dtype = specs[0]["dtype"]
+    layers = [spec["weights"] for spec in specs]  # the engine copies them into `dtype`
+    kept, scratch = _engine_bytes(layers, np.dtype(dtype).itemsize)
+    budget.charge(kept + scratch, f"{label}: the engine's copy of the weights and their packed layout "
+                  f"(hidden size padded to {_padded_hidden(layers[0][1].shape[2])})")
+    try:
+        model = gru_fast.GRU(
+            layers,
+            direction=config["direction"],
+            linear_before_reset=bool(config["linear_before_reset"]),
+            activations=config["activations"],
+            activation_alpha=config["activation_alpha"],
+            activation_beta=config["activation_beta"],
+            clip=config["clip"],
+            batch_first=config["layout"] == 1,
+            dtype="float64" if dtype == np.float64 else "float32",
+            provenance=provenance,
+        )
+    except (ValueError, TypeError) as exc:
+        budget.release(kept + scratch)
+        raise ValueError(f"{label}: {exc}") from exc
+    budget.release(scratch)  # the model keeps `kept`
     return model
+
+
+_ALIGN = 16  # elements: GRU._pack starts every block on a 64-byte boundary (float32)
+
+
+def _padded_hidden(H):
+    from gru_fast import kernels
+
+    return int(kernels.padded_hidden(H))
+
+
+def _engine_bytes(layers, itemsize):
+    """(kept, scratch): bytes gru_fast.GRU allocates while building a model of ``layers``, from shapes.
+
+    kept: the copies of W, R and B it holds (GRU._check_layers) and its packed parameter block
+    (GRU._pack: per layer and direction, W and R as (rows, 3*Hp) with the hidden size H padded to
+    Hp, whole 16-unit tiles, and the biases), which can be ~16x the weights when H is 1.
+    scratch: what lives only during the build: the isfinite mask of the largest array (1 byte per
+    element) and, while one block is packed, its unit-tile layout and its packed copy (2 blocks).
+
+    gru_fast.model has no public function for this; the sizes here follow GRU._pack's layout.
+    """
+    from gru_fast import kernels
+
+    D = layers[0][1].shape[0]
+    H = layers[0][1].shape[2]
+    Hp = _padded_hidden(H)
+
+    def padded(n):
+        return -(-n // _ALIGN) * _ALIGN
+
+    copies = sum(a.size for layer in layers for a in layer if a is not None)
+    packed = kernels.PARAM_HEADER
+    largest_block = 0
+    for W, _, _ in layers:
+        rows = W.shape[2]
+        packed += D * (padded(rows * 3 * Hp) + padded(3 * Hp * H) + padded(3 * Hp) + padded(Hp))
+        largest_block = max(largest_block, rows * 3 * Hp, H * 3 * Hp)
+    largest = max(a.size for layer in layers for a in layer if a is not None)
+    return (copies + packed) * itemsize, 2 * largest_block * itemsize + largest
+
+
+def _stack_config(node, config, folder):
+    """What two nodes must share to be layers of one stack (see converters._onnx_stack)."""
+    from gru_fast.activations import parse_activations
+
+    D = _DIRECTIONS[config["direction"]]
+    hidden = config["hidden_size"]
+    if hidden is None:
+        shape = folder.static_shape(node.input[2]) if len(node.input) > 2 else None
+        hidden = shape[2] if shape is not None and len(shape) == 3 else None
+    try:
+        activations = parse_activations(config["activations"], config["activation_alpha"],
+                                        config["activation_beta"], D)
+    except (ValueError, TypeError):
+        activations = ("invalid", node.name)  # the conversion refuses the node and says why
+    return {"direction": config["direction"], "hidden": hidden,
+            "linear_before_reset": config["linear_before_reset"], "activations": tuple(activations),
+            "clip": config["clip"], "layout": config["layout"],
+            "sequence_lens": node.input[4] if len(node.input) > 4 else ""}
+
+
+def _initial_h_kind(folder, node):
+    """'zero' when the node's initial_h is absent or constant zeros, else 'other'."""
+    name = node.input[5] if len(node.input) > 5 else ""
+    if not name:
+        return "zero"
+    try:
+        value = _constant_initial_h(folder, name, f"GRU node {node.name!r}")
+    except ValueError:
+        return "other"  # the conversion refuses the node and says why
+    if value is None:
+        return "other"
+    try:
+        return "other" if np.any(value != 0) else "zero"
+    finally:
+        folder.release([value])
 
 
 def _read_attributes(node, label, opset, schema_attributes):

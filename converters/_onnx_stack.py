@@ -1,0 +1,386 @@
+"""Finding stacked GRUs in an ONNX graph, for ``from_onnx.load(stack=True)``.
+
+``torch.onnx.export`` writes an ``nn.GRU(num_layers=L)`` as L GRU nodes: layer l's ``Y`` (T, D, B, H)
+reaches layer l+1's ``X`` (T, B, D*H) through Squeeze (D=1) or Transpose + Reshape (D=2), and each
+layer's ``initial_h`` is a Slice of rows [l*D, (l+1)*D) of the module's h0 (or zeros when h0 is None).
+:func:`find_stacks` recognises such chains so that they convert to one multi-layer model.
+
+A link from node A to node B is accepted only when B's ``X`` equals A's ``Y`` with its direction axis
+merged into the feature axis, as the engine feeds one layer to the next.  This is checked
+symbolically: the axes of ``Y`` are followed as lists of named dimensions (T, B, D, H; those of size 1
+dropped) through Identity / Transpose / Squeeze / Unsqueeze / Reshape, whose axes and shapes must be
+constants, and the result must be (T, B, D*H) (``layout=1``: (B, T, D*H)) with D before H.  Each value
+on the way may have no other consumer than that chain, except ``Shape`` nodes (which read no data;
+torch's exporter takes the batch size of the zero h0 of the next layer from one), and may not be a
+graph output.  The two nodes must agree on direction, hidden size, linear_before_reset, activations,
+clip, layout and sequence_lens.  A chain as a whole must have the same initial state for every
+layer: absent or constant zeros everywhere, or consecutive Slices [l*D, (l+1)*D) of one tensor along
+its direction axis.
+
+Anything else stays separate, and :func:`find_stacks` returns a sentence saying why for every pair of
+GRU nodes where one's output reaches the other's input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._onnx_graph import NotConstant, attr_value, attributes
+
+__all__ = ["find_stacks"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
+_SHAPE_OPS = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape")
+_SEARCH_LIMIT = 10_000  # nodes visited when looking for a GRU downstream of a value (hostile graphs)
+
+
+class _NoLink(Exception):
+    """The value between two GRU nodes is not the previous layer's output as the next layer takes it."""
+
+
+def _label(node):
+    name = f" {node.name!r}" if node.name else f" (output {next((o for o in node.output if o), '?')!r})"
+    return f"{node.op_type} node{name}"
+
+
+class _Graph:
+    def __init__(self, graph, folder, opset):
+        self.folder = folder
+        self.opset = opset
+        self.outputs = {o.name for o in graph.output}
+        self.consumers = {}
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, index))
+
+    def data_consumers(self, name):
+        """Consumers that read the data of ``name`` (a Shape node reads only its shape)."""
+        return [(n, i) for n, i in self.consumers.get(name, [])
+                if not (n.op_type == "Shape" and n.domain in _DEFAULT_DOMAINS)]
+
+    def constant_ints(self, name, what):
+        try:
+            value = self.folder.fold([name])[name]
+        except NotConstant as exc:
+            raise _NoLink(f"{what} is not a constant ({exc.reason})") from None
+        except ValueError as exc:
+            raise _NoLink(f"{what}: {exc}") from None
+        try:
+            array = np.asarray(value)
+            if array.dtype.kind not in "iu" or array.ndim > 1:
+                raise _NoLink(f"{what} is not a 1-D integer tensor")
+            return [int(v) for v in array.reshape(-1)]
+        finally:
+            self.folder.release([value])
+
+    def reaches_gru(self, name):
+        """The first GRU node downstream of ``name`` (a bounded breadth-first search), or None."""
+        seen, queue = set(), [name]
+        while queue and len(seen) < _SEARCH_LIMIT:
+            value = queue.pop(0)
+            for node, _ in self.consumers.get(value, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == "GRU" and node.domain in _DEFAULT_DOMAINS:
+                    return node
+                queue.extend(o for o in node.output if o)
+        return None
+
+
+# ---- the symbolic shape of a GRU output ----------------------------------------------------------
+# A tensor is a list of axes; an axis is a tuple of named dimensions in row-major order.  T and B are
+# run-time sizes (None); D and H are known.  Dimensions of size 1 are left out, so an axis () has size 1.
+
+def _axis_size(axis, sizes):
+    product = 1
+    for dim in axis:
+        if sizes[dim] is None:
+            return None
+        product *= sizes[dim]
+    return product
+
+
+def _squeeze(axes, drop, what):
+    for a in drop:
+        if axes[a]:
+            raise _NoLink(f"{what} squeezes axis {a}, which is not of size 1")
+    return [axis for i, axis in enumerate(axes) if i not in drop]
+
+
+def _reshape(axes, shape, allow_zero, sizes, what):
+    stream = [dim for axis in axes for dim in axis]
+    bounds = [0]
+    for axis in axes:
+        bounds.append(bounds[-1] + len(axis))
+
+    def take(entry, position, start, forward):
+        """Dimensions of output axis ``position`` beginning at ``start`` of the stream (read backwards
+        from ``start`` when not ``forward``) -> (dims, new start)."""
+        if entry == 0 and not allow_zero:
+            if position >= len(axes):
+                raise _NoLink(f"{what}: shape entry 0 at {position} copies an axis the input lacks")
+            aligned = bounds[position] if forward else bounds[position + 1]
+            if start != aligned:
+                raise _NoLink(f"{what}: shape entry 0 at {position} does not keep input axis {position} whole")
+            dims = axes[position]
+            return dims, (start + len(dims) if forward else start - len(dims))
+        if entry < 0:
+            raise _NoLink(f"{what}: shape entry {entry}")
+        dims, product = [], 1
+        while product < entry:
+            index = start if forward else start - 1
+            if not 0 <= index < len(stream):
+                raise _NoLink(f"{what}: shape {shape} does not fit the input")
+            dim = stream[index]
+            if sizes[dim] is None:
+                raise _NoLink(f"{what}: a fixed size {entry} would include the run-time dimension {dim}")
+            product *= sizes[dim]
+            dims.append(dim)
+            start = start + 1 if forward else start - 1
+        if product != entry:
+            raise _NoLink(f"{what}: shape {shape} splits a dimension of the input")
+        return tuple(dims if forward else dims[::-1]), start
+
+    if shape.count(-1) > 1:
+        raise _NoLink(f"{what}: shape {shape} has more than one -1")
+    split = shape.index(-1) if -1 in shape else len(shape)
+    left, start = [], 0
+    for position in range(split):
+        dims, start = take(shape[position], position, start, True)
+        left.append(dims)
+    if split == len(shape):
+        if start != len(stream):
+            raise _NoLink(f"{what}: shape {shape} does not hold the whole input")
+        return left
+    right, end = [], len(stream)
+    for position in range(len(shape) - 1, split, -1):
+        offset = position - len(shape) + len(axes)  # entry 0 counts input axes from the same end
+        dims, end = take(shape[position], offset, end, False)
+        right.append(dims)
+    if end < start:
+        raise _NoLink(f"{what}: shape {shape} does not fit the input")
+    return left + [tuple(stream[start:end])] + right[::-1]
+
+
+def _apply(graph, node, axes, sizes):
+    what = _label(node)
+    attrs = attributes(node, what)
+    op = node.op_type
+    opset = graph.opset
+    if op == "Identity":
+        return axes
+    if op == "Transpose":
+        perm = attr_value(attrs, "perm", "ints", what)
+        perm = list(range(len(axes)))[::-1] if perm is None else perm
+        if sorted(perm) != list(range(len(axes))):
+            raise _NoLink(f"{what}: perm {perm} is not a permutation of {len(axes)} axes")
+        return [axes[p] for p in perm]
+    if op in ("Squeeze", "Unsqueeze"):
+        if opset < 13:
+            listed = attr_value(attrs, "axes", "ints", what)
+        elif len(node.input) > 1 and node.input[1]:
+            listed = graph.constant_ints(node.input[1], f"{what}: axes")
+        else:
+            listed = None
+        if op == "Squeeze":
+            if not listed:  # would also drop T or B whenever they are 1 at run time
+                raise _NoLink(f"{what} has no axes: it would squeeze whichever dimensions are 1 at run time")
+            rank = len(axes)
+            drop = {a + rank if a < 0 else a for a in listed}
+            if any(not 0 <= a < rank for a in drop):
+                raise _NoLink(f"{what}: axes {listed} out of range")
+            return _squeeze(axes, drop, what)
+        if not listed:
+            raise _NoLink(f"{what} has no axes")
+        rank = len(axes) + len(listed)
+        added = sorted(a + rank if a < 0 else a for a in listed)
+        if any(not 0 <= a < rank for a in added) or len(set(added)) != len(added):
+            raise _NoLink(f"{what}: axes {listed} out of range or repeated")
+        result, source = [], iter(axes)
+        for position in range(rank):
+            result.append(() if position in added else next(source))
+        return result
+    if op == "Reshape":
+        if opset < 5:
+            shape = attr_value(attrs, "shape", "ints", what)
+        else:
+            shape = graph.constant_ints(node.input[1], f"{what}: shape") if len(node.input) > 1 else None
+        if shape is None:
+            raise _NoLink(f"{what} has no shape")
+        allow_zero = attr_value(attrs, "allowzero", "int", what, 0) if opset >= 14 else 0
+        return _reshape(axes, shape, allow_zero, sizes, what)
+    raise _NoLink(f"{what} is not a shape operation")  # pragma: no cover - filtered by the caller
+
+
+def _output_axes(layout, D, H):
+    keep = lambda dims: tuple(d for d in dims if {"D": D, "H": H}.get(d, 0) != 1)  # noqa: E731
+    if layout == 0:
+        return [keep(("T",)), keep(("D",)), keep(("B",)), keep(("H",))], [keep(("T",)), keep(("B",)),
+                                                                          keep(("D", "H"))]
+    return [keep(("B",)), keep(("T",)), keep(("D",)), keep(("H",))], [keep(("B",)), keep(("T",)),
+                                                                      keep(("D", "H"))]
+
+
+def _follow(graph, node, config, keys):
+    """-> (next GRU node, None) when ``node``'s Y is exactly the next layer's X; (None, reason) when
+    the Y reaches another GRU node some other way; (None, None) when no GRU node is downstream."""
+    key = keys[id(node)]
+    if not node.output or not node.output[0]:
+        return None, None
+    D, H, layout = _DIRECTIONS[config["direction"]], config["hidden"], config["layout"]
+    if H is None:
+        return None, None
+    sizes = {"T": None, "B": None, "D": D, "H": H}
+    axes, expected = _output_axes(layout, D, H)
+    value = node.output[0]
+    while True:
+        target = graph.reaches_gru(value)
+        if target is None:
+            return None, None
+        reason_head = f"GRU node {key!r} and GRU node {keys.get(id(target), target.name)!r} stay separate: "
+        if value in graph.outputs:
+            return None, reason_head + f"{value!r} (on the way from Y) is also a graph output"
+        consumers = graph.data_consumers(value)
+        if len(consumers) != 1:
+            listed = ", ".join(_label(n) for n, _ in consumers)
+            return None, reason_head + f"{value!r} (on the way from Y) feeds {len(consumers)} nodes ({listed})"
+        consumer, index = consumers[0]
+        if consumer.domain in _DEFAULT_DOMAINS and consumer.op_type == "GRU":
+            if index != 0:
+                return None, reason_head + f"Y reaches input {index} of {_label(consumer)}, not its X"
+            if [tuple(a) for a in axes] != [tuple(a) for a in expected]:
+                return None, reason_head + (f"Y reaches X rearranged as {_pretty(axes)}, not as the "
+                                            f"previous layer's output {_pretty(expected)}")
+            return consumer, None
+        if consumer.domain not in _DEFAULT_DOMAINS or consumer.op_type not in _SHAPE_OPS or index != 0:
+            return None, reason_head + (f"{_label(consumer)} sits between them (only "
+                                        f"{', '.join(_SHAPE_OPS)} may join stacked layers)")
+        try:
+            axes = _apply(graph, consumer, axes, sizes)
+        except _NoLink as exc:
+            return None, reason_head + str(exc)
+        except ValueError as exc:
+            return None, reason_head + f"{_label(consumer)}: {exc}"
+        if len(consumer.output) != 1:
+            return None, reason_head + f"{_label(consumer)} has {len(consumer.output)} outputs"
+        value = consumer.output[0]
+
+
+def _pretty(axes):
+    return "(" + ", ".join("*".join(a) if a else "1" for a in axes) + ")"
+
+
+def _same_layer_kind(a, b):
+    """None when layers with configs ``a`` and ``b`` can stack, else what differs."""
+    for field, what in (("direction", "direction"), ("hidden", "hidden_size"),
+                        ("linear_before_reset", "linear_before_reset"), ("activations", "activations"),
+                        ("clip", "clip"), ("layout", "layout"), ("sequence_lens", "sequence_lens")):
+        if a[field] != b[field]:
+            return f"their {what} differ ({a[field]!r} and {b[field]!r})"
+    return None
+
+
+def _initial_state(graph, node, config, initial_h_kind):
+    """('zero', None, None) | ('slice', source, start) | ('other', name, None) for a node's initial_h."""
+    name = node.input[5] if len(node.input) > 5 else ""
+    if not name or initial_h_kind(node) == "zero":
+        return "zero", None, None
+    producer = graph.folder.producer(name)
+    if producer is None or producer.domain not in _DEFAULT_DOMAINS or producer.op_type != "Slice":
+        return "other", name, None
+    axis = 0 if config["layout"] == 0 else 1
+    D = _DIRECTIONS[config["direction"]]
+    what = _label(producer)
+    try:
+        if graph.opset < 10:
+            attrs = attributes(producer, what)
+            starts = attr_value(attrs, "starts", "ints", what)
+            ends = attr_value(attrs, "ends", "ints", what)
+            axes = attr_value(attrs, "axes", "ints", what)
+            steps = None
+        else:
+            inputs = list(producer.input) + [""] * 5
+            starts = graph.constant_ints(inputs[1], f"{what}: starts")
+            ends = graph.constant_ints(inputs[2], f"{what}: ends")
+            axes = graph.constant_ints(inputs[3], f"{what}: axes") if inputs[3] else None
+            steps = graph.constant_ints(inputs[4], f"{what}: steps") if inputs[4] else None
+    except (_NoLink, ValueError):
+        return "other", name, None
+    axes = list(range(len(starts or []))) if axes is None else axes
+    if (starts is None or ends is None or len(starts) != 1 or len(ends) != 1 or axes != [axis]
+            or steps not in (None, [1]) or starts[0] < 0 or ends[0] - starts[0] != D):
+        return "other", name, None
+    return "slice", producer.input[0], starts[0]
+
+
+def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind):
+    """Group GRU nodes into stacks.
+
+    ``nodes``: the main graph's GRU nodes in graph order; ``keys``: their keys; ``configs``: for each,
+    a dict with direction, hidden (hidden size or None), linear_before_reset, activations (resolved
+    tuple), clip, layout and sequence_lens (input name or ''); ``initial_h_kind(node)``: 'zero' when
+    the node's initial_h is absent or constant zeros.
+
+    Returns ``(groups, notes)``: ``groups`` a list of ``(indices into nodes, initial_h source or None)``
+    in graph order of each group's first node; ``notes`` one sentence per pair of GRU nodes that stay
+    separate although one's output reaches the other's input.
+    """
+    graph = _Graph(graph_proto, folder, opset)
+    index_of = {id(n): i for i, n in enumerate(nodes)}
+    key_of = {id(n): k for n, k in zip(nodes, keys)}
+    following, notes = {}, []
+    for i, node in enumerate(nodes):
+        target, reason = _follow(graph, node, configs[i], key_of)
+        if target is None:
+            if reason:
+                notes.append(reason)
+            continue
+        j = index_of[id(target)]
+        differ = _same_layer_kind(configs[i], configs[j])
+        if differ:
+            notes.append(f"GRU node {keys[i]!r} feeds GRU node {keys[j]!r}, but they stay separate: {differ}")
+            continue
+        following[i] = j
+    preceded = set(following.values())
+    groups = []
+    for i in range(len(nodes)):
+        if i in preceded:
+            continue
+        chain = [i]
+        while chain[-1] in following and len(chain) <= len(nodes):
+            chain.append(following[chain[-1]])
+        if len(chain) == 1:
+            groups.append(([i], None))
+            continue
+        states = [_initial_state(graph, nodes[k], configs[k], initial_h_kind) for k in chain]
+        D = _DIRECTIONS[configs[i]["direction"]]
+        kinds = {s[0] for s in states}
+        source = None
+        reason = None
+        if kinds == {"slice"}:
+            sources = {s[1] for s in states}
+            starts = [s[2] for s in states]
+            if len(sources) == 1 and starts == [layer * D for layer in range(len(chain))]:
+                source = sources.pop()
+            else:
+                reason = ("their initial_h are not the consecutive slices [l*D, (l+1)*D) of one tensor "
+                          f"(sources {sorted(sources)}, starts {starts})")
+        elif kinds != {"zero"}:
+            described = ", ".join(f"{keys[k]!r}: {s[0] if s[0] != 'other' else 'computed (' + repr(s[1]) + ')'}"
+                                  for k, s in zip(chain, states))
+            reason = f"their initial states do not fit one stacked h0 ({described})"
+        if reason is not None:
+            notes.append(f"GRU nodes {', '.join(repr(keys[k]) for k in chain)} form a chain but stay separate: "
+                         f"{reason}")
+            groups.extend(([k], None) for k in chain)
+        else:
+            groups.append((chain, source))
+    covered = {k for chain, _ in groups for k in chain}
+    groups.extend(([k], None) for k in range(len(nodes)) if k not in covered)  # a cyclic (malformed) graph
+    groups.sort(key=lambda group: group[0][0])
+    return groups, notes

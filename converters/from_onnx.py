@@ -613,13 +613,32 @@ def _check_runtime_inputs(folder, budget, inputs, label):
 
 def _constant_initial_h(folder, name, label):
     """The constant value of initial_h (or of the constant it is broadcast from), None at run time."""
+    value = _broadcast_constant(folder, name, label)
+    if value is not None:
+        return value
+    # Around packed sequences torch.onnx.export writes h0=None as Slices [l*D, (l+1)*D) of
+    # ConstantOfShape([L*D, batch, H]): a slice of zeros is zeros, whatever the run-time shape.
+    node, sliced = folder.producer(name), False
+    while node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type == "Slice" and node.input[0]:
+        name, node, sliced = node.input[0], folder.producer(node.input[0]), True
+    if not sliced:
+        return None
+    value = _broadcast_constant(folder, name, label)
+    if value is not None and np.any(value != 0):  # which part is sliced is known only at run time
+        folder.release([value])
+        return None
+    return value
+
+
+def _broadcast_constant(folder, name, label):
+    """The value of ``name`` when constant, or of the constant an Expand / ConstantOfShape broadcasts to a
+    run-time shape (torch.onnx.export writes h0=None as Expand(zeros, [D, batch, H])); else None."""
     try:
         return folder.fold([name])[name]
     except NotConstant:
         pass
     except ValueError as exc:
         raise ValueError(f"{label}: input initial_h ({name!r}): {exc}") from exc
-    # torch.onnx.export writes h0=None as Expand(zeros, [D, batch, H]) with a run-time batch size
     node = folder.producer(name)
     if node is None or node.domain not in _DEFAULT_DOMAINS:
         return None
@@ -632,8 +651,9 @@ def _constant_initial_h(folder, name, label):
             raise ValueError(f"{label}: input initial_h ({name!r}): {exc}") from exc
     if node.op_type == "ConstantOfShape":
         attr = next((a for a in node.attribute if a.name == "value"), None)
-        if attr is None:
-            return None  # the default fill, 0, is the engine's default too
+        if attr is None:  # the default fill, 0
+            folder.budget.charge(4, f"{label}: initial_h fill value")
+            return np.zeros((), np.float32)
         return decode_tensor(attr.t, budget=folder.budget, base_dir=folder.base_dir,
                              what=f"{label}: initial_h fill value")
     return None

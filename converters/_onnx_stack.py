@@ -23,7 +23,7 @@ GRU nodes where one's output reaches the other's input.
 
 from __future__ import annotations
 
-import math
+import collections
 
 import numpy as np
 
@@ -79,9 +79,9 @@ class _Graph:
 
     def reaches_gru(self, name):
         """The first GRU node downstream of ``name`` (a bounded breadth-first search), or None."""
-        seen, queue = set(), [name]
+        seen, queue = set(), collections.deque([name])
         while queue and len(seen) < _SEARCH_LIMIT:
-            value = queue.pop(0)
+            value = queue.popleft()
             for node, _ in self.consumers.get(value, []):
                 if id(node) in seen:
                     continue
@@ -95,15 +95,6 @@ class _Graph:
 # ---- the symbolic shape of a GRU output ----------------------------------------------------------
 # A tensor is a list of axes; an axis is a tuple of named dimensions in row-major order.  T and B are
 # run-time sizes (None); D and H are known.  Dimensions of size 1 are left out, so an axis () has size 1.
-
-def _axis_size(axis, sizes):
-    product = 1
-    for dim in axis:
-        if sizes[dim] is None:
-            return None
-        product *= sizes[dim]
-    return product
-
 
 def _squeeze(axes, drop, what):
     for a in drop:
@@ -234,7 +225,11 @@ def _follow(graph, node, config, keys):
         return None, None
     D, H, layout = _DIRECTIONS[config["direction"]], config["hidden"], config["layout"]
     if H is None:
-        return None, None
+        target = graph.reaches_gru(node.output[0])
+        if target is None:
+            return None, None
+        return None, (f"GRU node {key!r} and GRU node {keys.get(id(target), target.name)!r} stay separate: the "
+                      f"hidden size of {key!r} is unknown (no hidden_size attribute, R not foldable)")
     sizes = {"T": None, "B": None, "D": D, "H": H}
     axes, expected = _output_axes(layout, D, H)
     value = node.output[0]

@@ -415,8 +415,15 @@ def _stack_config(node, config, folder):
 
     D = _DIRECTIONS[config["direction"]]
     hidden = config["hidden_size"]
-    if hidden is None:
-        shape = folder.static_shape(node.input[2]) if len(node.input) > 2 else None
+    if hidden is None and len(node.input) > 2 and node.input[2]:
+        shape = folder.static_shape(node.input[2])
+        if shape is None:  # R computed from constants: its shape is known once folded
+            try:
+                R = folder.fold([node.input[2]])[node.input[2]]
+            except ValueError:  # NotConstant included: the conversion refuses the node and says why
+                R = None
+            shape = None if R is None else R.shape
+            folder.release([R])
         hidden = shape[2] if shape is not None and len(shape) == 3 else None
     try:
         activations = parse_activations(config["activations"], config["activation_alpha"],

@@ -157,8 +157,8 @@ def _stack_line(model) -> str | None:
     nodes = model.provenance.get("stacked_nodes")
     if not nodes:
         return None
-    return (f"{model.num_layers} GRU nodes stacked as one {model.num_layers}-layer model ({', '.join(map(repr, nodes))}; "
-            "--no-stack for one model per node)")
+    return (f"{len(nodes)} GRU nodes stacked as one {model.num_layers}-layer model "
+            f"({', '.join(map(repr, nodes))}; --no-stack for one model per node)")
 
 
 def _single_model(path, args):

@@ -8,8 +8,13 @@ layer's ``initial_h`` is a Slice of rows [l*D, (l+1)*D) of the module's h0 (or z
 A link from node A to node B is accepted only when B's ``X`` equals A's ``Y`` with its direction axis
 merged into the feature axis, as the engine feeds one layer to the next.  This is checked
 symbolically: the axes of ``Y`` are followed as lists of named dimensions (T, B, D, H; those of size 1
-dropped) through Identity / Transpose / Squeeze / Unsqueeze / Reshape, whose axes and shapes must be
-constants, and the result must be (T, B, D*H) (``layout=1``: (B, T, D*H)) with D before H.  Each value
+dropped) through Identity / Transpose / Squeeze / Unsqueeze / Reshape, whose axes must be constants
+and whose target shapes constants or computed from the Shape of the values on the way (Shape, Slice,
+Gather, Concat, Mul, Squeeze, Unsqueeze, Reshape of sizes: ``torch.onnx.export(dynamo=True)`` with
+dynamic shapes writes [s0, s1, s2*s3]), and the result must be (T, B, D*H) (``layout=1``: (B, T,
+D*H)) with D before H.  A fixed size in a target shape may cover D and H only: T and B are sizes at run
+time, so a graph exported with fixed T and B (the dynamo exporter without dynamic shapes) stays
+separate.  Each value
 on the way may have no other consumer than that chain, except ``Shape`` nodes (which read no data;
 torch's exporter takes the batch size of the zero h0 of the next layer from one), and may not be a
 graph output.  The two nodes must agree on direction, hidden size, linear_before_reset, activations,
@@ -77,6 +82,99 @@ class _Graph:
         finally:
             self.folder.release([value])
 
+    def shape_entries(self, name, known, what, depth=0):
+        """A 1-D integer tensor computed from constants and from the Shape of values on the chain (whose
+        axes ``known`` gives), as (entries, is_scalar): an entry is an int or, for a size known only at run
+        time, the tuple of dimensions it is the product of.  torch.onnx.export(dynamo=True) computes the
+        Reshape between layers this way, as [Shape(y)[0], Shape(y)[1], Shape(y)[2] * Shape(y)[3]]."""
+        try:
+            value = self.folder.fold([name])[name]
+        except NotConstant:
+            pass
+        except ValueError as exc:
+            raise _NoLink(f"{what}: {exc}") from None
+        else:
+            try:
+                array = np.asarray(value)
+                if array.dtype.kind not in "iu" or array.ndim > 1:
+                    raise _NoLink(f"{what} is not an integer scalar or 1-D tensor")
+                return [int(v) for v in array.reshape(-1)], array.ndim == 0
+            finally:
+                self.folder.release([value])
+        node = self.folder.producer(name)
+        if node is None or node.domain not in _DEFAULT_DOMAINS or depth > 32:
+            raise _NoLink(f"{what} is not a constant, nor computed from the shapes of the values between the layers")
+        label = _label(node)
+        attrs = attributes(node, label)
+        op, inputs = node.op_type, [i for i in node.input]
+        if op == "Shape":
+            if inputs[0] not in known:
+                raise _NoLink(f"{what} reads the shape of {inputs[0]!r}, which is not on the way between the layers")
+            dims = known[inputs[0]]
+            rank = len(dims)
+            start = attr_value(attrs, "start", "int", label, 0) if self.opset >= 15 else 0
+            end = attr_value(attrs, "end", "int", label, rank) if self.opset >= 15 else rank
+            start = min(max(start + rank if start < 0 else start, 0), rank)
+            end = min(max(end + rank if end < 0 else end, 0), rank)
+            return [tuple(axis) for axis in dims[start:end]], False
+        def operand(index):
+            if index >= len(inputs) or not inputs[index]:
+                raise _NoLink(f"{what}: {label} lacks input {index}")
+            return self.shape_entries(inputs[index], known, what, depth + 1)
+
+        if op in ("Identity", "Cast"):
+            return operand(0)
+        if op in ("Squeeze", "Unsqueeze", "Reshape"):  # of a single size: to a scalar or a 1-element vector
+            entries, _ = operand(0)
+            if len(entries) != 1:
+                raise _NoLink(f"{what}: {label} of {len(entries)} values")
+            if op == "Reshape":
+                target = self.constant_ints(inputs[1], f"{label}: shape") if len(inputs) > 1 and inputs[1] else None
+                if target not in ([], [1], [-1]):
+                    raise _NoLink(f"{what}: {label} to {target}")
+                return entries, target == []
+            return entries, op == "Squeeze"
+        if op == "Concat":
+            entries = []
+            for index in range(len(inputs)):
+                part, scalar = operand(index)
+                if scalar:
+                    raise _NoLink(f"{what}: {label} of a scalar")
+                entries += part
+            return entries, False
+        if op == "Slice" and self.opset >= 10:
+            entries, scalar = operand(0)
+            starts = self.constant_ints(inputs[1], f"{label}: starts") if len(inputs) > 1 else None
+            ends = self.constant_ints(inputs[2], f"{label}: ends") if len(inputs) > 2 else None
+            axes = self.constant_ints(inputs[3], f"{label}: axes") if len(inputs) > 3 and inputs[3] else [0]
+            steps = self.constant_ints(inputs[4], f"{label}: steps") if len(inputs) > 4 and inputs[4] else [1]
+            if scalar or starts is None or ends is None or len(starts) != 1 or len(ends) != 1 \
+                    or axes not in ([0], [-1]) or steps != [1]:
+                raise _NoLink(f"{what}: {label} is not a plain slice of a shape")
+            return entries[starts[0]:ends[0]], False  # Python's clamping is Slice's for step 1
+        if op == "Gather":
+            entries, scalar = operand(0)
+            index, index_scalar = operand(1)
+            if scalar or attr_value(attrs, "axis", "int", label, 0) not in (0, -1) or \
+                    not all(isinstance(i, int) and -len(entries) <= i < len(entries) for i in index):
+                raise _NoLink(f"{what}: {label} is not a gather from a shape")
+            return [entries[i] for i in index], index_scalar
+        if op == "Mul":
+            (left, left_scalar), (right, right_scalar) = operand(0), operand(1)
+            if len(left) != 1 or len(right) != 1:
+                raise _NoLink(f"{what}: {label} of {len(left)} and {len(right)} values")
+            a, b = left[0], right[0]
+            if isinstance(a, int) and isinstance(b, int):
+                product = a * b
+            elif isinstance(a, tuple) and isinstance(b, tuple):
+                product = a + b
+            elif (a if isinstance(a, int) else b) == 1:
+                product = b if isinstance(a, int) else a
+            else:
+                raise _NoLink(f"{what}: {label} multiplies a run-time size by a number")
+            return [product], left_scalar and right_scalar
+        raise _NoLink(f"{what} is computed by {label}, which the importer does not follow")
+
     def reaches_gru(self, name):
         """The first GRU node downstream of ``name`` (a bounded breadth-first search), or None."""
         seen, queue = set(), collections.deque([name])
@@ -112,6 +210,12 @@ def _reshape(axes, shape, allow_zero, sizes, what):
     def take(entry, position, start, forward):
         """Dimensions of output axis ``position`` beginning at ``start`` of the stream (read backwards
         from ``start`` when not ``forward``) -> (dims, new start)."""
+        if isinstance(entry, tuple):  # a size computed from Shapes: the product of these dimensions
+            dims = tuple(stream[start:start + len(entry)] if forward else stream[max(start - len(entry), 0):start])
+            if sorted(dims) != sorted(entry):  # products of run-time sizes are equal iff their factors are
+                raise _NoLink(f"{what}: shape entry {'*'.join(entry)} at {position} does not match the input "
+                              f"there")
+            return dims, (start + len(dims) if forward else start - len(dims))
         if entry == 0 and not allow_zero:
             if position >= len(axes):
                 raise _NoLink(f"{what}: shape entry 0 at {position} copies an axis the input lacks")
@@ -158,7 +262,7 @@ def _reshape(axes, shape, allow_zero, sizes, what):
     return left + [tuple(stream[start:end])] + right[::-1]
 
 
-def _apply(graph, node, axes, sizes):
+def _apply(graph, node, axes, sizes, known):
     what = _label(node)
     attrs = attributes(node, what)
     op = node.op_type
@@ -199,10 +303,15 @@ def _apply(graph, node, axes, sizes):
     if op == "Reshape":
         if opset < 5:
             shape = attr_value(attrs, "shape", "ints", what)
+        elif len(node.input) > 1 and node.input[1]:
+            shape, scalar = graph.shape_entries(node.input[1], known, f"{what}: shape")
+            if scalar:
+                raise _NoLink(f"{what}: shape is a scalar")
         else:
-            shape = graph.constant_ints(node.input[1], f"{what}: shape") if len(node.input) > 1 else None
+            shape = None
         if shape is None:
             raise _NoLink(f"{what} has no shape")
+        shape = [1 if e == () else e for e in shape]  # an axis of size 1
         allow_zero = attr_value(attrs, "allowzero", "int", what, 0) if opset >= 14 else 0
         return _reshape(axes, shape, allow_zero, sizes, what)
     raise _NoLink(f"{what} is not a shape operation")  # pragma: no cover - filtered by the caller
@@ -233,6 +342,7 @@ def _follow(graph, node, config, keys):
     sizes = {"T": None, "B": None, "D": D, "H": H}
     axes, expected = _output_axes(layout, D, H)
     value = node.output[0]
+    known = {value: axes}  # the values on the way, by their symbolic axes (Shape nodes may read them)
     while True:
         target = graph.reaches_gru(value)
         if target is None:
@@ -256,7 +366,7 @@ def _follow(graph, node, config, keys):
             return None, reason_head + (f"{_label(consumer)} sits between them (only "
                                         f"{', '.join(_SHAPE_OPS)} may join stacked layers)")
         try:
-            axes = _apply(graph, consumer, axes, sizes)
+            axes = _apply(graph, consumer, axes, sizes, known)
         except _NoLink as exc:
             return None, reason_head + str(exc)
         except ValueError as exc:
@@ -264,6 +374,7 @@ def _follow(graph, node, config, keys):
         if len(consumer.output) != 1:
             return None, reason_head + f"{_label(consumer)} has {len(consumer.output)} outputs"
         value = consumer.output[0]
+        known[value] = axes
 
 
 def _pretty(axes):

@@ -226,6 +226,34 @@ def test_identity_and_unsqueeze_squeeze_joins_stack():
     assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
 
 
+def _join_computed_shape(g, y, order=(0, 1, 2, 3)):
+    """Y (T, D, B, H) -> (T, B, D*H) as torch.onnx.export(dynamo=True) writes it with dynamic shapes
+    (torch 2.13, onnxscript 0.7.2): Transpose, then Reshape to [s0, s1, s2*s3] taken from its Shape
+    (``order`` permutes the four sizes)."""
+    moved = g.node("Transpose", [y], perm=[0, 2, 1, 3])
+    shape = g.node("Shape", [moved])
+    parts = [g.node("Slice", [shape, g.const(np.array([k], np.int64)), g.const(np.array([k + 1], np.int64))])
+             for k in range(4)]
+    product = g.node("Mul", [parts[order[2]], parts[order[3]]])
+    product = g.node("Reshape", [product, g.const(np.array([-1], np.int64))])
+    return g.node("Reshape", [moved, g.node("Concat", [parts[order[0]], parts[order[1]], product], axis=0)])
+
+
+@pytest.mark.parametrize("D,order", [(1, (0, 1, 2, 3)), (2, (0, 1, 2, 3)), (2, (0, 1, 3, 2))])
+def test_reshape_to_a_shape_computed_from_y_stacks(D, order):
+    """[s0, s1, s3*s2] is the same shape as [s0, s1, s2*s3]: it stacks too."""
+    g = Graph(D=D, seed=20 + D)
+    g.gru("b", _join_computed_shape(g, g.gru("a", "X", I), order), D * H)
+    proto = g.model("b_Y")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = from_onnx.load(proto)["a"]
+    assert model.num_layers == 2
+    x = g.x()
+    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
+    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+
+
 def _join_relu(g, y):
     return g.node("Relu", [g.merge_directions(y)])
 
@@ -256,6 +284,8 @@ def _numpy_join(kind, y, g):
         return merged @ g.matrix
     if kind == "swapped":
         return y.transpose(0, 2, 3, 1).reshape(T, B, -1)
+    if kind == "computed_bt":  # (T, B, D, H) read as (B, T, D*H): the next node runs B steps of T rows
+        return merged.reshape(B, T, -1)
     return merged
 
 
@@ -265,6 +295,8 @@ NEGATIVE = {
     "add": (1, _join_add, {}, r"Add node 'add\d+' sits between them"),
     "matmul": (2, _join_matmul, {}, r"MatMul node 'matmul\d+' sits between them"),
     "swapped": (2, _join_swapped_directions, {}, r"rearranged as \(T, B, H\*D\), not .*\(T, B, D\*H\)"),
+    "computed_bt": (2, lambda g, y: _join_computed_shape(g, y, order=(1, 0, 2, 3)), {},
+                    r"shape entry B at 0 does not match the input there"),
     "activations": (1, None, {"activations": ["HardSigmoid", "Tanh"]}, r"their activations differ"),
     "lbr": (1, None, {"linear_before_reset": 0}, r"their linear_before_reset differ \(1 and 0\)"),
 }

@@ -175,10 +175,7 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
             provenance["initial_h"] = initial_h
         built = _convert_group([gru_nodes[i] for i in indices], [keys[i] for i in indices],
                                [configs[i] for i in indices], folder, budget, provenance)
-        for name, model in built:
-            if len(built) > 1:  # a stack whose weights turned out not to chain: its nodes, one by one
-                model.provenance = {"framework": "onnx", "source": source, "node": name, "opset": opset}
-            models[name] = model
+        models.update(built)
     return models
 
 
@@ -282,10 +279,9 @@ def _convert_group(nodes, keys, configs, folder, budget, provenance):
             return [(keys[0], _build(specs, configs[0], budget, provenance, specs[0]["label"]))]
         warnings.warn(f"{provenance['source']}: GRU nodes {', '.join(map(repr, keys))} stay separate: "
                       f"{mismatch}", StackWarning, stacklevel=3)
-        built = []
-        for key, config, spec in zip(keys, configs, specs):
-            built.append((key, _build([spec], config, budget, dict(provenance, node=key), spec["label"])))
-        return built
+        single = {k: v for k, v in provenance.items() if k not in ("stacked_nodes", "initial_h")}
+        return [(key, _build([spec], config, budget, dict(single, node=key), spec["label"]))
+                for key, config, spec in zip(keys, configs, specs)]
     finally:
         for spec in specs:
             folder.release(spec["weights"])

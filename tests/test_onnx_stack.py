@@ -322,6 +322,19 @@ def test_non_stack_joins_stay_separate_with_the_reason(kind):
     assert _max_err((_onnx_y(models["b"], y_b), Y_b)) <= ATOL
 
 
+def test_layers_whose_weights_do_not_chain_stay_separate():
+    """The graph links 'a' to 'b', but b's weights are float64 (an element type X cannot have)."""
+    g = Graph(D=1, seed=17)
+    g.gru("b", g.merge_directions(g.gru("a", "X", I)), H)
+    for tensor in g.inits[-3:]:  # b's W, R, B
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+    with pytest.warns(StackWarning, match=r"GRU nodes 'a', 'b' stay separate: their weights' element types differ"):
+        models = from_onnx.load(g.model("b_Y"))
+    assert [(k, m.dtype.name) for k, m in models.items()] == [("a", "float32"), ("b", "float64")]
+    assert [m.provenance["node"] for m in models.values()] == ["a", "b"]
+    assert not any("stacked_nodes" in m.provenance for m in models.values())
+
+
 @pytest.mark.parametrize("second", ["graph_output", "relu"])
 def test_y_with_a_second_consumer_stays_separate(second):
     g = Graph(D=1, seed=7)

@@ -12,9 +12,10 @@ dropped) through Identity / Transpose / Squeeze / Unsqueeze / Reshape, whose axe
 and whose target shapes constants or computed from the Shape of the values on the way (Shape, Slice,
 Gather, Concat, Mul, Squeeze, Unsqueeze, Reshape of sizes: ``torch.onnx.export(dynamo=True)`` with
 dynamic shapes writes [s0, s1, s2*s3]), and the result must be (T, B, D*H) (``layout=1``: (B, T,
-D*H)) with D before H.  A fixed size in a target shape may cover D and H only: T and B are sizes at run
-time, so a graph exported with fixed T and B (the dynamo exporter without dynamic shapes) stays
-separate.  Each value
+D*H)) with D before H.  T and B are sizes known at run time only, unless the declared shape of the
+first layer's X (a graph input, or a Transpose of one) fixes them -- as the dynamo exporter without
+dynamic shapes writes it, with Reshapes to those fixed sizes between the layers; a runtime accepts no
+other input shape, so the stack equals the graph on every input the graph accepts.  Each value
 on the way may have no other consumer than that chain, except ``Shape`` nodes (which read no data;
 torch's exporter takes the batch size of the zero h0 of the next layer from one), and may not be a
 graph output.  The two nodes must agree on direction, hidden size, linear_before_reset, activations,
@@ -317,18 +318,20 @@ def _apply(graph, node, axes, sizes, known):
     raise _NoLink(f"{what} is not a shape operation")  # pragma: no cover - filtered by the caller
 
 
-def _output_axes(layout, D, H):
-    keep = lambda dims: tuple(d for d in dims if {"D": D, "H": H}.get(d, 0) != 1)  # noqa: E731
+def _output_axes(layout, sizes):
+    """(axes of Y, axes the next layer's X must have), leaving out dimensions of size 1."""
+    def keep(*dims):
+        return tuple(d for d in dims if sizes[d] != 1)
+
     if layout == 0:
-        return [keep(("T",)), keep(("D",)), keep(("B",)), keep(("H",))], [keep(("T",)), keep(("B",)),
-                                                                          keep(("D", "H"))]
-    return [keep(("B",)), keep(("T",)), keep(("D",)), keep(("H",))], [keep(("B",)), keep(("T",)),
-                                                                      keep(("D", "H"))]
+        return [keep("T"), keep("D"), keep("B"), keep("H")], [keep("T"), keep("B"), keep("D", "H")]
+    return [keep("B"), keep("T"), keep("D"), keep("H")], [keep("B"), keep("T"), keep("D", "H")]
 
 
-def _follow(graph, node, config, keys):
+def _follow(graph, node, config, keys, fixed):
     """-> (next GRU node, None) when ``node``'s Y is exactly the next layer's X; (None, reason) when
-    the Y reaches another GRU node some other way; (None, None) when no GRU node is downstream."""
+    the Y reaches another GRU node some other way; (None, None) when no GRU node is downstream.
+    ``fixed``: {"T": ..., "B": ...} when the graph's declared input shape fixes them, else {}."""
     key = keys[id(node)]
     if not node.output or not node.output[0]:
         return None, None
@@ -339,8 +342,8 @@ def _follow(graph, node, config, keys):
             return None, None
         return None, (f"GRU node {key!r} and GRU node {keys.get(id(target), target.name)!r} stay separate: the "
                       f"hidden size of {key!r} is unknown (no hidden_size attribute, R not foldable)")
-    sizes = {"T": None, "B": None, "D": D, "H": H}
-    axes, expected = _output_axes(layout, D, H)
+    sizes = {"T": fixed.get("T"), "B": fixed.get("B"), "D": D, "H": H}
+    axes, expected = _output_axes(layout, sizes)
     value = node.output[0]
     known = {value: axes}  # the values on the way, by their symbolic axes (Shape nodes may read them)
     while True:
@@ -424,6 +427,36 @@ def _initial_state(graph, node, config, initial_h_kind):
     return "slice", producer.input[0], starts[0]
 
 
+def _declared_sizes(graph_proto, folder, node, layout):
+    """{"T": t, "B": b} when ``node``'s X is a graph input (or a Transpose of one) whose declared shape
+    fixes them -- torch.onnx.export(dynamo=True) without dynamic shapes writes Reshapes to these fixed
+    sizes between layers, and a runtime accepts no other input shape -- else {}."""
+    if not node.input or not node.input[0]:
+        return {}
+    name, perm = node.input[0], None
+    producer = folder.producer(name)
+    if producer is not None:
+        if producer.domain not in _DEFAULT_DOMAINS or producer.op_type != "Transpose" or not producer.input:
+            return {}
+        perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), None)
+        name = producer.input[0]
+        if folder.producer(name) is not None:
+            return {}
+    declared = next((v for v in graph_proto.input if v.name == name), None)
+    if declared is None or name in folder.initializers or not declared.type.HasField("tensor_type"):
+        return {}
+    shape = declared.type.tensor_type
+    if not shape.HasField("shape") or len(shape.shape.dim) != 3:
+        return {}
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.shape.dim]
+    if perm is not None:
+        if sorted(perm) != [0, 1, 2]:
+            return {}
+        dims = [dims[p] for p in perm]
+    T, B = (dims[0], dims[1]) if layout == 0 else (dims[1], dims[0])
+    return {k: v for k, v in (("T", T), ("B", B)) if v is not None}
+
+
 def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind):
     """Group GRU nodes into stacks.
 
@@ -440,8 +473,10 @@ def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind
     index_of = {id(n): i for i, n in enumerate(nodes)}
     key_of = {id(n): k for n, k in zip(nodes, keys)}
     following, notes = {}, []
+    fixed = {}  # node index -> T and B fixed by the graph's declared input shape (layers inherit them)
     for i, node in enumerate(nodes):
-        target, reason = _follow(graph, node, configs[i], key_of)
+        fixed.setdefault(i, _declared_sizes(graph_proto, folder, node, configs[i]["layout"]))
+        target, reason = _follow(graph, node, configs[i], key_of, fixed[i])
         if target is None:
             if reason:
                 notes.append(reason)
@@ -452,6 +487,7 @@ def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind
             notes.append(f"GRU node {keys[i]!r} feeds GRU node {keys[j]!r}, but they stay separate: {differ}")
             continue
         following[i] = j
+        fixed[j] = fixed[i]
     preceded = set(following.values())
     groups = []
     for i in range(len(nodes)):

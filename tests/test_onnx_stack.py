@@ -189,6 +189,50 @@ def _onnx_y(model, y):
     return y.reshape(y.shape[0], y.shape[1], D, H).transpose(0, 2, 1, 3)
 
 
+def _join_fixed_shape(g, y, target):
+    """Y (T, D, B, H) -> Transpose -> Reshape to a constant shape, as torch.onnx.export(dynamo=True) writes
+    it without dynamic shapes (torch 2.13, onnxscript 0.7.2): [T, B, D*H] with the export's T and B."""
+    moved = g.node("Transpose", [y], perm=[0, 2, 1, 3])
+    return g.node("Reshape", [moved, g.const(np.array(target, np.int64))])
+
+
+@pytest.mark.parametrize("D", [1, 2])
+def test_fixed_reshape_stacks_when_the_declared_input_fixes_t_and_b(D):
+    g = Graph(D=D, seed=30 + D)
+    g.inputs[0] = helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, B, I])
+    g.gru("b", _join_fixed_shape(g, g.gru("a", "X", I), [T, B, D * H]), D * H)
+    proto = g.model("b_Y")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = from_onnx.load(proto)["a"]
+    assert model.num_layers == 2
+    x = g.x()
+    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
+    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+
+
+@pytest.mark.parametrize("declared,target,reason", [
+    (["T", "B", I], [T, B, 2 * H], r"a fixed size 4 would include the run-time dimension T"),
+    ([T, B, I], [B, T, 2 * H], r"shape \[3, 4, 16\] splits a dimension of the input"),
+])
+def test_fixed_reshape_without_fixed_sizes_stays_separate(declared, target, reason):
+    """A fixed Reshape is a stack only for the T and B the declared input fixes: with T and B symbolic,
+    or fixed but swapped by the Reshape (a reinterpretation of the data), the nodes stay separate."""
+    g = Graph(D=2, seed=40)
+    g.inputs[0] = helper.make_tensor_value_info("X", TensorProto.FLOAT, declared)
+    g.gru("b", _join_fixed_shape(g, g.gru("a", "X", I), target), 2 * H)
+    proto = g.model("b_Y")
+    with pytest.warns(StackWarning, match=reason):
+        models = from_onnx.load(proto)
+    assert list(models) == ["a", "b"]
+    x = g.x()
+    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
+    y_a, _ = models["a"](x)
+    x_b = _onnx_y(models["a"], y_a).transpose(0, 2, 1, 3).reshape(target)  # what the graph's Reshape does
+    y_b, _ = models["b"](np.ascontiguousarray(x_b))
+    assert _max_err((_onnx_y(models["b"], y_b), Y)) <= ATOL
+
+
 @pytest.mark.parametrize("D", [1, 2])
 def test_layout1_chain_with_sliced_h0_stacks(D):
     """layout=1 nodes: Y (B, T, D, H) -> Reshape (B, T, D*H); initial_h are slices of h0 (B, 2D, H) on axis 1."""

@@ -37,10 +37,19 @@ Shapes (``model.batch_first`` is True exactly when the node has ``layout=1``)
     its ``batch_first`` covers ``x`` and ``y`` only -- so callers pass
     ``h0=initial_h.transpose(1, 0, 2)`` and read ``Y_h = h_n.transpose(1, 0, 2)``.
 
+Stacks (``stack=True``, the default)
+    A chain of GRU nodes that is exactly a stacked GRU -- ``torch.onnx.export`` writes
+    ``nn.GRU(num_layers=L)`` as L nodes joined by Squeeze / Transpose / Reshape -- converts to one
+    L-layer model (:mod:`converters._onnx_stack` states the rule).  It takes the first node's ``X``,
+    ``sequence_lens`` and, as ``h0``, the tensor whose slices are the layers' ``initial_h``; its ``y``
+    is the last node's ``Y`` and its ``h_n`` every node's ``Y_h`` in layer order.  Connected nodes that
+    do not form such a chain stay separate, with a :class:`StackWarning` saying why.
+
 Safety
     Everything a file says is checked before memory is committed: attribute values and types, the
     consistency of ``hidden_size`` with the shapes of W, R and B, tensor sizes against ``max_bytes``
-    (from the tensor headers, before decoding), and external data, which is read only from regular,
+    (from the tensor headers, before decoding; folded intermediates before they are computed; the
+    engine's copy and packed, padded layout of the weights before the model is built), and external data, which is read only from regular,
     singly linked files inside the model's directory (:mod:`converters._safe_paths`).  Unreadable
     bytes and every refusal raise ValueError naming the node and the input at fault.
 

@@ -53,6 +53,8 @@ def _parse(argv):
     parser.add_argument("--no-cold-start", action="store_true", help="skip cold start / peak memory")
     parser.add_argument("--no-threads", action="store_true", help="skip gru_fast 1 vs 2 threads")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask scaling entry (bench.dask_scaling)")
+    parser.add_argument("--no-accelerate", action="store_true",
+                        help="skip the whole PyTorch model accelerated by gru_fast (bench.accelerate)")
     parser.add_argument("--engines", nargs="+", metavar="NAME", choices=list(ENGINES), default=list(ENGINES),
                         help="engines to time (default: all): " + ", ".join(ENGINES))
     parser.add_argument("--no-isolated", action="store_true",
@@ -120,7 +122,7 @@ def run_isolated(settings, workdir) -> dict:
         command = [sys.executable, "-m", "bench", "--engines", engine, "--cases", *settings["cases"],
                    "--rounds", str(settings["rounds"]), "--batch-ms", str(1e3 * settings["batch_seconds"]),
                    "--gap-ms", str(1e3 * settings["gap_seconds"]), "--out-dir", str(out), "--no-scaling",
-                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated"]
+                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated", "--no-accelerate"]
         if settings["quick"]:
             command.append("--quick")
         _log(f"  {engine} alone ...")
@@ -269,6 +271,13 @@ def main(argv=None) -> int:
             except ImportError as exc:  # dask not installed: reported, not fatal
                 report["dask_scaling"] = {"error": f"not run: {exc}"}
 
+    if not args.no_accelerate and missing_reason("pytorch") is None:
+        from . import accelerate
+
+        _log("a PyTorch model accelerated (bench.accelerate) ...")
+        with stage("accelerate"):
+            report["accelerate"] = accelerate.run(quick)
+
     report["load_average_after"] = list(os.getloadavg())
     report["threadpools_at_end"] = threadpool_summary()
     report["elapsed_s"] = time.perf_counter() - started
@@ -276,6 +285,8 @@ def main(argv=None) -> int:
     if "dask_scaling" in report:
         text += "\n" + (dask_scaling.markdown(report["dask_scaling"]) if "error" not in report["dask_scaling"]
                         else f"## Dask scaling\n\n{report['dask_scaling']['error']}\n")
+    if "accelerate" in report:
+        text += "\n" + accelerate.markdown(report["accelerate"])
     files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
     files["markdown"].write_text(text)
     if plot_ratios(report, out_dir / f"{stem}-ratios.png"):

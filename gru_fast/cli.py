@@ -13,8 +13,13 @@ Model files (MODEL, SRC) are recognised by their suffix:
 - ``.onnx``: every GRU node of the graph (one single-layer model each), ``--node NAME`` picks one;
   ``info`` and ``run`` join a chain of nodes that is exactly a stacked GRU (``torch.onnx.export`` of
   ``nn.GRU(num_layers=L)``) into one L-layer model, keyed by its first node, unless ``--no-stack``;
-- ``.pt`` / ``.pth``: a PyTorch state dict, read with ``torch.load(weights_only=True)`` (needs torch),
-  ``--prefix`` picks one GRU of a larger model.
+- ``.pt`` / ``.pth``: a PyTorch checkpoint, read with ``torch.load(weights_only=True)`` (needs torch): a
+  state dict, bare or anywhere inside the checkpoint's dicts (``{"model": sd, "epoch": 3}``, Lightning,
+  DataParallel); ``--prefix`` picks one GRU when it holds several.  Without ``--batch-first`` /
+  ``--no-batch-first`` the layout comes from a ``batch_first`` entry the checkpoint records, else it is
+  assumed time-major and ``info`` / ``convert`` say so.
+- ``.keras`` / ``.h5``: every GRU layer of a Keras model or weights file (:func:`converters.from_keras.load`,
+  needs h5py), ``--node NAME`` picks one by layer name.
 
 Exit codes: 0 success; 1 bad input (a missing, unreadable or invalid file, data that does not fit the
 model); 2 usage error (unknown command or option, missing argument, ``bench`` outside a source
@@ -39,7 +44,7 @@ import numpy as np
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_MISSING, EXIT_CHECK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
-_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None}
+_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None, "h5py": "keras"}
 
 
 class CliError(Exception):
@@ -80,7 +85,7 @@ def _existing_file(path: str) -> Path:
 
 
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
-                batch_first: bool = False, stack: bool = False) -> tuple[str, dict]:
+                batch_first: bool | None = None, stack: bool = False) -> tuple[str, dict]:
     """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc).
 
     ``stack``: ONNX chains of GRU nodes that are exactly a stacked GRU become one model (from_onnx.load's
@@ -89,8 +94,9 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
 
     source = _existing_file(path)
     suffix = source.suffix.lower()
-    if node is not None and suffix != ".onnx":
-        raise CliError(f"--node applies to .onnx files only, {path} is a {suffix or 'suffix-less'} file",
+    if node is not None and suffix not in (".onnx", ".keras", ".h5"):
+        raise CliError(f"--node applies to .onnx files only (and Keras .keras / .h5 files), {path} is a "
+                       f"{suffix or 'suffix-less'} file",
                        EXIT_USAGE)
     if suffix == ".onnx":
         if prefix is not None:
@@ -125,19 +131,39 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         return "ONNX model", models
     if suffix in (".pt", ".pth"):
         return "PyTorch state dict", {source.stem: _read_torch(source, prefix, batch_first)}
+    if suffix in (".keras", ".h5"):
+        if prefix is not None or batch_first is not None:
+            raise CliError("--prefix and --batch-first apply to PyTorch state dicts, not to Keras files "
+                           "(Keras files record their layer names and layout)", EXIT_USAGE)
+        try:
+            from converters import from_keras
+
+            models = from_keras.load(source)
+        except ImportError as exc:
+            raise _missing(exc, f"reading {suffix} files") from None
+        except (ValueError, TypeError, OSError) as exc:
+            message = str(exc)
+            raise CliError(message if source.name in message else f"{path}: {message}") from None
+        if node is not None:
+            if node not in models:
+                raise CliError(f"{path}: no GRU layer named {node!r}; the model's GRU layers are: "
+                               f"{', '.join(repr(k) for k in models)}")
+            models = {node: models[node]}
+        return "Keras model", models
     if suffix == ".npz":
-        if prefix is not None or batch_first:
+        if prefix is not None or batch_first is not None:
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
         try:
             return "gru_fast engine file", {source.stem: gru_fast.load(source)}
         except (ValueError, OSError) as engine_error:
             try:
-                return "numpy state dict", {source.stem: _read_torch(source, None, False)}
+                return "numpy state dict", {source.stem: _read_torch(source, None, None)}
             except CliError as torch_error:
                 raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
                                f"dict of an nn.GRU ({torch_error})") from None
     raise CliError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a gru_fast engine file "
-                   "(.npz), an ONNX model (.onnx) or a PyTorch state dict (.pt, .pth, .npz)")
+                   "(.npz), an ONNX model (.onnx), a PyTorch state dict (.pt, .pth, .npz) or a Keras model "
+                   "(.keras, .h5)")
 
 
 def _read_torch(source: Path, prefix, batch_first):
@@ -163,7 +189,7 @@ def _stack_line(model) -> str | None:
 
 def _single_model(path, args):
     _, models = read_models(path, node=getattr(args, "node", None), prefix=getattr(args, "prefix", None),
-                            batch_first=getattr(args, "batch_first", False),
+                            batch_first=getattr(args, "batch_first", None),
                             stack=not getattr(args, "no_stack", True))
     if len(models) > 1:
         raise CliError(f"{path} holds {len(models)} GRU models ({', '.join(repr(k) for k in models)}); pick one "
@@ -215,7 +241,9 @@ def _info_text(name: str, facts: dict) -> list[str]:
         ("parameters", f"{d['parameters']:,} ({d['parameter_bytes'] / 1024:,.1f} KiB)"),
         ("provenance", json.dumps(d["provenance"], sort_keys=True) if d["provenance"] else "none recorded"),
     ]
-    if d["provenance"].get("stacked_nodes"):
+    if isinstance(d["provenance"], dict) and "layout" in d["provenance"]:  # a converted state dict's layout
+        lines.insert(-2, ("layout", d["provenance"]["layout"]))
+    if isinstance(d["provenance"], dict) and d["provenance"].get("stacked_nodes"):
         nodes = d["provenance"]["stacked_nodes"]
         lines.insert(0, ("stacked", f"{len(nodes)} ONNX GRU nodes as one model: {', '.join(map(repr, nodes))} "
                                     "(--no-stack for one model per node)"))
@@ -234,6 +262,14 @@ def cmd_info(args) -> int:
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
     return EXIT_OK
+
+
+def _note_assumed_layouts(models) -> None:
+    """``convert``: a state dict whose layout was guessed (time-major) says so on stderr (``info`` prints
+    it on its ``layout`` line)."""
+    for name, model in models.items():
+        if model.provenance.get("layout_assumed"):
+            print(f"gru-fast: note: {name}: layout {model.provenance.get('layout')}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,6 +309,7 @@ def cmd_convert(args) -> int:
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
         print(f"wrote {path}  ({name}: {model})")
+    _note_assumed_layouts(models)
     return EXIT_OK
 
 
@@ -458,13 +495,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(parser, *, onnx_node=True):
     if onnx_node:
-        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME")
+        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME; "
+                            "Keras: the GRU layer called NAME")
     parser.add_argument("--prefix", metavar="PREFIX",
-                        help="PyTorch state dict: the GRU's key prefix, e.g. 'encoder.gru.' (needed when the "
-                             "file holds several GRUs)")
-    parser.add_argument("--batch-first", action="store_true",
-                        help="PyTorch state dict: the module was built with batch_first=True (state dicts "
-                             "do not record it)")
+                        help="PyTorch checkpoint: the GRU's dotted path, e.g. 'model.encoder.gru.' or a unique "
+                             "ending of it such as 'encoder.gru' (needed when the file holds several GRUs)")
+    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="PyTorch checkpoint: the module was built with batch_first=True (or, with "
+                             "--no-batch-first, False); default: the checkpoint's recorded 'batch_first' if "
+                             "any, else time-major, with a note")
 
 
 def _no_stack_option(parser):
@@ -505,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print layers, sizes, variant (linear_before_reset), activations, clip, dtype, "
                     "batch_first and provenance of a gru_fast engine file, of every GRU node of an ONNX "
                     "model, or of a PyTorch state dict (converted in memory).")
-    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt or .pth")
+    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt, .pth, .keras or .h5")
     _model_options(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     _no_stack_option(info)
@@ -521,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /) "
                "each model goes to DIR/<node>.npz (ONNX) or DIR/<source name>.npz. Node names are reduced "
                "to letters, digits, '_', '-' and '.'.")
-    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth or .npz")
+    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth, .npz, .keras or .h5")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npz file or directory")
     _model_options(convert)
     convert.add_argument("--dtype", choices=["float32", "float64"], help="compute precision of the written "
@@ -539,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                "holds y (N, T, D*H) and h_n (N, L*D, H), sequence-major too (the engine's own h_n is "
                "(L*D, N, H)), in the model's dtype; a .npy output holds the one array named by --outputs. "
                "The initial state is zero. A progress bar is drawn on stderr when it is a terminal.")
-    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node or one stack of them), .pt "
-                     "or .pth")
+    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node, or one stack of "
+                     "them), .pt, .pth, .keras or .h5 (one GRU layer)")
     run.add_argument("--input", required=True, metavar="X.npy", help="input sequences (N, T, I)")
     run.add_argument("--lengths", metavar="L.npy", help="valid steps per sequence (N,) (default: all T)")
     run.add_argument("--output", required=True, metavar="OUT", help="output .npz (y and h_n) or .npy (one array)")

@@ -23,6 +23,13 @@ clip, layout and sequence_lens.  A chain as a whole must have the same initial s
 layer: absent or constant zeros everywhere, or consecutive Slices [l*D, (l+1)*D) of one tensor along
 its direction axis.
 
+A bidirectional layer may also be written as two nodes ("Concat of directions"): a forward and a
+reverse node reading the same X, alike in everything else, both starting from zeros, whose Ys --
+through shape operations -- are the two inputs of one Concat, forward first, along the direction axis
+(the bidirectional Y) or the feature axis of the squeezed Ys (directions merged).  Such a pair is one
+layer, alone or anywhere in a chain; the next layer may be such a pair too.  A time-reversed forward
+node (Slices with step -1 around it) is not recognised as a reverse node.
+
 Anything else stays separate, and :func:`find_stacks` returns a sentence saying why for every pair of
 GRU nodes where one's output reaches the other's input.
 """
@@ -328,10 +335,14 @@ def _output_axes(layout, sizes):
     return [keep("B"), keep("T"), keep("D"), keep("H")], [keep("B"), keep("T"), keep("D", "H")]
 
 
-def _follow(graph, node, config, keys, fixed):
+def _follow(graph, node, config, keys, fixed, pairs=None, start=None):
     """-> (next GRU node, None) when ``node``'s Y is exactly the next layer's X; (None, reason) when
     the Y reaches another GRU node some other way; (None, None) when no GRU node is downstream.
-    ``fixed``: {"T": ..., "B": ...} when the graph's declared input shape fixes them, else {}."""
+    ``fixed``: {"T": ..., "B": ...} when the graph's declared input shape fixes them, else {}.
+    ``pairs``: {id(forward node): reverse node} of the layers written as two nodes; the next layer may
+    be one (its two nodes then both read the value as X; the forward node is returned).  ``start``:
+    (value, axes) to follow instead of ``node``'s Y (a pair's Concat of directions)."""
+    pairs = pairs or {}
     key = keys[id(node)]
     if not node.output or not node.output[0]:
         return None, None
@@ -345,6 +356,8 @@ def _follow(graph, node, config, keys, fixed):
     sizes = {"T": fixed.get("T"), "B": fixed.get("B"), "D": D, "H": H}
     axes, expected = _output_axes(layout, sizes)
     value = node.output[0]
+    if start is not None:
+        value, axes = start
     known = {value: axes}  # the values on the way, by their symbolic axes (Shape nodes may read them)
     while True:
         target = graph.reaches_gru(value)
@@ -354,6 +367,13 @@ def _follow(graph, node, config, keys, fixed):
         if value in graph.outputs:
             return None, reason_head + f"{value!r} (on the way from Y) is also a graph output"
         consumers = graph.data_consumers(value)
+        if len(consumers) == 2 and all(n.op_type == "GRU" and n.domain in _DEFAULT_DOMAINS and i == 0
+                                       for n, i in consumers):
+            first, second = (n for n, _ in consumers)
+            if pairs.get(id(second)) is first:
+                first, second = second, first
+            if pairs.get(id(first)) is second:  # the next layer is a forward and a reverse node
+                consumers = [(first, 0)]
         if len(consumers) != 1:
             listed = ", ".join(_label(n) for n, _ in consumers)
             return None, reason_head + f"{value!r} (on the way from Y) feeds {len(consumers)} nodes ({listed})"
@@ -427,6 +447,72 @@ def _initial_state(graph, node, config, initial_h_kind):
     return "slice", producer.input[0], starts[0]
 
 
+def _walk_to_join(graph, node, config, fixed):
+    """Follow a single-direction node's Y through shape operations to the first other consumer:
+    -> (consumer, input index, axes there, values on the way by axes), or None."""
+    H, layout = config["hidden"], config["layout"]
+    if H is None or not node.output or not node.output[0]:
+        return None
+    sizes = {"T": fixed.get("T"), "B": fixed.get("B"), "D": 1, "H": H}
+    axes, _ = _output_axes(layout, sizes)
+    value = node.output[0]
+    known = {value: axes}
+    while True:
+        consumers = graph.data_consumers(value)
+        if value in graph.outputs or len(consumers) != 1:
+            return None
+        consumer, index = consumers[0]
+        if consumer.domain not in _DEFAULT_DOMAINS or consumer.op_type not in _SHAPE_OPS or index != 0:
+            return consumer, index, axes, known
+        try:
+            axes = _apply(graph, consumer, axes, sizes, known)
+        except (_NoLink, ValueError):
+            return None
+        if len(consumer.output) != 1:
+            return None
+        value = consumer.output[0]
+        known[value] = axes
+
+
+def _find_pairs(graph, nodes, configs, fixed, initial_h_kind):
+    """Bidirectional layers written as two nodes: a forward and a reverse node reading the same X, alike
+    in everything else, both starting from zeros, whose Ys (through shape operations) are the two inputs
+    of one Concat, forward first, along an axis where the direction axis belongs (so the Concat is the
+    bidirectional node's Y, or that Y with the directions merged).
+    -> {forward index: (reverse index, Concat output, its axes)}."""
+    by_x = collections.defaultdict(list)
+    for i, node in enumerate(nodes):
+        if node.input and node.input[0]:
+            by_x[node.input[0]].append(i)
+    pairs = {}
+    for indices in by_x.values():
+        if len(indices) != 2:
+            continue
+        f, r = sorted(indices, key=lambda k: configs[k]["direction"] != "forward")
+        cf, cr = configs[f], configs[r]
+        if (cf["direction"], cr["direction"]) != ("forward", "reverse") or cf["activation_params"] or \
+                cr["activation_params"] or _same_layer_kind(cf, dict(cr, direction="forward")) is not None:
+            continue
+        if initial_h_kind(nodes[f]) != "zero" or initial_h_kind(nodes[r]) != "zero":
+            continue
+        ends = [_walk_to_join(graph, nodes[k], configs[k], fixed.get(f, {})) for k in (f, r)]
+        if None in ends:
+            continue
+        (concat, index_f, axes_f, _), (other, index_r, axes_r, _) = ends
+        if (concat is not other or concat.op_type != "Concat" or concat.domain not in _DEFAULT_DOMAINS
+                or (index_f, index_r) != (0, 1) or len(concat.input) != 2 or axes_f != axes_r
+                or len(concat.output) != 1):
+            continue
+        axis = attr_value(attributes(concat, _label(concat)), "axis", "int", _label(concat))
+        if axis is None or not -len(axes_f) <= axis < len(axes_f):
+            continue
+        axis += len(axes_f) if axis < 0 else 0
+        joined = list(axes_f)
+        joined[axis] = ("D",) + tuple(axes_f[axis])
+        pairs[f] = (r, concat.output[0], joined)
+    return pairs
+
+
 def _declared_sizes(graph_proto, folder, node, layout):
     """{"T": t, "B": b} when ``node``'s X is a graph input (or a Transpose of one) whose declared shape
     fixes them -- torch.onnx.export(dynamo=True) without dynamic shapes writes Reshapes to these fixed
@@ -465,18 +551,28 @@ def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind
     tuple), clip, layout and sequence_lens (input name or ''); ``initial_h_kind(node)``: 'zero' when
     the node's initial_h is absent or constant zeros.
 
-    Returns ``(groups, notes)``: ``groups`` a list of ``(indices into nodes, initial_h source or None)``
-    in graph order of each group's first node; ``notes`` one sentence per pair of GRU nodes that stay
-    separate although one's output reaches the other's input.
+    Returns ``(groups, notes)``: ``groups`` a list of ``(layers, initial_h source or None)`` in graph
+    order of each group's first node, a layer being the list of its nodes' indices (one node, or a
+    forward and a reverse node that together are one bidirectional layer); ``notes`` one sentence per
+    pair of GRU nodes that stay separate although one's output reaches the other's input.
     """
     graph = _Graph(graph_proto, folder, opset)
     index_of = {id(n): i for i, n in enumerate(nodes)}
     key_of = {id(n): k for n, k in zip(nodes, keys)}
     following, notes = {}, []
-    fixed = {}  # node index -> T and B fixed by the graph's declared input shape (layers inherit them)
+    fixed = {i: _declared_sizes(graph_proto, folder, n, configs[i]["layout"]) for i, n in enumerate(nodes)}
+    pairs = _find_pairs(graph, nodes, configs, fixed, initial_h_kind)
+    partner = {f: r for f, (r, _, _) in pairs.items()}
+    paired = {id(nodes[f]): nodes[r] for f, r in partner.items()}
+    configs = list(configs)
+    for f, r in partner.items():  # a pair is one bidirectional layer
+        configs[f] = dict(configs[f], direction="bidirectional",
+                          activations=configs[f]["activations"] + configs[r]["activations"])
     for i, node in enumerate(nodes):
-        fixed.setdefault(i, _declared_sizes(graph_proto, folder, node, configs[i]["layout"]))
-        target, reason = _follow(graph, node, configs[i], key_of, fixed[i])
+        if i in partner.values():
+            continue
+        start = (pairs[i][1], pairs[i][2]) if i in pairs else None
+        target, reason = _follow(graph, node, configs[i], key_of, fixed[i], paired, start)
         if target is None:
             if reason:
                 notes.append(reason)
@@ -491,15 +587,16 @@ def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind
     preceded = set(following.values())
     groups = []
     for i in range(len(nodes)):
-        if i in preceded:
+        if i in preceded or i in partner.values():
             continue
         chain = [i]
         while chain[-1] in following and len(chain) <= len(nodes):
             chain.append(following[chain[-1]])
         if len(chain) == 1:
-            groups.append(([i], None))
+            groups.append(([[i, partner[i]] if i in partner else [i]], None))
             continue
-        states = [_initial_state(graph, nodes[k], configs[k], initial_h_kind) for k in chain]
+        states = [("zero", None, None) if k in partner else _initial_state(graph, nodes[k], configs[k], initial_h_kind)
+                  for k in chain]
         D = _DIRECTIONS[configs[i]["direction"]]
         kinds = {s[0] for s in states}
         source = None
@@ -516,13 +613,14 @@ def find_stacks(graph_proto, nodes, keys, configs, folder, opset, initial_h_kind
             described = ", ".join(f"{keys[k]!r}: {s[0] if s[0] != 'other' else 'computed (' + repr(s[1]) + ')'}"
                                   for k, s in zip(chain, states))
             reason = f"their initial states do not fit one stacked h0 ({described})"
+        layers = [[k, partner[k]] if k in partner else [k] for k in chain]
         if reason is not None:
             notes.append(f"GRU nodes {', '.join(repr(keys[k]) for k in chain)} form a chain but stay separate: "
                          f"{reason}")
-            groups.extend(([k], None) for k in chain)
+            groups.extend(([layer], None) for layer in layers)
         else:
-            groups.append((chain, source))
-    covered = {k for chain, _ in groups for k in chain}
-    groups.extend(([k], None) for k in range(len(nodes)) if k not in covered)  # a cyclic (malformed) graph
-    groups.sort(key=lambda group: group[0][0])
+            groups.append((layers, source))
+    covered = {k for layers, _ in groups for layer in layers for k in layer}
+    groups.extend(([[k]], None) for k in range(len(nodes)) if k not in covered)  # a cyclic (malformed) graph
+    groups.sort(key=lambda group: group[0][0][0])
     return groups, notes

@@ -43,14 +43,16 @@ Stacks (``stack=True``, the default)
     L-layer model (:mod:`converters._onnx_stack` states the rule).  It takes the first node's ``X``,
     ``sequence_lens`` and, as ``h0``, the tensor whose slices are the layers' ``initial_h``; its ``y``
     is the last node's ``Y`` and its ``h_n`` every node's ``Y_h`` in layer order.  Connected nodes that
-    do not form such a chain stay separate, with a :class:`StackWarning` saying why.
+    do not form such a chain stay separate, with a :class:`StackWarning` saying why.  A bidirectional
+    layer written as a forward and a reverse node whose Ys are concatenated counts as one layer.
 
 Safety
     Everything a file says is checked before memory is committed: attribute values and types, the
     consistency of ``hidden_size`` with the shapes of W, R and B, tensor sizes against ``max_bytes``
     (from the tensor headers, before decoding; folded intermediates before they are computed; the
-    engine's copy and packed, padded layout of the weights before the model is built), and external data, which is read only from regular,
-    singly linked files inside the model's directory (:mod:`converters._safe_paths`).  Unreadable
+    engine's copy and packed, padded layout of the weights before the model is built), and external
+    data, which is read only from regular, singly linked files inside the model's directory
+    (:mod:`converters._safe_paths`).  Unreadable
     bytes and every refusal raise ValueError naming the node and the input at fault.
 
 onnx is imported inside :func:`load` only; onnxruntime is never used.
@@ -115,8 +117,9 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
         node already uses) is keyed by its first named output.  Each model's ``provenance`` is
         ``{"framework": "onnx", "source": <file name, or "<ModelProto>">, "node": <key>, "opset":
         <default-domain opset>}``; a stack's also has ``"stacked_nodes"``, the keys of its nodes from
-        the first layer on, and ``"initial_h"``, the tensor whose rows [l*D, (l+1)*D) are layer l's
-        initial state (the stacked model's ``h0=``; None when every layer starts from zeros).
+        the first layer on (a layer written as two nodes: forward, then reverse), and
+        ``"initial_h"``, the tensor whose rows [l*D, (l+1)*D) are layer l's initial state (the
+        stacked model's ``h0=``; None when every layer starts from zeros).
         GRU nodes inside control-flow subgraphs or model-local functions are not converted (a
         RuntimeWarning says so).
 
@@ -168,7 +171,7 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
     keys = _node_keys(gru_nodes)
     configs = [_read_attributes(node, f"GRU node {key!r}", opset, schema_attributes)
                for node, key in zip(gru_nodes, keys)]
-    groups = [([i], None) for i in range(len(gru_nodes))]
+    groups = [([[i]], None) for i in range(len(gru_nodes))]
     if stack and len(gru_nodes) > 1:
         groups, notes = find_stacks(graph, gru_nodes, keys, [_stack_config(n, c, folder) for n, c in
                                                              zip(gru_nodes, configs)],
@@ -176,14 +179,15 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
         for note in notes:
             warnings.warn(f"{source}: {note}", StackWarning, stacklevel=2)
     models = {}
-    for indices, initial_h in groups:
+    for layers, initial_h in groups:
+        indices = [i for layer in layers for i in layer]
         key = keys[indices[0]]
         provenance = {"framework": "onnx", "source": source, "node": key, "opset": opset}
         if len(indices) > 1:
             provenance["stacked_nodes"] = [keys[i] for i in indices]
             provenance["initial_h"] = initial_h
-        built = _convert_group([gru_nodes[i] for i in indices], [keys[i] for i in indices],
-                               [configs[i] for i in indices], folder, budget, provenance)
+        built = _convert_group([[(gru_nodes[i], keys[i], configs[i]) for i in layer] for layer in layers],
+                               folder, budget, provenance)
         models.update(built)
     return models
 
@@ -275,25 +279,71 @@ def _node_keys(nodes):
 # one GRU node
 # --------------------------------------------------------------------------------------------------
 
-def _convert_group(nodes, keys, configs, folder, budget, provenance):
-    """-> [(key, model)]: one model of every node in ``nodes`` (consecutive layers of one stack), or,
-    when their folded weights do not chain (element types differ, or a layer's input size is not
-    the previous layer's output size), one model per node, with a StackWarning."""
-    specs = []
+def _convert_group(layers, folder, budget, provenance):
+    """-> [(key, model)]: one model of the layers of one stack, each layer one node or a forward and a
+    reverse node (one bidirectional layer); or, when their folded weights do not chain (element types
+    differ, or a layer's input size is not the previous layer's output size), one model per node, with
+    a StackWarning."""
+    specs, nodes = [], [entry for layer in layers for entry in layer]
     try:
-        for node, key, config in zip(nodes, keys, configs):
+        for node, key, config in nodes:
             specs.append(_read_node(node, key, config, folder, budget))
-        mismatch = _weights_do_not_chain(specs)
+        layer_specs, position = [], 0
+        for layer in layers:
+            layer_specs.append(specs[position:position + len(layer)])
+            position += len(layer)
+        mismatch = _pairs_do_not_match(layer_specs)
         if mismatch is None:
-            return [(keys[0], _build(specs, configs[0], budget, provenance, specs[0]["label"]))]
+            merged = []
+            for group in layer_specs:
+                merged.append(group[0] if len(group) == 1 else _pair_spec(group, budget))
+                if len(group) > 1:
+                    specs.append(merged[-1])  # released below
+            mismatch = _weights_do_not_chain(merged)
+        if mismatch is None:
+            config = _layer_config(layers[0])
+            return [(nodes[0][1], _build(merged, config, budget, provenance, merged[0]["label"]))]
+        keys = [key for _, key, _ in nodes]
         warnings.warn(f"{provenance['source']}: GRU nodes {', '.join(map(repr, keys))} stay separate: "
                       f"{mismatch}", StackWarning, stacklevel=3)
         single = {k: v for k, v in provenance.items() if k not in ("stacked_nodes", "initial_h")}
         return [(key, _build([spec], config, budget, dict(single, node=key), spec["label"]))
-                for key, config, spec in zip(keys, configs, specs)]
+                for (_, key, config), spec in zip(nodes, specs)]
     finally:
         for spec in specs:
             folder.release(spec["weights"])
+
+
+def _layer_config(layer):
+    """The build configuration of one layer: its node's, or a forward and a reverse node's together."""
+    if len(layer) == 1:
+        return layer[0][2]
+    (_, _, forward), (_, _, reverse) = layer
+    names = [n for config in (forward, reverse) for n in (config["activations"] or ["Sigmoid", "Tanh"])]
+    return dict(forward, direction="bidirectional", activations=names)
+
+
+def _pair_spec(pair, budget):
+    """One bidirectional layer's weights from a forward and a reverse node's (checked alike by
+    _pairs_do_not_match), charged to ``budget``."""
+    forward, reverse = pair
+    label = f"{forward['label']} with {reverse['label']}"
+    arrays = []
+    for a, b in zip(forward["weights"], reverse["weights"]):
+        if a is not None:
+            budget.charge(a.nbytes + b.nbytes, f"{label}: the weights of both directions")
+        arrays.append(None if a is None else np.concatenate([a, b], axis=0))
+    return {"label": label, "weights": tuple(arrays), "dtype": forward["dtype"]}
+
+
+def _pairs_do_not_match(layer_specs):
+    for group in layer_specs:
+        if len(group) == 2 and group[0]["dtype"] != group[1]["dtype"]:
+            return "a forward and a reverse node's element types differ"
+        if len(group) == 2 and any((a is None) != (b is None) or (a is not None and a.shape != b.shape)
+                                   for a, b in zip(group[0]["weights"], group[1]["weights"])):
+            return "a forward and a reverse node's weight shapes differ"
+    return None
 
 
 def _weights_do_not_chain(specs):
@@ -436,6 +486,7 @@ def _stack_config(node, config, folder):
     except (ValueError, TypeError):
         activations = ("invalid", node.name)  # the conversion refuses the node and says why
     return {"direction": config["direction"], "hidden": hidden,
+            "activation_params": bool(config["activation_alpha"] or config["activation_beta"]),
             "linear_before_reset": config["linear_before_reset"], "activations": tuple(activations),
             "clip": config["clip"], "layout": config["layout"],
             "sequence_lens": node.input[4] if len(node.input) > 4 else ""}

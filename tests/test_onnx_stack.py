@@ -147,8 +147,8 @@ class Graph:
         self.nodes.append(helper.make_node(op, inputs, [out], name=f"{op.lower()}{self.count}", **attrs))
         return out
 
-    def gru(self, name, x, n_in, initial_h="", **attrs):
-        D = self.D
+    def gru(self, name, x, n_in, initial_h="", D=None, **attrs):
+        D = D or self.D
         W = self.rng.uniform(-0.4, 0.4, (D, 3 * H, n_in)).astype(np.float32)
         R = self.rng.uniform(-0.4, 0.4, (D, 3 * H, H)).astype(np.float32)
         Bias = self.rng.uniform(-0.2, 0.2, (D, 6 * H)).astype(np.float32)
@@ -296,6 +296,62 @@ def test_reshape_to_a_shape_computed_from_y_stacks(D, order):
     x = g.x()
     (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
     assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+
+
+def _direction_pair(g, name, x, n_in, concat_axis):
+    """A bidirectional layer as two nodes: forward and reverse over the same X, their Ys joined by a
+    Concat (axis 1: of the Ys, giving the bidirectional Y; axis 2: of the squeezed Ys, directions merged)."""
+    ys = [g.gru(f"{name}_{d}", x, n_in, D=1, direction=d) for d in ("forward", "reverse")]
+    if concat_axis == 2:
+        ys = [g.node("Squeeze", [y, g.const(np.array([1], np.int64))]) for y in ys]
+    joined = g.node("Concat", ys, axis=concat_axis)
+    if concat_axis == 1:  # (T, 2, B, H) -> (T, B, 2H), as after a bidirectional node
+        joined = g.node("Transpose", [joined], perm=[0, 2, 1, 3])
+        joined = g.node("Reshape", [joined, g.const(np.array([0, 0, -1], np.int64))])
+    return joined
+
+
+@pytest.mark.parametrize("concat_axis,second", [(2, "pair"), (1, "pair"), (1, "node"), (2, "none")])
+def test_concat_of_directions_is_one_bidirectional_layer(concat_axis, second):
+    """Layer a as a forward and a reverse node; layer b another such pair, one bidirectional node, or
+    none.  The whole graph (last y and every Y_h) against the reference evaluator."""
+    g = Graph(D=2, seed=50 + concat_axis)
+    x_b = _direction_pair(g, "a", "X", I, concat_axis)
+    states = ["a_forward_Yh", "a_reverse_Yh"]
+    if second == "pair":
+        y_name = _direction_pair(g, "b", x_b, 2 * H, concat_axis)
+        states += ["b_forward_Yh", "b_reverse_Yh"]
+    elif second == "node":
+        y_name = g.gru("b", x_b, 2 * H)
+        states += ["b_Yh"]
+    else:
+        y_name = x_b
+    proto = g.model(y_name, *states)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models = from_onnx.load(proto)
+    (key, model), = models.items()
+    assert key == "a_forward" and model.direction == "bidirectional"
+    assert model.num_layers == (1 if second == "none" else 2)
+    assert model.provenance["stacked_nodes"] == ["a_forward", "a_reverse"] + {
+        "pair": ["b_forward", "b_reverse"], "node": ["b"], "none": []}[second]
+    x = g.x()
+    Y, *Y_h = ReferenceEvaluator(proto).run(None, {"X": x})
+    y, h_n = model(x)
+    if second == "node":
+        y = _onnx_y(model, y)
+    assert _max_err((y, Y), (h_n, np.concatenate(Y_h, axis=0))) <= ATOL
+
+
+def test_concat_of_directions_in_the_wrong_order_stays_separate():
+    """Concat(reverse, forward) is not a bidirectional Y (ONNX puts the forward direction first)."""
+    g = Graph(D=2, seed=60)
+    ys = [g.node("Squeeze", [g.gru(f"a_{d}", "X", I, D=1, direction=d), g.const(np.array([1], np.int64))])
+          for d in ("reverse", "forward")]
+    g.gru("b", g.node("Concat", ys, axis=2), 2 * H)
+    with pytest.warns(StackWarning, match=r"Concat node 'concat\d+' sits between them"):
+        models = from_onnx.load(g.model("b_Y"))
+    assert list(models) == ["a_reverse", "a_forward", "b"]
 
 
 def _join_relu(g, y):

@@ -28,7 +28,8 @@ reverse node reading the same X, alike in everything else, both starting from ze
 through shape operations -- are the two inputs of one Concat, forward first, along the direction axis
 (the bidirectional Y) or the feature axis of the squeezed Ys (directions merged).  Such a pair is one
 layer, alone or anywhere in a chain; the next layer may be such a pair too.  A time-reversed forward
-node (Slices with step -1 around it) is not recognised as a reverse node.
+node -- its X and its Y each through a Slice reversing the time axis, as ``torch.flip`` exports -- is
+such a reverse node (without sequence_lens, which a reversal of the padded sequence would not honour).
 
 Anything else stays separate, and :func:`find_stacks` returns a sentence saying why for every pair of
 GRU nodes where one's output reaches the other's input.
@@ -447,9 +448,30 @@ def _initial_state(graph, node, config, initial_h_kind):
     return "slice", producer.input[0], starts[0]
 
 
+_FAR = 2 ** 62  # a Slice bound past any real axis length
+
+
+def _reverses(graph, node, axis, rank):
+    """Whether ``node`` is a Slice reversing the whole of ``axis`` (of a ``rank``-D input), as
+    ``torch.flip`` exports: starts [-1], ends [-(2**63 - 1)], steps [-1]."""
+    if node is None or node.op_type != "Slice" or node.domain not in _DEFAULT_DOMAINS or graph.opset < 10:
+        return False
+    inputs = list(node.input) + [""] * 5
+    if not all(inputs[1:5]):
+        return False
+    try:
+        starts, ends, axes, steps = (graph.constant_ints(inputs[k], _label(node)) for k in (1, 2, 3, 4))
+    except _NoLink:
+        return False
+    return (len(starts) == len(ends) == len(axes) == len(steps) == 1 and steps == [-1]
+            and axes[0] + (rank if axes[0] < 0 else 0) == axis and (starts[0] == -1 or starts[0] >= _FAR)
+            and ends[0] <= -_FAR)
+
+
 def _walk_to_join(graph, node, config, fixed):
-    """Follow a single-direction node's Y through shape operations to the first other consumer:
-    -> (consumer, input index, axes there, values on the way by axes), or None."""
+    """Follow a single-direction node's Y through shape operations, and Slices reversing the time axis,
+    to the first other consumer: -> (consumer, input index, axes there, whether time is reversed there),
+    or None."""
     H, layout = config["hidden"], config["layout"]
     if H is None or not node.output or not node.output[0]:
         return None
@@ -457,13 +479,22 @@ def _walk_to_join(graph, node, config, fixed):
     axes, _ = _output_axes(layout, sizes)
     value = node.output[0]
     known = {value: axes}
+    flipped = False
     while True:
         consumers = graph.data_consumers(value)
         if value in graph.outputs or len(consumers) != 1:
             return None
         consumer, index = consumers[0]
+        time_axis = next((k for k, a in enumerate(axes) if tuple(a) == ("T",)), None)
+        if index == 0 and time_axis is not None and _reverses(graph, consumer, time_axis, len(axes)):
+            flipped = not flipped
+            value = consumer.output[0] if len(consumer.output) == 1 else None
+            if value is None:
+                return None
+            known[value] = axes
+            continue
         if consumer.domain not in _DEFAULT_DOMAINS or consumer.op_type not in _SHAPE_OPS or index != 0:
-            return consumer, index, axes, known
+            return consumer, index, axes, flipped
         try:
             axes = _apply(graph, consumer, axes, sizes, known)
         except (_NoLink, ValueError):
@@ -481,16 +512,26 @@ def _find_pairs(graph, nodes, configs, fixed, initial_h_kind):
     bidirectional node's Y, or that Y with the directions merged).
     -> {forward index: (reverse index, Concat output, its axes)}."""
     by_x = collections.defaultdict(list)
+    flipped_x = set()  # nodes whose X is their pair's X reversed in time (a forward node run backwards)
     for i, node in enumerate(nodes):
-        if node.input and node.input[0]:
-            by_x[node.input[0]].append(i)
+        if not node.input or not node.input[0]:
+            continue
+        x = node.input[0]
+        producer = graph.folder.producer(x)
+        time_axis = configs[i]["layout"]  # of X: (T, B, I) or, layout=1, (B, T, I)
+        if configs[i]["direction"] == "forward" and _reverses(graph, producer, time_axis, 3):
+            x = producer.input[0]
+            flipped_x.add(i)
+        by_x[x].append(i)
     pairs = {}
     for indices in by_x.values():
         if len(indices) != 2:
             continue
-        f, r = sorted(indices, key=lambda k: configs[k]["direction"] != "forward")
+        f, r = sorted(indices, key=lambda k: (k in flipped_x, configs[k]["direction"] != "forward"))
         cf, cr = configs[f], configs[r]
-        if (cf["direction"], cr["direction"]) != ("forward", "reverse") or cf["activation_params"] or \
+        backwards = "forward" if r in flipped_x else "reverse"
+        if f in flipped_x or (cf["direction"], cr["direction"]) != ("forward", backwards) \
+                or (r in flipped_x and cr["sequence_lens"]) or cf["activation_params"] or \
                 cr["activation_params"] or _same_layer_kind(cf, dict(cr, direction="forward")) is not None:
             continue
         if initial_h_kind(nodes[f]) != "zero" or initial_h_kind(nodes[r]) != "zero":
@@ -498,7 +539,9 @@ def _find_pairs(graph, nodes, configs, fixed, initial_h_kind):
         ends = [_walk_to_join(graph, nodes[k], configs[k], fixed.get(f, {})) for k in (f, r)]
         if None in ends:
             continue
-        (concat, index_f, axes_f, _), (other, index_r, axes_r, _) = ends
+        (concat, index_f, axes_f, flipped_f), (other, index_r, axes_r, flipped_r) = ends
+        if flipped_f or flipped_r != (r in flipped_x):  # a time-reversed run must be reversed back
+            continue
         if (concat is not other or concat.op_type != "Concat" or concat.domain not in _DEFAULT_DOMAINS
                 or (index_f, index_r) != (0, 1) or len(concat.input) != 2 or axes_f != axes_r
                 or len(concat.output) != 1):

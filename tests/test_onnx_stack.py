@@ -343,6 +343,49 @@ def test_concat_of_directions_is_one_bidirectional_layer(concat_axis, second):
     assert _max_err((y, Y), (h_n, np.concatenate(Y_h, axis=0))) <= ATOL
 
 
+@pytest.mark.parametrize("flip_back,then_gru", [(True, False), (True, True), (False, False)])
+def test_flipped_forward_gru_is_a_reverse_direction(tmp_path, flip_back, then_gru):
+    """A hand-made bidirectional layer in torch: a forward GRU, and another run on torch.flip(x) whose
+    output is flipped back, concatenated (optionally followed by a bidirectional nn.GRU).  torch exports
+    the flips as Slices with step -1; the pair is one bidirectional layer -- unless the output is not
+    flipped back, which is no reverse direction.  Against the module and the reference evaluator."""
+    torch = pytest.importorskip("torch")
+
+    class Manual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fwd, self.bwd = torch.nn.GRU(I, H), torch.nn.GRU(I, H)
+            self.top = torch.nn.GRU(2 * H, H, bidirectional=True) if then_gru else None
+
+        def forward(self, x):
+            backward = self.bwd(torch.flip(x, [0]))[0]
+            y = torch.cat([self.fwd(x)[0], torch.flip(backward, [0]) if flip_back else backward], dim=2)
+            return self.top(y)[0] if then_gru else y
+
+    torch.manual_seed(7)
+    module = Manual().eval()
+    x = torch.randn(T, B, I)
+    path = tmp_path / "manual.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=14, input_names=["x"],
+                          output_names=["y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models = from_onnx.load(path)
+    if not flip_back:
+        assert len(models) == 2 and all(m.num_layers == 1 for m in models.values())
+        return
+    (model,) = models.values()
+    assert model.direction == "bidirectional" and model.num_layers == (2 if then_gru else 1)
+    assert len(model.provenance["stacked_nodes"]) == (3 if then_gru else 2)
+    y, _ = model(x.numpy())
+    with torch.no_grad():
+        y_ref = module(x).numpy()
+    (y_onnx,) = ReferenceEvaluator(str(path)).run(None, {"x": x.numpy()})
+    assert _max_err((y, y_ref), (y, y_onnx)) <= ATOL
+
+
 def test_concat_of_directions_in_the_wrong_order_stays_separate():
     """Concat(reverse, forward) is not a bidirectional Y (ONNX puts the forward direction first)."""
     g = Graph(D=2, seed=60)

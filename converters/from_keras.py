@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gru_fast._files import model_file
+
 __all__ = ["convert", "convert_weights", "convert_bidirectional", "convert_config", "load", "KERAS_ACTIVATIONS",
            "DEFAULT_MAX_BYTES"]
 
@@ -317,6 +319,7 @@ _GRU_CLASSES = ("GRU",)
 _WEIGHT_KINDS = ("kernel", "recurrent_kernel", "bias")
 
 
+@model_file("keras")
 def load(path, *, config=None, keras_version=None, other_merge_modes="refuse", max_bytes=DEFAULT_MAX_BYTES):
     """Convert every GRU layer of a Keras model file to a :class:`gru_fast.GRU`, reading the file with
     json and h5py only (``pip install 'gru_fast[keras]'``); Keras and TensorFlow are never imported and

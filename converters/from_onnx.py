@@ -68,6 +68,8 @@ import warnings
 
 import numpy as np
 
+from gru_fast._files import model_file
+
 from ._onnx_graph import Budget, ConstantFolder, NotConstant, attr_value, attributes, decode_tensor
 from ._onnx_stack import find_stacks
 
@@ -88,6 +90,7 @@ _ATTRIBUTE_KINDS = {
 _INPUT_ROLES = ("X", "W", "R", "B", "sequence_lens", "initial_h")
 
 
+@model_file("onnx")
 def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
     """Convert the GRU nodes of an ONNX model to :class:`gru_fast.GRU` models.
 
@@ -177,7 +180,7 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
                                                              zip(gru_nodes, configs)],
                                     folder, opset, functools.partial(_initial_h_kind, folder))
         for note in notes:
-            warnings.warn(f"{source}: {note}", StackWarning, stacklevel=2)
+            warnings.warn(f"{source}: {note}", StackWarning, stacklevel=3)  # past the model_file wrapper
     models = {}
     for layers, initial_h in groups:
         indices = [i for layer in layers for i in layer]
@@ -305,7 +308,7 @@ def _convert_group(layers, folder, budget, provenance):
             return [(nodes[0][1], _build(merged, config, budget, provenance, merged[0]["label"]))]
         keys = [key for _, key, _ in nodes]
         warnings.warn(f"{provenance['source']}: GRU nodes {', '.join(map(repr, keys))} stay separate: "
-                      f"{mismatch}", StackWarning, stacklevel=3)
+                      f"{mismatch}", StackWarning, stacklevel=4)
         single = {k: v for k, v in provenance.items() if k not in ("stacked_nodes", "initial_h")}
         return [(key, _build([spec], config, budget, dict(single, node=key), spec["label"]))
                 for (_, key, config), spec in zip(nodes, specs)]

@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from gru_fast._files import model_file
+
 __all__ = ["accelerate", "convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
 
 # weight_ih_l0, bias_hh_l3_reverse, ... (nn.GRU) and weight_ih, bias_hh (nn.GRUCell)
@@ -320,6 +322,7 @@ def _module_parameters(module, names):
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
 
+@model_file("torch")
 def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     """Load a GRU from a PyTorch checkpoint (.pt / .pth) or a numpy .npz state dict, executing no pickled code.
 
@@ -370,7 +373,7 @@ def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     seen = ("; its top-level keys are: " + ", ".join(repr(k) for k in top) + (", ..." if len(obj) > 20 else "")
             if top else "; it holds no dict")
     groups = _split_prefixes(tensors.keys())
-    found = _pick_prefix(groups, prefix, repr(path), seen)
+    found = _pick_prefix(groups, prefix, "the checkpoint", seen)  # model_file puts the path in front
     origin = None
     if batch_first is None:
         batch_first, origin = _recorded_batch_first(flags)

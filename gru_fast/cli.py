@@ -84,6 +84,14 @@ def _existing_file(path: str) -> Path:
     return p
 
 
+def _unnamed(message: str, path: str) -> str:
+    """``message`` without the file name it starts with (for a message that quotes it inside another)."""
+    for form in (f"{path}: ", f"{path!r}: ", f"{path} ", f"{path!r} "):
+        if message.startswith(form):
+            return message[len(form):]
+    return message
+
+
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
                 batch_first: bool | None = None, stack: bool = False) -> tuple[str, dict]:
     """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc).
@@ -91,6 +99,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
     ``stack``: ONNX chains of GRU nodes that are exactly a stacked GRU become one model (from_onnx.load's
     ``stack``); why connected nodes stay separate is printed on stderr as ``gru-fast: note: ...``."""
     import gru_fast
+    from gru_fast._files import name_file, sniff
 
     source = _existing_file(path)
     suffix = source.suffix.lower()
@@ -113,7 +122,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         except ImportError as exc:
             raise _missing(exc, "reading .onnx files") from None
         except (ValueError, TypeError, OSError) as exc:
-            raise CliError(f"{path}: {exc}") from None
+            raise CliError(name_file(str(exc), path)) from None
         for note in notes:
             if issubclass(note.category, from_onnx.StackWarning):
                 print(f"gru-fast: note: {one_line(str(note.message))}", file=sys.stderr)
@@ -142,8 +151,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         except ImportError as exc:
             raise _missing(exc, f"reading {suffix} files") from None
         except (ValueError, TypeError, OSError) as exc:
-            message = str(exc)
-            raise CliError(message if source.name in message else f"{path}: {message}") from None
+            raise CliError(name_file(str(exc), path)) from None
         if node is not None:
             if node not in models:
                 raise CliError(f"{path}: no GRU layer named {node!r}; the model's GRU layers are: "
@@ -151,16 +159,19 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
             models = {node: models[node]}
         return "Keras model", models
     if suffix == ".npz":
-        if prefix is not None or batch_first is not None:
+        kind = sniff(source)  # the members tell an engine file from a numpy state dict
+        if prefix is not None or batch_first is not None or kind == "torch":
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
         try:
             return "gru_fast engine file", {source.stem: gru_fast.load(source)}
         except (ValueError, OSError) as engine_error:
+            if kind == "gru_fast":
+                raise CliError(name_file(str(engine_error), path)) from None
             try:
                 return "numpy state dict", {source.stem: _read_torch(source, None, None)}
             except CliError as torch_error:
-                raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
-                               f"dict of an nn.GRU ({torch_error})") from None
+                raise CliError(f"{path} is neither a gru_fast engine file ({_unnamed(str(engine_error), path)}) "
+                               f"nor a numpy state dict of an nn.GRU ({_unnamed(str(torch_error), path)})") from None
     raise CliError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a gru_fast engine file "
                    "(.npz), an ONNX model (.onnx), a PyTorch state dict (.pt, .pth, .npz) or a Keras model "
                    "(.keras, .h5)")
@@ -169,13 +180,14 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
 def _read_torch(source: Path, prefix, batch_first):
     from converters import from_torch
 
+    from ._files import name_file
+
     try:
         return from_torch.load(source, prefix=prefix, batch_first=batch_first)
     except ImportError as exc:
         raise _missing(exc, f"reading {source.suffix} files") from None
     except (ValueError, TypeError, OSError) as exc:
-        message = str(exc)  # from_torch's messages usually name the file already
-        raise CliError(message if str(source) in message else f"{source}: {message}") from None
+        raise CliError(name_file(str(exc), source)) from None
 
 
 def _stack_line(model) -> str | None:
@@ -261,6 +273,11 @@ def cmd_info(args) -> int:
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
+        provenance = model.provenance or {}
+        if provenance.get("source") == "scripts/train_default_model.py" and "test_accuracy" in provenance:
+            from ._demo import accuracy_sets  # the shipped demo model: which set test_accuracy is on
+
+            print(f"  {'accuracy':<12s} {accuracy_sets()}")
     return EXIT_OK
 
 
@@ -299,6 +316,11 @@ def cmd_convert(args) -> int:
 
     _, models = read_models(args.src, node=args.node, prefix=args.prefix, batch_first=args.batch_first)
     paths = output_paths(args.output, list(models), Path(args.src))
+    if args.output.endswith(("/", os.sep)):  # -o DIR/ names a directory to write into: made when missing
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: cannot create the directory ({exc.strerror or exc})") from None
     for path, (name, model) in zip(paths, models.items()):
         if args.dtype is not None:
             model = model.astype(args.dtype)
@@ -535,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--peers", nargs="+", choices=["pytorch", "onnxruntime", "openvino"], metavar="NAME",
                       help="peers to time: pytorch, onnxruntime, openvino (default: every one installed)")
     demo.add_argument("--rounds", type=_positive_int, default=7,
-                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s)")
+                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s); rounds "
+                           "during which other processes used the CPUs are left out, and more are run in their "
+                           "place")
     demo.add_argument("--threads", type=_positive_int, default=2, help="threads per engine (default 2)")
     demo.set_defaults(handler=cmd_demo)
 
@@ -557,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "format.",
         epilog="Output paths: with -o FILE.npz a single model is written to FILE.npz; several (an ONNX "
                "graph with several GRU nodes, one per stacked layer as torch.onnx.export writes them) go "
-               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /) "
-               "each model goes to DIR/<node>.npz (ONNX) or DIR/<source name>.npz. Node names are reduced "
-               "to letters, digits, '_', '-' and '.'.")
+               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /, "
+               "created with its parents when missing) each model goes to DIR/<node>.npz (ONNX) or "
+               "DIR/<source name>.npz. Node names are reduced to letters, digits, '_', '-' and '.'.")
     convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth, .npz, .keras or .h5")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npz file or directory")
     _model_options(convert)
@@ -597,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the benchmark harness (python -m bench) of a source checkout: every case against "
                     "the installed peers, written to bench/results/report*.{md,json,png}.",
         epilog="Needs a source checkout (exit 2 otherwise). The exit code is the harness's.")
-    bench.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke-test run, under a minute on a quiet machine (no B=256 case, no isolated-engine "
+                            "table, no empty-kernel-cache rows: those are the full run's)")
     bench.add_argument("--cases", nargs="+", metavar="NAME", help="cases to run (default: all)")
     bench.add_argument("--out-dir", metavar="DIR", help="where the report goes (default bench/results)")
     bench.set_defaults(handler=cmd_bench)

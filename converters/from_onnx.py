@@ -37,11 +37,22 @@ Shapes (``model.batch_first`` is True exactly when the node has ``layout=1``)
     its ``batch_first`` covers ``x`` and ``y`` only -- so callers pass
     ``h0=initial_h.transpose(1, 0, 2)`` and read ``Y_h = h_n.transpose(1, 0, 2)``.
 
+Stacks (``stack=True``, the default)
+    A chain of GRU nodes that is exactly a stacked GRU -- ``torch.onnx.export`` writes
+    ``nn.GRU(num_layers=L)`` as L nodes joined by Squeeze / Transpose / Reshape -- converts to one
+    L-layer model (:mod:`converters._onnx_stack` states the rule).  It takes the first node's ``X``,
+    ``sequence_lens`` and, as ``h0``, the tensor whose slices are the layers' ``initial_h``; its ``y``
+    is the last node's ``Y`` and its ``h_n`` every node's ``Y_h`` in layer order.  Connected nodes that
+    do not form such a chain stay separate, with a :class:`StackWarning` saying why.  A bidirectional
+    layer written as a forward and a reverse node whose Ys are concatenated counts as one layer.
+
 Safety
     Everything a file says is checked before memory is committed: attribute values and types, the
     consistency of ``hidden_size`` with the shapes of W, R and B, tensor sizes against ``max_bytes``
-    (from the tensor headers, before decoding), and external data, which is read only from regular,
-    singly linked files inside the model's directory (:mod:`converters._safe_paths`).  Unreadable
+    (from the tensor headers, before decoding; folded intermediates before they are computed; the
+    engine's copy and packed, padded layout of the weights before the model is built), and external
+    data, which is read only from regular, singly linked files inside the model's directory
+    (:mod:`converters._safe_paths`).  Unreadable
     bytes and every refusal raise ValueError naming the node and the input at fault.
 
 onnx is imported inside :func:`load` only; onnxruntime is never used.
@@ -49,6 +60,7 @@ onnx is imported inside :func:`load` only; onnxruntime is never used.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -59,8 +71,9 @@ import numpy as np
 from gru_fast._files import model_file
 
 from ._onnx_graph import Budget, ConstantFolder, NotConstant, attr_value, attributes, decode_tensor
+from ._onnx_stack import find_stacks
 
-__all__ = ["load", "DEFAULT_MAX_BYTES"]
+__all__ = ["load", "DEFAULT_MAX_BYTES", "StackWarning"]
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
@@ -78,8 +91,8 @@ _INPUT_ROLES = ("X", "W", "R", "B", "sequence_lens", "initial_h")
 
 
 @model_file("onnx")
-def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
-    """Convert every GRU node of an ONNX model to a :class:`gru_fast.GRU`.
+def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
+    """Convert the GRU nodes of an ONNX model to :class:`gru_fast.GRU` models.
 
     Parameters
     ----------
@@ -88,18 +101,30 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
         in memory (which must then carry no external data).  The ModelProto is only read.
     max_bytes : int
         Memory cap, in bytes.  A model file larger than this is refused unread, and the arrays the
-        importer holds at any moment -- decoded tensors, folded intermediates and the weights of the
-        models converted so far -- may not exceed it.  Every size is checked from shapes before the
-        allocation.  Default 2 GiB.
+        importer holds at any moment -- decoded tensors, folded intermediates, the models being built
+        (their weight copies and packed parameters, whose hidden axis the engine pads to whole 16-unit
+        tiles, plus the packing's scratch copies) and the models converted so far -- may not exceed
+        it.  Every size is checked from shapes before the allocation.  Default 2 GiB.
+    stack : bool
+        Default True: chains of GRU nodes that are exactly a stacked GRU -- as ``torch.onnx.export``
+        writes ``nn.GRU(num_layers=L)``, one node per layer joined by Squeeze / Transpose / Reshape --
+        become one L-layer model (see :mod:`converters._onnx_stack` for the precise rule).  Pairs of
+        GRU nodes that are connected some other way stay separate, and a :class:`StackWarning` says
+        why for each.  False: one single-layer model per node.
 
     Returns
     -------
     dict[str, gru_fast.GRU]
-        One single-layer model per GRU node of the main graph, in graph order, keyed by the node's
-        name; an unnamed node (or one whose name another GRU node already uses) is keyed by its first
-        named output.  Each model's ``provenance`` is ``{"framework": "onnx", "source": <file name, or
-        "<ModelProto>">, "node": <key>, "opset": <default-domain opset>}``.  GRU nodes inside
-        control-flow subgraphs or model-local functions are not converted (a RuntimeWarning says so).
+        One model per GRU node of the main graph, or per stack of nodes, in graph order, keyed by the
+        node's name (a stack: its first node's name); an unnamed node (or one whose name another GRU
+        node already uses) is keyed by its first named output.  Each model's ``provenance`` is
+        ``{"framework": "onnx", "source": <file name, or "<ModelProto>">, "node": <key>, "opset":
+        <default-domain opset>}``; a stack's also has ``"stacked_nodes"``, the keys of its nodes from
+        the first layer on (a layer written as two nodes: forward, then reverse), and
+        ``"initial_h"``, the tensor whose rows [l*D, (l+1)*D) are layer l's initial state (the
+        stacked model's ``h0=``; None when every layer starts from zeros).
+        GRU nodes inside control-flow subgraphs or model-local functions are not converted (a
+        RuntimeWarning says so).
 
     Raises
     ------
@@ -116,7 +141,9 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
     -----
     Shapes: see the module docstring.  In short, ``y`` is ONNX's ``Y`` with the direction axis merged
     into the feature axis, and with ``layout=1`` ONNX's ``initial_h`` / ``Y_h`` are the engine's
-    ``h0`` / ``h_n`` transposed by ``(1, 0, 2)``.
+    ``h0`` / ``h_n`` transposed by ``(1, 0, 2)``.  A stacked model takes its first node's ``X`` and
+    returns its last node's ``Y`` (direction axis merged) and every node's ``Y_h`` concatenated, layer
+    by layer, as ``h_n``.
     """
     import onnx
 
@@ -139,15 +166,37 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
         warnings.warn(f"{source}: {nested} GRU node(s) inside control-flow subgraphs or model-local functions "
                       "were not converted", RuntimeWarning, stacklevel=2)
 
+    if not isinstance(stack, bool):
+        raise TypeError(f"stack must be True or False, got {stack!r}")
     schema_attributes = _schema_attributes(onnx, opset, source)
     budget = Budget(max_bytes)
     folder = ConstantFolder(graph, opset=opset, base_dir=base_dir, budget=budget)
     keys = _node_keys(gru_nodes)
+    configs = [_read_attributes(node, f"GRU node {key!r}", opset, schema_attributes)
+               for node, key in zip(gru_nodes, keys)]
+    groups = [([[i]], None) for i in range(len(gru_nodes))]
+    if stack and len(gru_nodes) > 1:
+        groups, notes = find_stacks(graph, gru_nodes, keys, [_stack_config(n, c, folder) for n, c in
+                                                             zip(gru_nodes, configs)],
+                                    folder, opset, functools.partial(_initial_h_kind, folder))
+        for note in notes:
+            warnings.warn(f"{source}: {note}", StackWarning, stacklevel=3)  # past the model_file wrapper
     models = {}
-    for node, key in zip(gru_nodes, keys):
+    for layers, initial_h in groups:
+        indices = [i for layer in layers for i in layer]
+        key = keys[indices[0]]
         provenance = {"framework": "onnx", "source": source, "node": key, "opset": opset}
-        models[key] = _convert_node(node, key, folder, budget, opset, schema_attributes, provenance)
+        if len(indices) > 1:
+            provenance["stacked_nodes"] = [keys[i] for i in indices]
+            provenance["initial_h"] = initial_h
+        built = _convert_group([[(gru_nodes[i], keys[i], configs[i]) for i in layer] for layer in layers],
+                               folder, budget, provenance)
+        models.update(built)
     return models
+
+
+class StackWarning(UserWarning):
+    """GRU nodes connected in the graph stay separate models; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,11 +282,89 @@ def _node_keys(nodes):
 # one GRU node
 # --------------------------------------------------------------------------------------------------
 
-def _convert_node(node, key, folder, budget, opset, schema_attributes, provenance):
-    import gru_fast
+def _convert_group(layers, folder, budget, provenance):
+    """-> [(key, model)]: one model of the layers of one stack, each layer one node or a forward and a
+    reverse node (one bidirectional layer); or, when their folded weights do not chain (element types
+    differ, or a layer's input size is not the previous layer's output size), one model per node, with
+    a StackWarning."""
+    specs, nodes = [], [entry for layer in layers for entry in layer]
+    try:
+        for node, key, config in nodes:
+            specs.append(_read_node(node, key, config, folder, budget))
+        layer_specs, position = [], 0
+        for layer in layers:
+            layer_specs.append(specs[position:position + len(layer)])
+            position += len(layer)
+        mismatch = _pairs_do_not_match(layer_specs)
+        if mismatch is None:
+            merged = []
+            for group in layer_specs:
+                merged.append(group[0] if len(group) == 1 else _pair_spec(group, budget))
+                if len(group) > 1:
+                    specs.append(merged[-1])  # released below
+            mismatch = _weights_do_not_chain(merged)
+        if mismatch is None:
+            config = _layer_config(layers[0])
+            return [(nodes[0][1], _build(merged, config, budget, provenance, merged[0]["label"]))]
+        keys = [key for _, key, _ in nodes]
+        warnings.warn(f"{provenance['source']}: GRU nodes {', '.join(map(repr, keys))} stay separate: "
+                      f"{mismatch}", StackWarning, stacklevel=4)
+        single = {k: v for k, v in provenance.items() if k not in ("stacked_nodes", "initial_h")}
+        return [(key, _build([spec], config, budget, dict(single, node=key), spec["label"]))
+                for (_, key, config), spec in zip(nodes, specs)]
+    finally:
+        for spec in specs:
+            folder.release(spec["weights"])
 
+
+def _layer_config(layer):
+    """The build configuration of one layer: its node's, or a forward and a reverse node's together."""
+    if len(layer) == 1:
+        return layer[0][2]
+    (_, _, forward), (_, _, reverse) = layer
+    names = [n for config in (forward, reverse) for n in (config["activations"] or ["Sigmoid", "Tanh"])]
+    return dict(forward, direction="bidirectional", activations=names)
+
+
+def _pair_spec(pair, budget):
+    """One bidirectional layer's weights from a forward and a reverse node's (checked alike by
+    _pairs_do_not_match), charged to ``budget``."""
+    forward, reverse = pair
+    label = f"{forward['label']} with {reverse['label']}"
+    arrays = []
+    for a, b in zip(forward["weights"], reverse["weights"]):
+        if a is not None:
+            budget.charge(a.nbytes + b.nbytes, f"{label}: the weights of both directions")
+        arrays.append(None if a is None else np.concatenate([a, b], axis=0))
+    return {"label": label, "weights": tuple(arrays), "dtype": forward["dtype"]}
+
+
+def _pairs_do_not_match(layer_specs):
+    for group in layer_specs:
+        if len(group) == 2 and group[0]["dtype"] != group[1]["dtype"]:
+            return "a forward and a reverse node's element types differ"
+        if len(group) == 2 and any((a is None) != (b is None) or (a is not None and a.shape != b.shape)
+                                   for a, b in zip(group[0]["weights"], group[1]["weights"])):
+            return "a forward and a reverse node's weight shapes differ"
+    return None
+
+
+def _weights_do_not_chain(specs):
+    for previous, spec in zip(specs, specs[1:]):
+        if spec["dtype"] != previous["dtype"]:
+            return f"their weights' element types differ ({previous['dtype'].__name__}, {spec['dtype'].__name__})"
+        W, R = spec["weights"][0], previous["weights"][1]
+        if W.shape[2] != R.shape[0] * R.shape[2]:
+            return (f"{spec['label']} takes {W.shape[2]} input features, the previous layer gives "
+                    f"{R.shape[0] * R.shape[2]}")
+        if (spec["weights"][2] is None) != (previous["weights"][2] is None):
+            return "one has a bias B and the other not"
+    return None
+
+
+def _read_node(node, key, config, folder, budget):
+    """Fold one node's weights (they stay charged to ``budget``) and check everything but the model."""
     label = f"GRU node {key!r}"
-    config = _read_attributes(node, label, opset, schema_attributes)
     D = _DIRECTIONS[config["direction"]]
     if not 3 <= len(node.input) <= 6:
         raise ValueError(f"{label}: expected 3 to 6 inputs (X, W, R, B, sequence_lens, initial_h), "
@@ -262,30 +389,127 @@ def _convert_node(node, key, folder, budget, opset, schema_attributes, provenanc
             if inputs[role]:
                 weights[role] = _fold_weight(folder, inputs[role], role, label)
         W, R, B = weights["W"], weights["R"], weights.get("B")
-        hidden = _check_shapes(W, R, B, D, hidden, label)
+        _check_shapes(W, R, B, D, hidden, label)
         dtype = _weight_dtype(W, R, B, label)
         _check_runtime_inputs(folder, budget, inputs, label)
-        layers = [(W, R, B)]  # the engine copies them into `dtype`
-        model_bytes = sum(a.size for a in (W, R, B) if a is not None) * np.dtype(dtype).itemsize
-        try:
-            model = gru_fast.GRU(
-                layers,
-                direction=config["direction"],
-                linear_before_reset=bool(config["linear_before_reset"]),
-                activations=config["activations"],
-                activation_alpha=config["activation_alpha"],
-                activation_beta=config["activation_beta"],
-                clip=config["clip"],
-                batch_first=config["layout"] == 1,
-                dtype="float64" if dtype == np.float64 else "float32",
-                provenance=provenance,
-            )
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{label}: {exc}") from exc
-    finally:
+    except BaseException:
         folder.release(weights.values())
-    budget.charge(model_bytes, f"{label}: the converted weights")  # the model keeps them
+        raise
+    return {"label": label, "weights": (W, R, B), "dtype": dtype}
+
+
+def _build(specs, config, budget, provenance, label):
+    """One gru_fast.GRU of the layers in ``specs``; what it keeps is charged to ``budget``."""
+    import gru_fast
+
+    dtype = specs[0]["dtype"]
+    layers = [spec["weights"] for spec in specs]  # the engine copies them into `dtype`
+    kept, scratch = _engine_bytes(layers, np.dtype(dtype).itemsize)
+    budget.charge(kept + scratch, f"{label}: the engine's copy of the weights and their packed layout "
+                  f"(hidden size padded to {_padded_hidden(layers[0][1].shape[2])})")
+    try:
+        model = gru_fast.GRU(
+            layers,
+            direction=config["direction"],
+            linear_before_reset=bool(config["linear_before_reset"]),
+            activations=config["activations"],
+            activation_alpha=config["activation_alpha"],
+            activation_beta=config["activation_beta"],
+            clip=config["clip"],
+            batch_first=config["layout"] == 1,
+            dtype="float64" if dtype == np.float64 else "float32",
+            provenance=provenance,
+        )
+    except (ValueError, TypeError) as exc:
+        budget.release(kept + scratch)
+        raise ValueError(f"{label}: {exc}") from exc
+    budget.release(scratch)  # the model keeps `kept`
     return model
+
+
+_ALIGN = 16  # elements: GRU._pack starts every block on a 64-byte boundary (float32)
+
+
+def _padded_hidden(H):
+    from gru_fast import kernels
+
+    return int(kernels.padded_hidden(H))
+
+
+def _engine_bytes(layers, itemsize):
+    """(kept, scratch): bytes gru_fast.GRU allocates while building a model of ``layers``, from shapes.
+
+    kept: the copies of W, R and B it holds (GRU._check_layers) and its packed parameter block
+    (GRU._pack: per layer and direction, W and R as (rows, 3*Hp) with the hidden size H padded to
+    Hp, whole 16-unit tiles, and the biases), which can be ~16x the weights when H is 1.
+    scratch: what lives only during the build: the isfinite mask of the largest array (1 byte per
+    element) and, while one block is packed, its unit-tile layout and its packed copy (2 blocks).
+
+    gru_fast.model has no public function for this; the sizes here follow GRU._pack's layout.
+    """
+    from gru_fast import kernels
+
+    D = layers[0][1].shape[0]
+    H = layers[0][1].shape[2]
+    Hp = _padded_hidden(H)
+
+    def padded(n):
+        return -(-n // _ALIGN) * _ALIGN
+
+    copies = sum(a.size for layer in layers for a in layer if a is not None)
+    packed = kernels.PARAM_HEADER
+    largest_block = 0
+    for W, _, _ in layers:
+        rows = W.shape[2]
+        packed += D * (padded(rows * 3 * Hp) + padded(3 * Hp * H) + padded(3 * Hp) + padded(Hp))
+        largest_block = max(largest_block, rows * 3 * Hp, H * 3 * Hp)
+    largest = max(a.size for layer in layers for a in layer if a is not None)
+    return (copies + packed) * itemsize, 2 * largest_block * itemsize + largest
+
+
+def _stack_config(node, config, folder):
+    """What two nodes must share to be layers of one stack (see converters._onnx_stack)."""
+    from gru_fast.activations import parse_activations
+
+    D = _DIRECTIONS[config["direction"]]
+    hidden = config["hidden_size"]
+    if hidden is None and len(node.input) > 2 and node.input[2]:
+        shape = folder.static_shape(node.input[2])
+        if shape is None:  # R computed from constants: its shape is known once folded
+            try:
+                R = folder.fold([node.input[2]])[node.input[2]]
+            except ValueError:  # NotConstant included: the conversion refuses the node and says why
+                R = None
+            shape = None if R is None else R.shape
+            folder.release([R])
+        hidden = shape[2] if shape is not None and len(shape) == 3 else None
+    try:
+        activations = parse_activations(config["activations"], config["activation_alpha"],
+                                        config["activation_beta"], D)
+    except (ValueError, TypeError):
+        activations = ("invalid", node.name)  # the conversion refuses the node and says why
+    return {"direction": config["direction"], "hidden": hidden,
+            "activation_params": bool(config["activation_alpha"] or config["activation_beta"]),
+            "linear_before_reset": config["linear_before_reset"], "activations": tuple(activations),
+            "clip": config["clip"], "layout": config["layout"],
+            "sequence_lens": node.input[4] if len(node.input) > 4 else ""}
+
+
+def _initial_h_kind(folder, node):
+    """'zero' when the node's initial_h is absent or constant zeros, else 'other'."""
+    name = node.input[5] if len(node.input) > 5 else ""
+    if not name:
+        return "zero"
+    try:
+        value = _constant_initial_h(folder, name, f"GRU node {node.name!r}")
+    except ValueError:
+        return "other"  # the conversion refuses the node and says why
+    if value is None:
+        return "other"
+    try:
+        return "other" if np.any(value != 0) else "zero"
+    finally:
+        folder.release([value])
 
 
 def _read_attributes(node, label, opset, schema_attributes):
@@ -455,13 +679,32 @@ def _check_runtime_inputs(folder, budget, inputs, label):
 
 def _constant_initial_h(folder, name, label):
     """The constant value of initial_h (or of the constant it is broadcast from), None at run time."""
+    value = _broadcast_constant(folder, name, label)
+    if value is not None:
+        return value
+    # Around packed sequences torch.onnx.export writes h0=None as Slices [l*D, (l+1)*D) of
+    # ConstantOfShape([L*D, batch, H]): a slice of zeros is zeros, whatever the run-time shape.
+    node, sliced = folder.producer(name), False
+    while node is not None and node.domain in _DEFAULT_DOMAINS and node.op_type == "Slice" and node.input[0]:
+        name, node, sliced = node.input[0], folder.producer(node.input[0]), True
+    if not sliced:
+        return None
+    value = _broadcast_constant(folder, name, label)
+    if value is not None and np.any(value != 0):  # which part is sliced is known only at run time
+        folder.release([value])
+        return None
+    return value
+
+
+def _broadcast_constant(folder, name, label):
+    """The value of ``name`` when constant, or of the constant an Expand / ConstantOfShape broadcasts to a
+    run-time shape (torch.onnx.export writes h0=None as Expand(zeros, [D, batch, H])); else None."""
     try:
         return folder.fold([name])[name]
     except NotConstant:
         pass
     except ValueError as exc:
         raise ValueError(f"{label}: input initial_h ({name!r}): {exc}") from exc
-    # torch.onnx.export writes h0=None as Expand(zeros, [D, batch, H]) with a run-time batch size
     node = folder.producer(name)
     if node is None or node.domain not in _DEFAULT_DOMAINS:
         return None
@@ -474,8 +717,9 @@ def _constant_initial_h(folder, name, label):
             raise ValueError(f"{label}: input initial_h ({name!r}): {exc}") from exc
     if node.op_type == "ConstantOfShape":
         attr = next((a for a in node.attribute if a.name == "value"), None)
-        if attr is None:
-            return None  # the default fill, 0, is the engine's default too
+        if attr is None:  # the default fill, 0
+            folder.budget.charge(4, f"{label}: initial_h fill value")
+            return np.zeros((), np.float32)
         return decode_tensor(attr.t, budget=folder.budget, base_dir=folder.base_dir,
                              what=f"{label}: initial_h fill value")
     return None

@@ -11,6 +11,8 @@ Model files (MODEL, SRC) are recognised by their suffix:
 - ``.npz``: a gru_fast engine file (:func:`gru_fast.save`); otherwise a numpy state dict of an
   ``nn.GRU`` (``np.savez(path, **state_dict)``), read with ``--prefix`` / ``--batch-first``;
 - ``.onnx``: every GRU node of the graph (one single-layer model each), ``--node NAME`` picks one;
+  ``info`` and ``run`` join a chain of nodes that is exactly a stacked GRU (``torch.onnx.export`` of
+  ``nn.GRU(num_layers=L)``) into one L-layer model, keyed by its first node, unless ``--no-stack``;
 - ``.pt`` / ``.pth``: a PyTorch checkpoint, read with ``torch.load(weights_only=True)`` (needs torch): a
   state dict, bare or anywhere inside the checkpoint's dicts (``{"model": sd, "epoch": 3}``, Lightning,
   DataParallel); ``--prefix`` picks one GRU when it holds several.  Without ``--batch-first`` /
@@ -91,8 +93,11 @@ def _unnamed(message: str, path: str) -> str:
 
 
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
-                batch_first: bool | None = None) -> tuple[str, dict]:
-    """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc)."""
+                batch_first: bool | None = None, stack: bool = False) -> tuple[str, dict]:
+    """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc).
+
+    ``stack``: ONNX chains of GRU nodes that are exactly a stacked GRU become one model (from_onnx.load's
+    ``stack``); why connected nodes stay separate is printed on stderr as ``gru-fast: note: ...``."""
     import gru_fast
     from gru_fast._files import name_file, sniff
 
@@ -107,15 +112,28 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
             raise CliError("--prefix applies to PyTorch state dicts (.pt, .pth, .npz), not to .onnx files",
                            EXIT_USAGE)
         try:
+            import warnings
+
             from converters import from_onnx
 
-            models = from_onnx.load(source)
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always", from_onnx.StackWarning)
+                models = from_onnx.load(source, stack=stack)
         except ImportError as exc:
             raise _missing(exc, "reading .onnx files") from None
         except (ValueError, TypeError, OSError) as exc:
             raise CliError(name_file(str(exc), path)) from None
+        for note in notes:
+            if issubclass(note.category, from_onnx.StackWarning):
+                print(f"gru-fast: note: {one_line(str(note.message))}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
         if node is not None:
             if node not in models:
+                stacks = [k for k, m in models.items() if node in m.provenance.get("stacked_nodes", ())]
+                if stacks:
+                    raise CliError(f"{path}: GRU node {node!r} is a layer of the stacked model {stacks[0]!r}; "
+                                   "add --no-stack to use it alone")
                 raise CliError(f"{path}: no GRU node named {node!r}; the graph's GRU nodes are: "
                                f"{', '.join(repr(k) for k in models)}")
             models = {node: models[node]}
@@ -172,9 +190,19 @@ def _read_torch(source: Path, prefix, batch_first):
         raise CliError(name_file(str(exc), source)) from None
 
 
+def _stack_line(model) -> str | None:
+    """The sentence saying that ``model`` is several ONNX GRU nodes stacked, or None."""
+    nodes = model.provenance.get("stacked_nodes")
+    if not nodes:
+        return None
+    return (f"{len(nodes)} GRU nodes stacked as one {model.num_layers}-layer model "
+            f"({', '.join(map(repr, nodes))}; --no-stack for one model per node)")
+
+
 def _single_model(path, args):
     _, models = read_models(path, node=getattr(args, "node", None), prefix=getattr(args, "prefix", None),
-                            batch_first=getattr(args, "batch_first", None))
+                            batch_first=getattr(args, "batch_first", None),
+                            stack=not getattr(args, "no_stack", True))
     if len(models) > 1:
         raise CliError(f"{path} holds {len(models)} GRU models ({', '.join(repr(k) for k in models)}); pick one "
                        "with --node NAME")
@@ -227,11 +255,16 @@ def _info_text(name: str, facts: dict) -> list[str]:
     ]
     if isinstance(d["provenance"], dict) and "layout" in d["provenance"]:  # a converted state dict's layout
         lines.insert(-2, ("layout", d["provenance"]["layout"]))
+    if isinstance(d["provenance"], dict) and d["provenance"].get("stacked_nodes"):
+        nodes = d["provenance"]["stacked_nodes"]
+        lines.insert(0, ("stacked", f"{len(nodes)} ONNX GRU nodes as one model: {', '.join(map(repr, nodes))} "
+                                    "(--no-stack for one model per node)"))
     return [f"{name}:"] + [f"  {key:<12s} {value}" for key, value in lines]
 
 
 def cmd_info(args) -> int:
-    kind, models = read_models(args.file, node=args.node, prefix=args.prefix, batch_first=args.batch_first)
+    kind, models = read_models(args.file, node=args.node, prefix=args.prefix, batch_first=args.batch_first,
+                               stack=not args.no_stack)
     if args.json:
         print(json.dumps({"file": args.file, "kind": kind, "models": {k: describe(m) for k, m in models.items()}},
                          indent=1))
@@ -355,6 +388,7 @@ def _write_npz(final: Path, members: dict[str, Path]) -> None:
 
 def cmd_run(args) -> int:
     model = _single_model(args.model, args)
+    stacked = _stack_line(model)
     x = _open_input(args.input, model)
     N, T = x.shape[:2]
     lengths = None if args.lengths is None else _open_lengths(args.lengths, N, T)
@@ -381,6 +415,8 @@ def cmd_run(args) -> int:
         raise CliError(f"cannot write {output}: {exc.strerror or exc}") from None
     seconds = time.perf_counter() - started
     written = ", ".join(f"{name} {shapes[name]} {model.dtype.name}" for name in wanted)
+    if stacked:
+        print(f"{args.model}: {stacked}")
     print(f"wrote {output}: {written}; {N} sequences in {seconds:.2f} s ({N / max(seconds, 1e-9):,.0f} seq/s)")
     return EXIT_OK
 
@@ -492,6 +528,12 @@ def _model_options(parser, *, onnx_node=True):
                              "any, else time-major, with a note")
 
 
+def _no_stack_option(parser):
+    parser.add_argument("--no-stack", action="store_true",
+                        help="ONNX: one model per GRU node; by default a chain of GRU nodes that is exactly a "
+                             "stacked GRU (as torch.onnx.export writes nn.GRU(num_layers=L)) is one L-layer model")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import gru_fast
 
@@ -529,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt, .pth, .keras or .h5")
     _model_options(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _no_stack_option(info)
     info.set_defaults(handler=cmd_info)
 
     convert = commands.add_parser(
@@ -559,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                "holds y (N, T, D*H) and h_n (N, L*D, H), sequence-major too (the engine's own h_n is "
                "(L*D, N, H)), in the model's dtype; a .npy output holds the one array named by --outputs. "
                "The initial state is zero. A progress bar is drawn on stderr when it is a terminal.")
-    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node), .pt, .pth, .keras or .h5 (one GRU layer)")
+    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node, or one stack of "
+                     "them), .pt, .pth, .keras or .h5 (one GRU layer)")
     run.add_argument("--input", required=True, metavar="X.npy", help="input sequences (N, T, I)")
     run.add_argument("--lengths", metavar="L.npy", help="valid steps per sequence (N,) (default: all T)")
     run.add_argument("--output", required=True, metavar="OUT", help="output .npz (y and h_n) or .npy (one array)")
@@ -569,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sequences per chunk (default 256)")
     run.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
     _model_options(run)
+    _no_stack_option(run)
     run.set_defaults(handler=cmd_run)
 
     bench = commands.add_parser(

@@ -256,7 +256,7 @@ def test_torch_export_round_trip(tmp_path, layers, bidirectional, batch_first, f
     names = ["x", "h0"] if with_h0 else ["x"]
     _export(module, args, path, fold=fold, opset=opset, input_names=names, output_names=["y", "h_n"])
 
-    models = list(from_onnx.load(path).values())
+    models = list(from_onnx.load(path, stack=False).values())
     assert len(models) == layers
     for model in models:
         assert model.linear_before_reset and model.num_directions == D and model.hidden_size == 7
@@ -279,6 +279,20 @@ def test_torch_export_round_trip(tmp_path, layers, bidirectional, batch_first, f
     feeds = {"x": x_np} if h0 is None else {"x": x_np, "h0": h0.numpy()}
     ref = ort_run(path, feeds)
     assert record(key + " vs ORT", y - ref["y"], h_n - ref["h_n"]) <= ATOL
+
+    # stack=True (the default): the nodes are one model, the whole export in one call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a torch export stacks without a StackWarning
+        stacked = from_onnx.load(path)
+    assert list(stacked) == ["/GRU"]  # keyed by the first node
+    model = only(stacked)
+    assert model.num_layers == layers and model.num_directions == D and not model.batch_first
+    assert model.provenance.get("initial_h") == ("h0" if with_h0 and layers > 1 else None)
+    y, h_n = model(x_time_major, h0=None if h0 is None else h0.numpy())
+    if batch_first:
+        y = y.transpose(1, 0, 2)
+    assert record(key + " stacked vs torch", y - y_ref.numpy(), h_n - h_ref.numpy()) <= ATOL
+    assert record(key + " stacked vs ORT", y - ref["y"], h_n - ref["h_n"]) <= ATOL
 
 
 def test_torch_export_single_layer_module_equivalence(tmp_path):
@@ -323,7 +337,7 @@ def test_torch_export_packed_sequence(tmp_path, fold):
     path = tmp_path / "packed.onnx"
     _export(module, (x, lengths), path, fold=fold, opset=14, input_names=["x", "lengths"],
             output_names=["y", "h_n"], dynamic_axes={"x": {0: "T", 1: "B"}, "lengths": {0: "B"}})
-    models = list(from_onnx.load(path).values())
+    models = list(from_onnx.load(path, stack=False).values())
     assert len(models) == 2
     y, h_n = _chain(models, x.numpy(), lengths=lengths.numpy())
     with torch.no_grad():
@@ -331,6 +345,11 @@ def test_torch_export_packed_sequence(tmp_path, fold):
     assert record(f"torch packed fold={fold} vs torch", y - y_ref.numpy(), h_n - h_ref.numpy()) <= ATOL
     ref = ort_run(path, {"x": x.numpy(), "lengths": lengths.numpy()})
     assert record(f"torch packed fold={fold} vs ORT", y - ref["y"], h_n - ref["h_n"]) <= ATOL
+    # stacked (the default): both layers share sequence_lens, so the stack takes lengths= once
+    stacked = only(from_onnx.load(path))
+    assert stacked.num_layers == 2 and stacked.provenance["stacked_nodes"] == [m.provenance["node"] for m in models]
+    y, h_n = stacked(x.numpy(), lengths=lengths.numpy())
+    assert record(f"torch packed fold={fold} stacked vs torch", y - y_ref.numpy(), h_n - h_ref.numpy()) <= ATOL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -910,7 +929,10 @@ def test_max_bytes_cap_applies_to_legitimate_models(tmp_path):
     model = gru_model(W, R, B)
     with pytest.raises(ValueError, match="max_bytes=1000"):
         from_onnx.load(model, max_bytes=1000)
-    assert only(from_onnx.load(model, max_bytes=W.nbytes + R.nbytes + B.nbytes + 64)).hidden_size == 16
+    # the weights fit, the engine's copy and packed layout of them do not
+    with pytest.raises(ValueError, match=r"packed layout.*over the memory cap"):
+        from_onnx.load(model, max_bytes=W.nbytes + R.nbytes + B.nbytes + 64)
+    assert only(from_onnx.load(model, max_bytes=1 << 20)).hidden_size == 16
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     with pytest.raises(ValueError, match="over the memory cap"):

@@ -536,6 +536,10 @@ class GRU:
             (T, B, D*H) (batch_first: (B, T, D*H); unbatched: (T, D*H)); 0 at padded steps.
         h_n : ndarray
             (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
+
+        Memory: a call runs in a workspace (about 2*T*B*D*H values with 3 or more layers) kept for the
+        next call of the same shape: at most 64 MiB of idle workspaces stay in the process, all threads
+        and models together, and one over 16 MiB is freed after its call.
         """
         call = self._checked(x, h0, lengths, out)
         self._run(*call)
@@ -547,8 +551,8 @@ class GRU:
         Like ONNX Runtime's IOBinding: for a loop that refills the same buffers, ``call = model.bind(x,
         h0, out=(y, h_n))`` then ``call()`` skips the per-call checks and conversions (about half the
         time of a call on a small model).  ``x`` and ``h0`` must already be C-contiguous arrays of the
-        model's dtype, since the call reads them in place; ``lengths`` are copied (fixed at bind time);
-        without ``out`` the outputs are allocated once and overwritten by every call.  The thread count
+        model's dtype (an ``np.memmap`` too), since the call reads them in place; ``lengths`` are copied
+        (fixed at bind time); without ``out`` the outputs are allocated once and overwritten by every call.  The thread count
         is read at bind time.  A bound call runs one call at a time (calls from several threads take
         turns).
         """

@@ -552,9 +552,9 @@ class GRU:
         h0, out=(y, h_n))`` then ``call()`` skips the per-call checks and conversions (about half the
         time of a call on a small model).  ``x`` and ``h0`` must already be C-contiguous arrays of the
         model's dtype (an ``np.memmap`` too), since the call reads them in place; ``lengths`` are copied
-        (fixed at bind time); without ``out`` the outputs are allocated once and overwritten by every call.  The thread count
-        is read at bind time.  A bound call runs one call at a time (calls from several threads take
-        turns).
+        (fixed at bind time); without ``out`` the outputs are allocated once and overwritten by every
+        call.  The thread count is read at bind time.  A bound call runs one call at a time (calls from
+        several threads take turns).
         """
         x = as_in_place_array(x, "x", self.dtype)
         if h0 is not None:

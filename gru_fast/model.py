@@ -19,7 +19,6 @@ import itertools
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from time import perf_counter
 from typing import NamedTuple, Sequence
 
@@ -97,39 +96,42 @@ _PLAN_KEEP_MAX_BYTES = 16 << 20
 
 
 class _PlanPool:
-    """Idle plans by (model token, steps, batch, threads); see _PLAN_CACHE_BYTES."""
+    """Idle plans by (model token, steps, batch, threads); see _PLAN_CACHE_BYTES.  ``idle`` is a plain dict
+    kept in least-recently-used order: a key is removed when taken and inserted again (at the end) when
+    given back, which a steady loop does on every call for the cost of two dict operations."""
 
     def __init__(self, limit: int, keep_max: int):
         self.lock = threading.Lock()
-        self.idle: OrderedDict = OrderedDict()  # key -> list of plans; least recently given back first
+        self.idle: dict = {}  # key -> non-empty list of plans
         self.nbytes = 0
         self.limit = limit
         self.keep_max = keep_max
 
     def take(self, key):
         with self.lock:
-            plans = self.idle.get(key)
-            if not plans:
+            plans = self.idle.pop(key, None)
+            if plans is None:
                 return None
             plan = plans.pop()
-            if not plans:
-                del self.idle[key]
+            if plans:
+                self.idle[key] = plans
             self.nbytes -= plan.nbytes
-            return plan
+        return plan
 
     def give(self, plan) -> None:
         if plan.nbytes > self.keep_max:
             return  # freed with its last reference
         with self.lock:
-            plans = self.idle.get(plan.key)
+            plans = self.idle.pop(plan.key, None)
             if plans is None:
-                plans = self.idle[plan.key] = []
+                plans = [plan]
             else:
-                self.idle.move_to_end(plan.key)
-            plans.append(plan)
+                plans.append(plan)
+            self.idle[plan.key] = plans
             self.nbytes += plan.nbytes
             while self.nbytes > self.limit:
-                key, oldest = next(iter(self.idle.items()))
+                key = next(iter(self.idle))
+                oldest = self.idle[key]
                 self.nbytes -= oldest.pop(0).nbytes
                 if not oldest:
                     del self.idle[key]

@@ -399,14 +399,16 @@ def _read_node(node, key, config, folder, budget):
 
 
 def _build(specs, config, budget, provenance, label):
-    """One gru_fast.GRU of the layers in ``specs``; what it keeps is charged to ``budget``."""
+    """One gru_fast.GRU of the layers in ``specs``; what building it allocates is charged to ``budget``."""
     import gru_fast
+    from gru_fast.model import build_nbytes
 
     dtype = specs[0]["dtype"]
     layers = [spec["weights"] for spec in specs]  # the engine copies them into `dtype`
-    kept, scratch = _engine_bytes(layers, np.dtype(dtype).itemsize)
-    budget.charge(kept + scratch, f"{label}: the engine's copy of the weights and their packed layout "
-                  f"(hidden size padded to {_padded_hidden(layers[0][1].shape[2])})")
+    W0, R0 = layers[0][0], layers[0][1]
+    needed = build_nbytes(W0.shape[2], R0.shape[2], len(layers), R0.shape[0], dtype)
+    budget.charge(needed, f"{label}: the engine's copy of the weights and their packed layout "
+                  f"(hidden size padded to {-(-R0.shape[2] // 16) * 16})")
     try:
         model = gru_fast.GRU(
             layers,
@@ -421,50 +423,9 @@ def _build(specs, config, budget, provenance, label):
             provenance=provenance,
         )
     except (ValueError, TypeError) as exc:
-        budget.release(kept + scratch)
+        budget.release(needed)
         raise ValueError(f"{label}: {exc}") from exc
-    budget.release(scratch)  # the model keeps `kept`
-    return model
-
-
-_ALIGN = 16  # elements: GRU._pack starts every block on a 64-byte boundary (float32)
-
-
-def _padded_hidden(H):
-    from gru_fast import kernels
-
-    return int(kernels.padded_hidden(H))
-
-
-def _engine_bytes(layers, itemsize):
-    """(kept, scratch): bytes gru_fast.GRU allocates while building a model of ``layers``, from shapes.
-
-    kept: the copies of W, R and B it holds (GRU._check_layers) and its packed parameter block
-    (GRU._pack: per layer and direction, W and R as (rows, 3*Hp) with the hidden size H padded to
-    Hp, whole 16-unit tiles, and the biases), which can be ~16x the weights when H is 1.
-    scratch: what lives only during the build: the isfinite mask of the largest array (1 byte per
-    element) and, while one block is packed, its unit-tile layout and its packed copy (2 blocks).
-
-    gru_fast.model has no public function for this; the sizes here follow GRU._pack's layout.
-    """
-    from gru_fast import kernels
-
-    D = layers[0][1].shape[0]
-    H = layers[0][1].shape[2]
-    Hp = _padded_hidden(H)
-
-    def padded(n):
-        return -(-n // _ALIGN) * _ALIGN
-
-    copies = sum(a.size for layer in layers for a in layer if a is not None)
-    packed = kernels.PARAM_HEADER
-    largest_block = 0
-    for W, _, _ in layers:
-        rows = W.shape[2]
-        packed += D * (padded(rows * 3 * Hp) + padded(3 * Hp * H) + padded(3 * Hp) + padded(Hp))
-        largest_block = max(largest_block, rows * 3 * Hp, H * 3 * Hp)
-    largest = max(a.size for layer in layers for a in layer if a is not None)
-    return (copies + packed) * itemsize, 2 * largest_block * itemsize + largest
+    return model  # still charged: the model keeps its copies and packed layout
 
 
 def _stack_config(node, config, folder):

@@ -11,8 +11,8 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 * the output columns are processed in *groups* of 48 (three 16-column *tiles*: the z, r and n gates
   of 16 hidden units, see gru_fast.kernels), with one ``<16 x float>`` accumulator per tile and row:
   12 registers for four rows, started at zero or at the bias;
-* the weights are packed once (:func:`pack`) group by group, each group's K rows of 48 values
-  contiguous, so a pass over k reads one stream;
+* the weights are packed once (:func:`gru_fast.model._pack_into`) group by group, each group's K
+  rows of 48 values contiguous, so a pass over k reads one stream (three streams per group ran slower);
 * every output element is ``s + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
   order, the same whether it is computed with 1 or 4 rows, by whichever thread, for whichever range of
   groups: serial and parallel runs agree bit for bit.
@@ -24,24 +24,15 @@ registers), and machines without AVX-512 get it split into narrower vectors.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["TILE", "GROUP", "pack", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
+__all__ = ["TILE", "GROUP", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
            "recur1_n", "recur4_n"]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
-
-
-def pack(w: np.ndarray) -> np.ndarray:
-    """(K, N) weights, N a multiple of 48, as N/48 contiguous (K, 48) groups (a flat copy): a group's
-    tiles are read together, so they are one stream (three streams per group ran slower)."""
-    K, N = w.shape
-    assert N % (GROUP * TILE) == 0, N
-    return np.ascontiguousarray(w.reshape(K, N // (GROUP * TILE), GROUP * TILE).transpose(1, 0, 2)).ravel()
 
 
 def _float_ir(marker):

@@ -8,11 +8,13 @@ a new array, and outputs may not overlap inputs.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ._memory import address
 
-__all__ = ["as_float_array", "as_lengths", "check_out_array", "check_no_overlap"]
+__all__ = ["as_float_array", "as_in_place_array", "as_lengths", "check_out_array", "check_no_overlap"]
 
 
 def as_float_array(value, name: str, dtype: np.dtype) -> np.ndarray:
@@ -24,17 +26,58 @@ def as_float_array(value, name: str, dtype: np.dtype) -> np.ndarray:
     arr = value if type(value) is np.ndarray else _asarray(value, name)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must hold floating-point numbers (float16/32/64), got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return np.require(arr, dtype, "CA")  # keeps the shape of a 0-d array (ascontiguousarray makes it (1,))
+
+
+def as_in_place_array(value, name: str, dtype: np.dtype) -> np.ndarray:
+    """``value`` as the ndarray a bound call reads in place, or TypeError saying what is wrong with it.
+
+    An ``np.memmap`` is read in place through a plain-ndarray view of it (the view keeps the mapping
+    alive); any other ndarray subclass is refused, since what it stands for may not be its memory.
+    """
+    if isinstance(value, np.memmap):
+        value = value.view(np.ndarray)
+    if type(value) is np.ndarray and value.dtype == dtype and value.flags.c_contiguous and value.flags.aligned:
+        return value
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        problem = (f"an instance of the ndarray subclass {type(value).__module__}.{type(value).__qualname__}; "
+                   f"pass np.asarray({name}) if its memory is what should be read")
+    elif type(value) is not np.ndarray:
+        kind = type(value)
+        name_of_kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        problem = f"a {name_of_kind}, not a numpy array"
+    elif value.dtype != dtype:
+        problem = f"an array of dtype {value.dtype}"
+    elif not value.flags.c_contiguous:
+        problem = f"a non-contiguous array (shape {value.shape}, strides {value.strides})"
+    else:
+        problem = "an array whose data is not aligned to its item size"
+    raise TypeError(f"bind() reads {name} in place, so it must be a C-contiguous, aligned numpy array of dtype "
+                    f"{dtype}; got {problem}")
 
 
 def _asarray(value, name: str) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be array-like (numpy array, CPU tensor, nested lists): {exc}") from None
+        arr = _widened_tensor(value)
+        if arr is None:
+            raise TypeError(f"{name} must be array-like (numpy array, CPU tensor, nested lists): {exc}") from None
     if arr.dtype == object:
         raise TypeError(f"{name} must be a numeric array, got an object array (ragged or mixed input?)")
     return arr
+
+
+def _widened_tensor(value):
+    """A CPU torch tensor of a float dtype numpy lacks (bfloat16, float8) as float32, exactly: numpy
+    cannot take it as it is.  None for anything else.  torch is only looked up if it is already loaded:
+    a tensor implies it is."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    if value.device.type != "cpu" or value.requires_grad:
+        return None  # np.asarray's own refusal explains these
+    return value.to(torch.float32).numpy()
 
 
 def as_lengths(value, batch: int, steps: int, unbatched: bool) -> np.ndarray:

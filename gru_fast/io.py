@@ -20,11 +20,12 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ._files import check_output_path, model_file
-from .model import GRU
+from .model import GRU, build_nbytes
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -47,6 +48,8 @@ _HEADER_READERS = {
 # offset, an unknown compression method or zip version, an "encrypted" flag, truncated data.
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
                zlib.error, struct.error)
+
+_READ_CHUNK = 1 << 20  # bytes decompressed at a time into an array being read
 
 _BOOL_KEYS = ("linear_before_reset", "batch_first", "has_bias")
 
@@ -73,12 +76,20 @@ def save(model: GRU, path) -> None:
         np.savez(handle, **arrays)
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, budget: list, archive_size: int) -> np.ndarray:
-    """Read one .npy member after checking its header against its size and the budget.
+class _Member(NamedTuple):
+    info: zipfile.ZipInfo
+    shape: tuple
+    fortran: bool
+    dtype: np.dtype
+    nbytes: int
 
-    Every size the archive declares is checked against a real one before it sizes a read: the member's
-    stored size against the archive's size on disk (zipfile would otherwise allocate a read buffer of
-    the declared size), the array's size against the member's and against the budget.
+
+def _member_header(archive: zipfile.ZipFile, name: str, archive_size: int) -> _Member:
+    """Check one .npy member's header against its size, before anything sizes a read.
+
+    Every size the archive declares is checked against a real one: the member's stored size against
+    the archive's size on disk (zipfile would otherwise allocate a read buffer of the declared size),
+    the array's size against the member's.
     """
     try:
         info = archive.getinfo(name + ".npy")
@@ -91,30 +102,63 @@ def _read_member(archive: zipfile.ZipFile, name: str, budget: list, archive_size
         raise ValueError(f"member {name!r} is stored uncompressed but declares {info.file_size} bytes "
                          f"in {info.compress_size}")
     with archive.open(info) as member:
-        try:
-            version = np.lib.format.read_magic(member)
-            reader = _HEADER_READERS.get(version)
-            if reader is None:
-                raise ValueError(f"unsupported .npy version {version}")
-            header = reader(member, max_header_size=10_000)
-        except ValueError as exc:
-            raise ValueError(f"member {name!r} is not a valid .npy array: {exc}") from None
-        shape, fortran, dtype = header
-        if dtype.hasobject or dtype.kind not in "fu" or dtype.itemsize > 8:
-            raise ValueError(f"member {name!r} has dtype {dtype}; only float and uint8 arrays are allowed")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"member {name!r} declares a negative dimension in shape {shape}")
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if nbytes > info.file_size:
-            raise ValueError(f"member {name!r} declares {nbytes} bytes but holds {info.file_size}")
-        budget[0] -= nbytes
-        if budget[0] < 0:
-            raise ValueError("the file's weights exceed max_bytes; pass a larger max_bytes to load it")
-        data = member.read(nbytes)
-    if len(data) != nbytes:
+        shape, fortran, dtype = _read_header(member, name)
+    if dtype.hasobject or dtype.kind not in "fu" or dtype.itemsize > 8:
+        raise ValueError(f"member {name!r} has dtype {dtype}; only float and uint8 arrays are allowed")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"member {name!r} declares a negative dimension in shape {shape}")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise ValueError(f"member {name!r} declares {nbytes} bytes but holds {info.file_size}")
+    return _Member(info, shape, fortran, dtype, nbytes)
+
+
+def _read_header(member, name: str):
+    try:
+        version = np.lib.format.read_magic(member)
+        reader = _HEADER_READERS.get(version)
+        if reader is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        return reader(member, max_header_size=10_000)
+    except ValueError as exc:
+        raise ValueError(f"member {name!r} is not a valid .npy array: {exc}") from None
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, header: _Member) -> np.ndarray:
+    """The array of a member whose header :func:`_member_header` checked (and the caller charged).
+
+    Read in chunks into the array itself: ``member.read(n)`` would hold a decompressed chunk of up to
+    n bytes and the n-byte result at once, twice the charged size.
+    """
+    data = np.empty(header.nbytes, np.uint8)
+    view = memoryview(data)
+    filled = 0
+    with archive.open(header.info) as member:
+        if _read_header(member, name) != (header.shape, header.fortran, header.dtype):
+            raise ValueError(f"member {name!r} changed while it was read")
+        while filled < header.nbytes:
+            chunk = member.read(min(_READ_CHUNK, header.nbytes - filled))
+            if not chunk:
+                break
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+    if filled != header.nbytes:
         raise ValueError(f"member {name!r} is truncated")
-    arr = np.frombuffer(data, dtype=dtype)
-    return arr.reshape(shape, order="F" if fortran else "C")
+    return data.view(header.dtype).reshape(header.shape, order="F" if header.fortran else "C")
+
+
+def _build_charge(config: dict, headers: dict) -> int:
+    """Bytes that building the model from these arrays allocates (see gru_fast.model.build_nbytes).
+
+    The sizes come from layer 0's W (D, 3H, I) and R (D, 3H, H) headers.  Arrays whose shapes do not fit
+    together are refused by the GRU's shape checks, which run before it copies or packs anything.
+    """
+    W, R = headers["layer0.W"].shape, headers["layer0.R"].shape
+    if len(W) != 3 or len(R) != 3 or min(W[2], R[2]) < 1:
+        return 0
+    directions = 2 if config["direction"] == "bidirectional" else 1
+    dtype = "float64" if config["dtype"] == "float64" else "float32"  # another name: GRU refuses it first
+    return build_nbytes(W[2], R[2], config["num_layers"], directions, dtype)
 
 
 def _check_config(config) -> dict:
@@ -170,17 +214,24 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
     """Read a model written by :func:`save`.  Raises FileNotFoundError for a missing path, ValueError
     naming the file for anything else (for a model file of another kind: naming the loader that reads it).
 
-    ``max_bytes`` caps the bytes of arrays the file may make the loader hold; every size is checked
-    from the file's headers, against the real sizes, before anything is allocated.
+    ``max_bytes`` caps the bytes the load may hold: the file's arrays plus what building the model
+    from them allocates (the weights copied in the model's dtype and packed for the kernels, hidden
+    units padded to a multiple of 16: see :func:`gru_fast.model.build_nbytes`).  Every size is checked
+    from the file's headers, against the real sizes, before any array is read; a file over the cap
+    raises ValueError naming the bytes it needs and the cap.
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     path = Path(os.fspath(path))
-    budget = [int(max_bytes)]
+    max_bytes = int(max_bytes)
     try:
         with zipfile.ZipFile(path) as archive:
             archive_size = os.fstat(archive.fp.fileno()).st_size
-            raw = _read_member(archive, "config", budget, archive_size)
+            header = _member_header(archive, "config", archive_size)
+            if header.nbytes > max_bytes:
+                raise ValueError(f"{path}'s config needs {header.nbytes} bytes, over the memory cap "
+                                 f"max_bytes={max_bytes}; pass a larger max_bytes if the model is genuine")
+            raw = _read_member(archive, "config", header)
             if raw.dtype != np.uint8 or raw.ndim != 1:
                 raise ValueError("not a gru_fast file: config must be a 1-D uint8 array")
             try:
@@ -188,12 +239,22 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise ValueError(f"not a gru_fast file: config is not JSON ({type(exc).__name__})") from None
             config = _check_config(config)
-            layers = []
-            for index in range(config["num_layers"]):
-                W = _read_member(archive, f"layer{index}.W", budget, archive_size)
-                R = _read_member(archive, f"layer{index}.R", budget, archive_size)
-                B = _read_member(archive, f"layer{index}.B", budget, archive_size) if config["has_bias"] else None
-                layers.append((W, R, B))
+            names = [f"layer{index}.{array}" for index in range(config["num_layers"])
+                     for array in ("WRB" if config["has_bias"] else "WR")]
+            headers = {name: _member_header(archive, name, archive_size) for name in names}
+            # Everything the load will hold, charged before any array is read: the config, the arrays as
+            # stored, and what building the model from them allocates (copies, padded packed weights).
+            declared = header.nbytes + sum(h.nbytes for h in headers.values())
+            build = _build_charge(config, headers)
+            if declared + build > max_bytes:
+                raise ValueError(
+                    f"loading {path} needs {declared + build} bytes ({declared} for the file's arrays, {build} "
+                    f"to build the model from them), over the memory cap max_bytes={max_bytes}; pass a larger "
+                    "max_bytes if the model is genuine")
+            arrays = {name: _read_member(archive, name, headers[name]) for name in names}
+            layers = [(arrays[f"layer{index}.W"], arrays[f"layer{index}.R"], arrays.get(f"layer{index}.B"))
+                      for index in range(config["num_layers"])]
+            del arrays
     except _ZIP_ERRORS as exc:
         raise ValueError(f"{path} is not a readable gru_fast model file (a damaged or truncated .npz): "
                          f"{type(exc).__name__}: {exc}") from None

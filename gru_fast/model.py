@@ -15,16 +15,19 @@ construction the weights are laid out once for the kernels:
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
+import weakref
 from time import perf_counter
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import _tiles, kernels
+from . import kernels
 from ._config import parallel_threads
 from ._memory import address
-from ._validate import as_float_array, as_lengths, check_no_overlap, check_out_array
+from ._validate import as_float_array, as_in_place_array, as_lengths, check_no_overlap, check_out_array
 from .activations import Activation, parse_activations
 
 __all__ = ["GRU", "Stream", "BoundCall", "BoundStep"]
@@ -44,7 +47,6 @@ _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
-_PLANS_PER_THREAD = 8
 # A call shorter than this many multiply-adds (~0.1 ms) runs in parallel only while calls come back to
 # back: a parallel launch costs ~1.5 us while the workers still spin after the previous one, 40-70 us
 # once they have gone to sleep (a few ms here), more than such a call saves.
@@ -84,6 +86,85 @@ class _ParallelPolicy:
 
 _PARALLEL = _ParallelPolicy()
 
+# What the engine keeps between calls: idle plans (workspaces), shared by every thread and model.  A call
+# takes a plan of its shape from the pool (or makes one) and gives it back after the kernel ran; at most
+# _PLAN_CACHE_BYTES stay idle in the process, least recently used given up first, and a plan larger than
+# _PLAN_KEEP_MAX_BYTES is freed after its call (allocating it costs little next to the call that needs it:
+# its workspace holds the sequences of the layers between the first and the last, 2 * T*B*D*H values).
+_PLAN_CACHE_BYTES = 64 << 20
+_PLAN_KEEP_MAX_BYTES = 16 << 20
+
+
+class _PlanPool:
+    """Idle plans by (model token, steps, batch, threads); see _PLAN_CACHE_BYTES.  ``idle`` is a plain dict
+    kept in least-recently-used order: a key is removed when taken and inserted again (at the end) when
+    given back, which a steady loop does on every call for the cost of two dict operations."""
+
+    def __init__(self, limit: int, keep_max: int):
+        self.lock = threading.Lock()
+        self.idle: dict = {}  # key -> non-empty list of plans
+        self.nbytes = 0
+        self.limit = limit
+        self.keep_max = keep_max
+
+    def take(self, key):
+        with self.lock:
+            plans = self.idle.pop(key, None)
+            if plans is None:
+                return None
+            plan = plans.pop()
+            if plans:
+                self.idle[key] = plans
+            self.nbytes -= plan.nbytes
+        return plan
+
+    def give(self, plan) -> None:
+        if plan.nbytes > self.keep_max:
+            return  # freed with its last reference
+        with self.lock:
+            plans = self.idle.pop(plan.key, None)
+            if plans is None:
+                plans = [plan]
+            else:
+                plans.append(plan)
+            self.idle[plan.key] = plans
+            self.nbytes += plan.nbytes
+            while self.nbytes > self.limit:
+                key = next(iter(self.idle))
+                oldest = self.idle[key]
+                self.nbytes -= oldest.pop(0).nbytes
+                if not oldest:
+                    del self.idle[key]
+
+    def drop(self, token) -> None:
+        """Free the idle plans of a model that is gone."""
+        with self.lock:
+            for key in [key for key in self.idle if key[0] == token]:
+                self.nbytes -= sum(plan.nbytes for plan in self.idle.pop(key))
+
+
+_PLANS = _PlanPool(_PLAN_CACHE_BYTES, _PLAN_KEEP_MAX_BYTES)
+_MODEL_TOKENS = itertools.count()
+
+# Streams and bound calls, whose locks a forked child must renew (see _renew_locks_in_child).
+_LOCK_OWNERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _renew_locks_in_child() -> None:
+    """In a child forked while another thread held one of gru_fast's locks (stepping a shared stream,
+    running a bound call, a parallel launch, the plan pool), that lock would stay held forever: the
+    thread holding it does not exist in the child.  Every lock gru_fast owns is replaced by a free one.
+    A stream forked in the middle of a step keeps the state from before that step (a step writes the
+    other state buffer and switches to it only when it is done)."""
+    _PARALLEL.lock = threading.Lock()
+    _PLANS.lock = threading.Lock()
+    for owner in list(_LOCK_OWNERS):
+        owner._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks_in_child)
+
 
 class _Plan(NamedTuple):
     """How one (steps, batch, threads) shape runs, with its workspace (see gru_fast.kernels)."""
@@ -98,6 +179,8 @@ class _Plan(NamedTuple):
     sync: np.ndarray
     workspace_addr: int
     sync_addr: int
+    nbytes: int  # of workspace and sync
+    key: tuple | None  # where the plan pool files it; None for a bound call's own plans
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -110,22 +193,73 @@ def _as_dtype(dtype) -> np.dtype:
     return resolved
 
 
-def _unit_tiles(m, hidden, padded_hidden):
-    """Columns of ``m`` (K, 3H), gate-blocked z | r | n, reordered into unit tiles: the 48 columns of
-    tile u are z, r and n of hidden units 16u..16u+15 (zero for padded units).  See gru_fast.kernels."""
-    K = m.shape[0]
-    tiles = padded_hidden // kernels.UNITS
-    out = np.zeros((K, tiles, 3, kernels.UNITS), m.dtype)
+def _pack_into(dst, m, hidden):
+    """Write ``m`` (3H, K) -- ONNX's gate-blocked rows z | r | n: ``W[d]``, ``R[d]`` or a bias as one
+    column -- into ``dst`` (zeroed, Hp/16 * K * 48 elements) in the kernels' layout: one contiguous
+    (K, 48) group per unit tile, whose 48 columns are z, r and n of hidden units 16u..16u+15 (zero for
+    padded units).  A group is one weight stream (see gru_fast._tiles), a unit tile one share of a step
+    (see gru_fast.kernels).  Written straight from ``m``: no temporary of the packed size."""
+    K = m.shape[1]
+    groups = dst.reshape(-1, K, 3, kernels.UNITS)
+    full, rest = divmod(hidden, kernels.UNITS)
     for q in range(3):
-        gate = np.zeros((K, padded_hidden), m.dtype)
-        gate[:, :hidden] = m[:, q * hidden : (q + 1) * hidden]
-        out[:, :, q, :] = gate.reshape(K, tiles, kernels.UNITS)
-    return out.reshape(K, 3 * padded_hidden)
+        gate = m[q * hidden : (q + 1) * hidden]  # (H, K)
+        if full:
+            groups[:full, :, q, :] = gate[: full * kernels.UNITS].reshape(full, kernels.UNITS, K).transpose(0, 2, 1)
+        if rest:
+            groups[full, :, q, :rest] = gate[full * kernels.UNITS :].T
 
 
-def _aligned_empty(n: int, dtype: np.dtype) -> np.ndarray:
-    """A 1-D array of n elements whose data starts on a 64-byte boundary."""
-    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+_ALIGN = 16  # elements between blocks of params: 64 bytes in float32
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _params_size(input_size: int, hidden: int, num_layers: int, num_directions: int) -> int:
+    """Elements of the flat ``params`` array of a model of this shape (see GRU._pack)."""
+    Hp = kernels.padded_hidden.py_func(hidden)  # Python ints: sizes read from a file may exceed int64
+    total = 0
+    for layer in range(num_layers):
+        n_in = input_size if layer == 0 else num_directions * hidden
+        total += _padded(n_in * 3 * Hp) + _padded(3 * Hp * hidden) + _padded(3 * Hp) + _padded(Hp)
+    return kernels.PARAM_HEADER + num_directions * total
+
+
+def build_nbytes(input_size: int, hidden_size: int, num_layers: int = 1, num_directions: int = 1,
+                 dtype="float32") -> int:
+    """Bytes that building a :class:`GRU` of this shape allocates at its peak, beyond the caller's arrays.
+
+    That is: the weights copied in ``dtype`` (kept: :meth:`GRU.onnx_weights`, pickling), the finiteness
+    mask of the largest array (one byte an element, while it is checked), the flat ``params`` array in
+    the kernels' layout -- hidden units padded to a multiple of 16, so an H=1 model packs 16 units --
+    and its alignment slack.  The packing writes into ``params`` directly, without temporaries of that
+    size.  A loader charges this against its ``max_bytes`` before it reads the weights (see
+    :func:`gru_fast.load`).
+    """
+    itemsize = _as_dtype(dtype).itemsize
+    I, H, L, D = (int(v) for v in (input_size, hidden_size, num_layers, num_directions))
+    if min(I, H, L, D) < 1:
+        raise ValueError(f"sizes must be positive, got input_size={I} hidden_size={H} num_layers={L} "
+                         f"num_directions={D}")
+    largest = 0
+    weights = 0
+    for layer in range(L):
+        n_in = I if layer == 0 else D * H
+        layer_arrays = (D * 3 * H * n_in, D * 3 * H * H, D * 6 * H)
+        weights += sum(layer_arrays)
+        largest = max(largest, *layer_arrays)
+    params = _params_size(I, H, L, D)
+    meta = kernels.meta_size(L, D) * 8
+    small = 16 * H * itemsize + (64 << 10)  # _pack's bias rows; the model's Python objects
+    return (weights + params) * itemsize + largest + 64 + meta + small
+
+
+def _aligned_zeros(n: int, dtype: np.dtype) -> np.ndarray:
+    """A 1-D array of n zeros whose data starts on a 64-byte boundary (a large one is fresh pages from the
+    system, zero without a pass over them)."""
+    raw = np.zeros(n * dtype.itemsize + 64, dtype=np.uint8)
     start = (-raw.ctypes.data) % 64
     return raw[start : start + n * dtype.itemsize].view(dtype)
 
@@ -203,7 +337,8 @@ class GRU:
         self._params, self._meta = self._pack()
         self._params_addr = address(self._params)
         self._meta_addr = address(self._meta)
-        self._local = threading.local()
+        self._token = next(_MODEL_TOKENS)  # its plans' key in the plan pool, freed with the model
+        weakref.finalize(self, _PLANS.drop, self._token)
         H, D = self.hidden_size, self.num_directions
         # multiply-adds of one time step of one sequence, every layer and direction
         self._macs_per_step = D * 3 * H * ((self.input_size + H) + (self.num_layers - 1) * (D * H + H))
@@ -253,18 +388,8 @@ class GRU:
     def _pack(self):
         """Lay the weights out once for the kernels (see the module docstring)."""
         D, H, L = self.num_directions, self.hidden_size, self.num_layers
-        align = 16  # elements: 64 bytes in float32
-
-        def padded(n):
-            return -(-n // align) * align
-
         Hp = int(kernels.padded_hidden(H))
-        sizes = []
-        for W, R, B in self._weights:
-            n_in = W.shape[2]
-            sizes.append(padded(n_in * 3 * Hp) + padded(3 * Hp * H) + padded(3 * Hp) + padded(Hp))
-        params = _aligned_empty(kernels.PARAM_HEADER + D * sum(sizes), self.dtype)
-        params[:] = 0
+        params = _aligned_zeros(_params_size(self.input_size, H, L, D), self.dtype)
         meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
         meta[kernels.META_LAYERS] = L
         meta[kernels.META_DIRECTIONS] = D
@@ -290,17 +415,14 @@ class GRU:
                     b_x[2 * H :] += r_bias[2 * H :]
                     b_hn = np.zeros(H, self.dtype)
                 base = kernels.META_OFFSETS + kernels.OFFSETS_PER_BLOCK * (layer * D + d)
-                blocks = (
-                    _tiles.pack(_unit_tiles(W[d].T, H, Hp)),  # (I, 3H) -> tiles of (I, 16) in unit-tile order
-                    _tiles.pack(_unit_tiles(R[d].T, H, Hp)),
-                    _unit_tiles(b_x[None, :], H, Hp).ravel(),
-                    np.concatenate([b_hn, np.zeros(Hp - H, self.dtype)]),
-                )
-                for slot, block in zip((kernels.OFFSET_W, kernels.OFFSET_R, kernels.OFFSET_BX, kernels.OFFSET_BHN),
-                                       blocks):
+                for slot, m in ((kernels.OFFSET_W, W[d]), (kernels.OFFSET_R, R[d]), (kernels.OFFSET_BX, b_x[:, None])):
+                    size = 3 * Hp * m.shape[1]  # K rows of 3Hp packed columns
                     meta[base + slot] = cursor
-                    params[cursor : cursor + block.size] = block
-                    cursor += padded(block.size)
+                    _pack_into(params[cursor : cursor + size], m, H)
+                    cursor += _padded(size)
+                meta[base + kernels.OFFSET_BHN] = cursor
+                params[cursor : cursor + H] = b_hn
+                cursor += _padded(Hp)
         params.flags.writeable = False
         meta.flags.writeable = False
         return params, meta
@@ -352,21 +474,13 @@ class GRU:
     # ---- running ------------------------------------------------------------
 
     def _plan(self, steps: int, batch: int, threads: int | None = None) -> _Plan:
-        """The strategy and workspace for this shape, built once per shape and thread, then reused."""
+        """A plan for this shape, taken from the plan pool (or made); give it back with ``_PLANS.give``."""
         if threads is None:  # the count only matters for calls large enough to run in parallel
             threads = 1 if steps * batch * self._macs_per_step < _PARALLEL_MIN_MACS else parallel_threads()
-        cache = getattr(self._local, "plans", None)
-        if cache is None:
-            cache = self._local.plans = {}
-        key = (steps, batch, threads)
-        plan = cache.get(key)
-        if plan is None:
-            if len(cache) >= _PLANS_PER_THREAD:
-                cache.pop(next(iter(cache)))
-            plan = cache[key] = self._make_plan(steps, batch, threads)
-        return plan
+        key = (self._token, steps, batch, threads)
+        return _PLANS.take(key) or self._make_plan(steps, batch, threads, key)
 
-    def _make_plan(self, steps: int, batch: int, threads: int) -> _Plan:
+    def _make_plan(self, steps: int, batch: int, threads: int, key: tuple | None = None) -> _Plan:
         """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
 
         * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
@@ -397,12 +511,11 @@ class GRU:
         rows = batch if mode == kernels.MODE_SPLIT else -(-batch // chunks)
         block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * int(kernels.padded_hidden(H)))))
         end = kernels.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
-        workspace = _aligned_empty(end, self.dtype)
-        workspace[:] = 0  # padded hidden units start (and stay) finite
-        sync = _aligned_empty(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
+        workspace = _aligned_zeros(end, self.dtype)  # zero: padded hidden units start (and stay) finite
+        sync = _aligned_zeros(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
         macs = steps * batch * self._macs_per_step
         return _Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
-                     address(workspace), address(sync))
+                     address(workspace), address(sync), workspace.nbytes + sync.nbytes, key)
 
     def __call__(self, x, h0=None, lengths=None, out=None):
         """Run the model over whole sequences.
@@ -425,6 +538,10 @@ class GRU:
             (T, B, D*H) (batch_first: (B, T, D*H); unbatched: (T, D*H)); 0 at padded steps.
         h_n : ndarray
             (L*D, B, H) (unbatched: (L*D, H)): the state after each sequence's last valid step.
+
+        Memory: a call runs in a workspace (about 2*T*B*D*H values with 3 or more layers) kept for the
+        next call of the same shape: at most 64 MiB of idle workspaces stay in the process, all threads
+        and models together, and one over 16 MiB is freed after its call.
         """
         call = self._checked(x, h0, lengths, out)
         self._run(*call)
@@ -436,16 +553,14 @@ class GRU:
         Like ONNX Runtime's IOBinding: for a loop that refills the same buffers, ``call = model.bind(x,
         h0, out=(y, h_n))`` then ``call()`` skips the per-call checks and conversions (about half the
         time of a call on a small model).  ``x`` and ``h0`` must already be C-contiguous arrays of the
-        model's dtype, since the call reads them in place; ``lengths`` are copied (fixed at bind time);
-        without ``out`` the outputs are allocated once and overwritten by every call.  The thread count
-        is read at bind time.  A bound call runs one call at a time (calls from several threads take
-        turns).
+        model's dtype (an ``np.memmap`` too), since the call reads them in place; ``lengths`` are copied
+        (fixed at bind time); without ``out`` the outputs are allocated once and overwritten by every
+        call.  The thread count is read at bind time.  A bound call runs one call at a time (calls from
+        several threads take turns).
         """
-        for name, value in (("x", x), ("h0", h0)):
-            if value is not None and not (type(value) is np.ndarray and value.dtype == self.dtype
-                                          and value.flags.c_contiguous and value.flags.aligned):
-                raise TypeError(f"bind() reads {name} in place, so it must be a C-contiguous numpy array of "
-                                f"dtype {self.dtype}, got {_describe(value)}")
+        x = as_in_place_array(x, "x", self.dtype)
+        if h0 is not None:
+            h0 = as_in_place_array(h0, "h0", self.dtype)
         return BoundCall(self, *self._checked(x, h0, lengths, out))
 
     def _checked(self, x, h0, lengths, out):
@@ -477,8 +592,9 @@ class GRU:
         if h0 is not None:
             h0 = as_float_array(h0, "h0", dtype)
             if h0.shape != state_shape:
-                raise ValueError(f"h0 must have shape {state_shape} (num_layers*num_directions, batch, hidden), "
-                                 f"got {h0.shape}")
+                axes = ("num_layers*num_directions, hidden: x is unbatched" if unbatched
+                        else "num_layers*num_directions, batch, hidden")
+                raise ValueError(f"h0 must have shape {state_shape} ({axes}), got {h0.shape}")
         if lengths is not None:
             lengths = as_lengths(lengths, batch, steps, unbatched)
         y_shape = shape[:-1] + (D * H,)
@@ -515,10 +631,12 @@ class GRU:
                              known={id(x): x_addr, id(h0): h0_addr})
         plan = self._plan(steps, batch)
         if plan.parallel and not _PARALLEL.acquire(plan):
+            _PLANS.give(plan)
             plan = self._plan(steps, batch, 1)  # same results, serially
         args = self._kernel_args(x_addr, steps, batch, batch_major, h0_addr,
                                  0 if lengths is None else address(lengths), y_addr, h_n_addr, plan)
         _launch(self.dtype, plan, args)
+        _PLANS.give(plan)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -544,23 +662,17 @@ def _launch(dtype, plan, args):
         kernels.FORWARD[dtype, False](*args)
 
 
-def _describe(value) -> str:
-    if isinstance(value, np.ndarray):
-        layout = "C-contiguous" if value.flags.c_contiguous else "non-contiguous"
-        return f"a {layout} array of dtype {value.dtype}"
-    return type(value).__name__
-
-
 class BoundCall:
     """A model call whose arrays were checked once (see :meth:`GRU.bind`); ``call()`` returns (y, h_n)."""
 
     def __init__(self, model, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs):
         self.y, self.h_n = y, h_n
         self._lock = threading.Lock()
+        _LOCK_OWNERS.add(self)
         self._serial = kernels.FORWARD[model.dtype, False]
         self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
         if self._empty:
-            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0),) * 2
+            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0, None),) * 2
             return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's
@@ -617,13 +729,15 @@ class Stream:
         self._h0 = None
         self._x_shape = (model.input_size,) if self.unbatched else (self.batch_size, model.input_size)
         self._y_shape = (H,) if self.unbatched else (self.batch_size, H)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one state: steps, resets and reads of it take turns
+        _LOCK_OWNERS.add(self)
         self.reset(h0)
 
     @property
     def state(self) -> np.ndarray:
         """A copy of the current state, (L, B, H) — (L, H) for an unbatched stream."""
-        state = self._states[self._current].copy()
+        with self._lock:
+            state = self._states[self._current].copy()
         return state[:, 0] if self.unbatched else state
 
     def reset(self, h0=None) -> None:
@@ -633,13 +747,17 @@ class Stream:
             expected = (L, H) if self.unbatched else (L, B, H)
             h0 = as_float_array(h0, "h0", self.model.dtype)
             if h0.shape != expected:
-                raise ValueError(f"h0 must have shape {expected} (num_layers, batch, hidden), got {h0.shape}")
-            self._h0 = h0.reshape((L, B, H)).copy()
-        state = self._states[self._current]
-        if self._h0 is None:
-            state[...] = 0
-        else:
-            state[...] = self._h0
+                axes = "num_layers, hidden" if self.unbatched else "num_layers, batch, hidden"
+                raise ValueError(f"h0 must have shape {expected} ({axes}), got {h0.shape}")
+            h0 = h0.reshape((L, B, H)).copy()
+        with self._lock:
+            if h0 is not None:
+                self._h0 = h0
+            state = self._states[self._current]
+            if self._h0 is None:
+                state[...] = 0
+            else:
+                state[...] = self._h0
 
     def step(self, x_t, out=None) -> np.ndarray:
         """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
@@ -655,11 +773,7 @@ class Stream:
         """Check a step's arrays once; the returned :class:`BoundStep` advances the stream on ``x_t``'s
         current contents (see :meth:`GRU.bind`).  ``x_t`` must be a C-contiguous array of the model's
         dtype; without ``out`` the output is allocated once and overwritten by every step."""
-        model = self.model
-        if not (type(x_t) is np.ndarray and x_t.dtype == model.dtype and x_t.flags.c_contiguous
-                and x_t.flags.aligned):
-            raise TypeError(f"bind() reads x_t in place, so it must be a C-contiguous numpy array of dtype "
-                            f"{model.dtype}, got {_describe(x_t)}")
+        x_t = as_in_place_array(x_t, "x_t", self.model.dtype)
         return BoundStep(self, *self._checked(x_t, out))
 
     def _checked(self, x_t, out):

@@ -1,0 +1,143 @@
+"""``gru_fast.load(max_bytes=...)`` bounds what the load holds, including the model it builds.
+
+A model's kernel layout pads the hidden units to a multiple of 16 and packs the weights, so a small file
+can build a large model: an H=1 model with W of shape (1, 3, 8e6) is a 96 MB array (91 KB deflated) that
+packs into 1.5 GB.  The load charges the file's arrays plus :func:`gru_fast.model.build_nbytes` against
+``max_bytes`` before reading any array.
+
+Authorities: the operating system's peak resident set size of a child process (``getrusage``
+``ru_maxrss``) for what a load really held, and ``tracemalloc`` (numpy reports its allocations to it) for
+what building a model allocates, against the charge.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+
+import gru_fast
+from conftest import last_json_line, random_onnx_weights, run_python
+from gru_fast.model import build_nbytes
+
+MiB = 1 << 20
+
+
+def _config(**overrides) -> bytes:
+    config = dict(format="gru_fast", version=1, num_layers=1, direction="forward", linear_before_reset=True,
+                  activations=["Sigmoid", "Tanh"], activation_alpha=[], activation_beta=[], clip=None,
+                  batch_first=False, dtype="float32", has_bias=False, provenance={})
+    config.update(overrides)
+    return json.dumps(config).encode()
+
+
+def _write_npy_member(archive, name, shape, dtype, chunk_values=1 << 20):
+    """A deflated .npy member of zeros, streamed: the writer never holds the array."""
+    dtype = np.dtype(dtype)
+    with archive.open(name + ".npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": shape})
+        left = int(np.prod(shape))
+        zeros = np.zeros(min(left, chunk_values), dtype).tobytes()
+        while left:
+            n = min(left, chunk_values)
+            member.write(zeros[: n * dtype.itemsize])
+            left -= n
+
+
+def _h1_file(path, input_size):
+    """The hostile file of issue 11: H=1, W (1, 3, input_size) of zeros, deflated."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("config.npy", "w") as member:
+            np.lib.format.write_array(member, np.frombuffer(_config(), np.uint8))
+        _write_npy_member(archive, "layer0.W", (1, 3, input_size), np.float32)
+        _write_npy_member(archive, "layer0.R", (1, 3, 1), np.float32)
+    return path
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    import gru_fast
+
+    path, max_bytes = sys.argv[-2], int(sys.argv[-1])
+    gru_fast.GRU([(np.ones((1, 3, 2)), np.ones((1, 3, 1)), None)])  # the interpreter and helpers warmed up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        model = gru_fast.load(path, max_bytes=max_bytes)
+        result = "loaded"
+    except ValueError as exc:
+        result = "ValueError: " + str(exc)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"result": result, "peak_growth": peak - before}))
+    """
+)
+
+
+def _load_in_child(path, max_bytes):
+    proc = run_python(CHILD.replace("sys.argv[-2], int(sys.argv[-1])", f"{str(path)!r}, {int(max_bytes)}"),
+                      timeout=300)
+    return last_json_line(proc)
+
+
+def test_small_file_of_a_huge_padded_model_is_refused_before_it_is_built(tmp_path):
+    """Issue 11, probe 5: a 91 KB file, max_bytes=200 MiB.  Without the build charge the load held
+    3.7 GiB; now it raises the documented ValueError naming the bytes needed and the cap, and the
+    child's peak RSS grows by less than max_bytes."""
+    path = _h1_file(tmp_path / "h1.npz", 8_000_000)
+    assert path.stat().st_size < 200_000
+    cap = 200 * MiB
+    report = _load_in_child(path, cap)
+    assert report["result"].startswith("ValueError"), report
+    needed = len(_config()) + 3 * 8_000_000 * 4 + 3 * 4 + build_nbytes(8_000_000, 1, 1, 1, "float32")
+    assert f"max_bytes={cap}" in report["result"] and "needs" in report["result"], report
+    assert str(needed) in report["result"], (needed, report)
+    assert report["peak_growth"] < cap, report
+
+
+def test_charge_bounds_what_a_genuine_load_holds(tmp_path):
+    """The charge is an upper bound on the load: with max_bytes equal to it an H=1 model loads and the
+    child's peak RSS grows by at most the charge (plus 8 MiB of interpreter noise); one byte less is
+    refused."""
+    input_size = 250_000
+    path = _h1_file(tmp_path / "h1.npz", input_size)
+    config_bytes = len(_config())
+    charge = config_bytes + 3 * input_size * 4 + 3 * 4 + build_nbytes(input_size, 1, 1, 1, "float32")
+    report = _load_in_child(path, charge)
+    assert report["result"] == "loaded", report
+    assert report["peak_growth"] <= charge + 8 * MiB, (report, charge)
+    with pytest.raises(ValueError, match=f"needs {charge} bytes .* max_bytes={charge - 1}"):
+        gru_fast.load(path, max_bytes=charge - 1)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(I=3, H=1, L=1, direction="forward", dtype=np.float32),
+    dict(I=7, H=17, L=2, direction="bidirectional", dtype=np.float64),
+    dict(I=40, H=33, L=3, direction="reverse", dtype=np.float32),
+    dict(I=1, H=100, L=1, direction="forward", dtype=np.float64),
+], ids=["H1", "bidir-f64", "3-layers", "I1-f64"])
+def test_build_nbytes_bounds_what_building_a_model_allocates(shape, rng):
+    """tracemalloc's peak while GRU(...) builds a model (source arrays excluded: they exist before) is
+    at most build_nbytes, and not far below it: within 30%, or the charge's fixed 64 KiB for Python
+    objects on a small model."""
+    I, H, L, direction, dtype = shape["I"], shape["H"], shape["L"], shape["direction"], shape["dtype"]
+    D = 2 if direction == "bidirectional" else 1
+    layers = [random_onnx_weights(rng, D, I if l == 0 else D * H, H, dtype=np.float32) for l in range(L)]
+    gru_fast.GRU(layers, direction=direction, dtype=dtype)  # Numba's helpers loaded before measuring
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        model = gru_fast.GRU(layers, direction=direction, dtype=dtype)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    charge = build_nbytes(I, H, L, D, dtype)
+    assert peak <= charge, (peak, charge)
+    assert charge - peak <= max(0.3 * charge, 70 << 10), (peak, charge)
+    assert model.hidden_size == H

@@ -1,0 +1,88 @@
+"""What the engine keeps between calls: idle workspaces, bounded by bytes across all threads and models.
+
+Documented bound (README, gru_fast.model): at most ``_PLAN_CACHE_BYTES`` (64 MiB) of idle plans stay in
+the process, and a workspace over ``_PLAN_KEEP_MAX_BYTES`` (16 MiB) is freed after its call.
+
+Authorities: ``tracemalloc`` (numpy reports every array allocation to it) for the bytes numpy still holds
+once the caller's results are gone, and the process's resident set size (/proc/self/statm) for a large
+workspace, which glibc maps and unmaps on its own.  Each check runs in a fresh child process.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from conftest import last_json_line, run_python
+
+CHILD = textwrap.dedent(
+    """
+    import gc, json, threading, tracemalloc
+    import numpy as np
+    import gru_fast
+    from gru_fast import model as engine
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    rng = np.random.default_rng(0)
+    I = 8
+
+    def gru(H, L=3):
+        return gru_fast.GRU([(rng.uniform(-0.1, 0.1, (1, 3 * H, I if l == 0 else H)).astype(np.float32),
+                              rng.uniform(-0.1, 0.1, (1, 3 * H, H)).astype(np.float32), None) for l in range(L)])
+
+    report = {"cache_bytes": engine._PLAN_CACHE_BYTES, "keep_max": engine._PLAN_KEEP_MAX_BYTES}
+    big, wide = gru(64), gru(128)
+    for m in (big, wide):  # kernels loaded, serial and parallel, before anything is measured
+        m(np.ones((2, 1, I), np.float32)), m(np.ones((300, 64, I), np.float32))
+    engine._PLANS.drop(big._token), engine._PLANS.drop(wide._token)
+    gc.collect()
+    tracemalloc.start()
+
+    # one large call: its workspace holds two layers' sequences, 2 * 2000*64*64 floats (62.5 MiB)
+    traced, resident = tracemalloc.get_traced_memory()[0], rss()
+    y, h = big(np.ones((2000, 64, I), np.float32))
+    del y, h
+    gc.collect()
+    report["big_call"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "rss": rss() - resident}
+
+    # 16 threads, each one T=500 B=16 call (a 7.8 MiB workspace each), then idle but alive
+    traced = tracemalloc.get_traced_memory()[0]
+    ready, release = threading.Barrier(17), threading.Event()
+
+    def work():
+        y, h = wide(np.ones((500, 16, I), np.float32))
+        del y, h
+        ready.wait()
+        release.wait()
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    gc.collect()
+    report["idle_threads"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine._PLANS.nbytes}
+    release.set()
+    for t in threads:
+        t.join()
+    del wide, m
+    gc.collect()
+    report["model_gone"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine._PLANS.nbytes}
+    print(json.dumps(report))
+    """
+)
+
+
+def test_kept_workspaces_stay_under_the_documented_bound():
+    """A call with a 62.5 MiB workspace keeps nothing once its results are freed (before: +62.5 MiB,
+    traced and resident); 16 idle threads that each made a call keep at most 64 MiB in all (before:
+    16 x 7.8 MiB, one plan per thread); a model that is gone keeps nothing."""
+    report = last_json_line(run_python(CHILD, timeout=300))
+    MiB = 1 << 20
+    assert report["cache_bytes"] == 64 * MiB and report["keep_max"] == 16 * MiB, report
+    assert report["big_call"]["traced"] < MiB, report
+    assert report["big_call"]["rss"] < 16 * MiB, report
+    assert report["idle_threads"]["pool"] <= report["cache_bytes"], report
+    assert report["idle_threads"]["traced"] <= report["cache_bytes"] + MiB, report
+    assert report["model_gone"]["pool"] == 0 and report["model_gone"]["traced"] < MiB, report

@@ -374,6 +374,7 @@ def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
             if top else "; it holds no dict")
     groups = _split_prefixes(tensors.keys())
     found = _pick_prefix(groups, prefix, "the checkpoint", seen)  # model_file puts the path in front
+    _charge_build(tensors, groups[found], found, max_bytes)
     origin = None
     if batch_first is None:
         batch_first, origin = _recorded_batch_first(flags)
@@ -426,6 +427,33 @@ def _flatten_checkpoint(obj, path, max_bytes):
                                  f"memory cap max_bytes={max_bytes}")
             tensors[name] = value
     return tensors, flags
+
+
+def _charge_build(tensors, group, prefix, max_bytes):
+    """Refuse a GRU whose engine model would not fit in ``max_bytes`` beside the checkpoint's tensors: the
+    engine pads the hidden size to 16-unit tiles and packs the weights (gru_fast.model.build_nbytes), so
+    an H=1 GRU with a long input takes ~16x its weights."""
+    from gru_fast.model import build_nbytes
+
+    if group["gru"]:
+        entries = group["gru"]
+        num_layers = 1 + max(k[2] for k in entries)
+        num_directions = 2 if any(k[3] for k in entries) else 1
+        w_ih, w_hh = entries.get(("weight", "ih", 0, 0)), entries.get(("weight", "hh", 0, 0))
+    else:
+        num_layers = num_directions = 1
+        w_ih, w_hh = group["cell"].get(("weight", "ih")), group["cell"].get(("weight", "hh"))
+    if w_ih is None or w_hh is None or len(tensors[w_ih].shape) != 2 or len(tensors[w_hh].shape) != 2:
+        return  # malformed: from_state_dict names what is wrong
+    hidden, inputs = tensors[w_hh].shape[1], tensors[w_ih].shape[1]
+    if min(hidden, inputs) < 1:
+        return
+    dtype = "float64" if _logical_nbytes(tensors[w_hh]) >= 8 * tensors[w_hh].shape[0] * hidden else "float32"
+    held = sum(_logical_nbytes(value) for value in tensors.values())
+    needed = held + build_nbytes(inputs, hidden, num_layers, num_directions, dtype)
+    if needed > max_bytes:
+        raise ValueError(f"the GRU {prefix!r} needs {needed} bytes with the engine's packed copy of its weights "
+                         f"(hidden size {hidden} padded to 16-unit tiles), over the memory cap max_bytes={max_bytes}")
 
 
 def _logical_nbytes(value):

@@ -335,3 +335,24 @@ def test_cli_two_grus_none_and_a_pickled_module(tmp_path):
     torch.save(torch.nn.GRU(I, H), whole)
     line = _error_line(cli("info", whole))
     _check_module_message(line.split("gru-fast: error: ", 1)[1])
+
+
+def test_the_engine_copy_of_a_narrow_gru_counts_against_max_bytes(tmp_path):
+    """A GRU with H=1 holds 3*I weights but the engine packs 16 hidden units per tile: 2.4 MB of weights
+    build ~40 MB.  The cap counts what the load builds (gru_fast.model.build_nbytes), not only the file's
+    tensors; with room for it the model loads and matches torch."""
+    from gru_fast.model import build_nbytes
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(200_000, 1)
+    path = tmp_path / "narrow.pt"
+    torch.save(gru.state_dict(), path)
+    weights = sum(p.numel() * 4 for p in gru.parameters())
+    assert build_nbytes(200_000, 1) > 10 * weights
+    with pytest.raises(ValueError, match=r"narrow\.pt.*padded to 16-unit tiles.*max_bytes=20971520"):
+        from_torch.load(path, max_bytes=20 * 2**20)
+    model = from_torch.load(path, max_bytes=200 * 2**20)
+    x = torch.randn(3, 2, 200_000)
+    with torch.no_grad():
+        y_ref, _ = gru(x)
+    np.testing.assert_allclose(model(x.numpy())[0], y_ref.numpy(), atol=1e-5)

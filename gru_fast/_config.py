@@ -73,7 +73,7 @@ from numba.core import config as _numba_config  # noqa: E402  (must follow the c
 # would be loaded as if it were current (seen here: wrong results until the cache was cleared).  The
 # locators below stamp every gru_fast kernel with the content of all of those files together.
 
-_KERNEL_SOURCES = ("_config.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
+_KERNEL_SOURCES = ("_config.py", "_jit.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -660,7 +660,8 @@ def _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, 
              has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, 1, lbr, codes, acts, clip, marker)
 
 
-_WORKERS = {False: _make_worker(False), True: _make_worker(True)}
+_worker_rows = _make_worker(False)
+_worker_split = _make_worker(True)
 
 
 @kernel
@@ -678,7 +679,7 @@ def _make_forward(parallel, dtype):
     integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
     loop = prange if parallel else range
     float_type = np.float32 if dtype == np.float32 else np.float64
-    worker = _WORKERS[parallel]
+    split = parallel  # a bool of the closure (it keys the cache entry stably): the serial entry never splits
 
     def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
                 y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
@@ -686,8 +687,14 @@ def _make_forward(parallel, dtype):
         marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in loop(workers):
-            worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
+            if split:
+                _worker_split(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
+                              h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                              block_steps, workers)
+            else:
+                _worker_rows(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
+                             h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                             block_steps, workers)
 
     name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
     forward.__name__ = forward.__qualname__ = name

@@ -216,7 +216,7 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
 
     package = Path(_config.__file__).parent
     compiled = {path.name for path in package.glob("*.py")
-                if re.search(r"@(njit|intrinsic|overload)\b|\bnjit\(", path.read_text())}
+                if re.search(r"@(njit|intrinsic|overload|kernel)\b|\bnjit\(", path.read_text())}
     assert compiled <= set(_config._KERNEL_SOURCES), compiled - set(_config._KERNEL_SOURCES)
     first = caching.CacheImpl._locator_classes[:2]
     assert all(cls.__name__.startswith("GruFast") for cls in first), first

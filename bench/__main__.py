@@ -6,8 +6,15 @@ Per case: build every installed engine from the same weights, check each against
 error, flagged above 1e-4), then time them interleaved round by round (see bench.engines).  Then:
 gru_fast on 1 vs 2 threads, scaling in T / B / H, cold start and peak memory of a fresh process, and
 sequences per second on 1 vs 2 Dask workers (bench.dask_scaling).
-Writes ``report.md``, ``report.json``, ``ratios.png`` and ``scaling.png`` to the output directory
-(``report-quick.*`` etc. with ``--quick``) and prints the markdown.
+Writes ``report.md``, ``report.json``, ``report-ratios.png`` and ``report-scaling.png`` to the output
+directory (``report-quick.*`` with ``--quick``; charts of an earlier run under that name are removed
+first, so none is left beside a report it does not belong to) and prints the markdown.
+
+``--quick`` is a smoke test, under a minute on a quiet 2-core machine: 3 rounds of 2 ms batches, a
+short scaling sweep, every case but the largest (``FULL_RUN_ONLY_CASES``, unless ``--cases`` names
+it), and none of the slow measurements -- the table of each engine alone in a child process, and the
+rows that start from an empty kernel cache (cold start, a Dask worker), which compile every kernel.
+Those are the full run's.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import THREADS
+from . import THREADS, missing_modules
 from .cases import CASE_BY_NAME, CASES, make_problem, scaling_cases
 from .engines import (ENGINES, Artifacts, build_runner, check_parity, cold_start, configure_threads,
                       missing_reason, parity_ok, threadpool_summary, time_interleaved, with_threads)
@@ -29,6 +36,8 @@ from .report import (machine_info, markdown, measure_sgemm, plot_ratios, plot_sc
                      write_json)
 
 THREAD_CASES = ("small_batch", "throughput_64")
+#: cases --quick leaves out unless --cases names them: B=256 calls take ~0.2 s each per engine here
+FULL_RUN_ONLY_CASES = ("throughput_256",)
 COLD_START_CASE = "latency"
 
 
@@ -39,7 +48,8 @@ def _log(message: str) -> None:
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", metavar="NAME", choices=[c.name for c in CASES],
-                        help="cases to run (default: all): " + ", ".join(c.name for c in CASES))
+                        help="cases to run (default: all; with --quick all but " + ", ".join(FULL_RUN_ONLY_CASES)
+                             + "): " + ", ".join(c.name for c in CASES))
     parser.add_argument("--rounds", type=int, help="timing rounds per case (default 25; 3 with --quick)")
     parser.add_argument("--batch-ms", type=float,
                         help="duration of one timed batch of calls in ms (default 20; 2 with --quick)")
@@ -47,12 +57,16 @@ def _parse(argv):
                         help="pause before each timed batch so the previous engine's thread pool stops spinning "
                              "(default 30)")
     parser.add_argument("--out-dir", default="bench/results", help="where report files go")
-    parser.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-test run, under a minute on a quiet machine: no B=256 case, no isolated-engine "
+                             "table, no empty-kernel-cache rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")
     parser.add_argument("--no-cold-start", action="store_true", help="skip cold start / peak memory")
     parser.add_argument("--no-threads", action="store_true", help="skip gru_fast 1 vs 2 threads")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask scaling entry (bench.dask_scaling)")
+    parser.add_argument("--no-accelerate", action="store_true",
+                        help="skip the whole PyTorch model accelerated by gru_fast (bench.accelerate)")
     parser.add_argument("--engines", nargs="+", metavar="NAME", choices=list(ENGINES), default=list(ENGINES),
                         help="engines to time (default: all): " + ", ".join(ENGINES))
     parser.add_argument("--no-isolated", action="store_true",
@@ -120,7 +134,7 @@ def run_isolated(settings, workdir) -> dict:
         command = [sys.executable, "-m", "bench", "--engines", engine, "--cases", *settings["cases"],
                    "--rounds", str(settings["rounds"]), "--batch-ms", str(1e3 * settings["batch_seconds"]),
                    "--gap-ms", str(1e3 * settings["gap_seconds"]), "--out-dir", str(out), "--no-scaling",
-                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated"]
+                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated", "--no-accelerate"]
         if settings["quick"]:
             command.append("--quick")
         _log(f"  {engine} alone ...")
@@ -171,10 +185,30 @@ def run_scaling(settings, workdir) -> dict:
             value = {"T": case.steps, "B": case.batch, "H": case.hidden_size}[axis]
             points.append({"value": value, "shape": case.shape, "fixed": fixed,
                            "flops": case.flops, "us": {e: t.median_us for e, t in timings.items()},
+                           "busy": any(t.busy for t in timings.values()),
                            "parity_err": {e: r.get("parity_err") for e, r in rows.items()},
                            "status": {e: r["status"] for e, r in rows.items()}})
         result[axis] = points
     return result
+
+
+def write_files(report: dict, text: str, out_dir: Path, stem: str) -> dict:
+    """Write the markdown, the charts and the JSON (which lists the files); -> name -> path.
+
+    The charts of an earlier report under the same name are removed first: a chart this run does not
+    draw (no peer installed, no scaling sweep) must not be left beside a report it does not belong to."""
+    files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
+    charts = {"ratios_png": (plot_ratios, out_dir / f"{stem}-ratios.png"),
+              "scaling_png": (plot_scaling, out_dir / f"{stem}-scaling.png")}
+    for _, path in charts.values():
+        path.unlink(missing_ok=True)
+    files["markdown"].write_text(text)
+    for name, (plot, path) in charts.items():
+        if plot(report, path):
+            files[name] = path
+    report["files"] = {k: str(v) for k, v in files.items()}
+    write_json(report, files["json"])
+    return files
 
 
 def main(argv=None) -> int:
@@ -190,7 +224,7 @@ def main(argv=None) -> int:
         # a case stops adding rounds after this long (at least 3 rounds always run)
         "case_budget_seconds": 5.0 if quick else 40.0,
         "threads": THREADS,
-        "cases": args.cases or [c.name for c in CASES],
+        "cases": args.cases or [c.name for c in CASES if not (quick and c.name in FULL_RUN_ONLY_CASES)],
         "engines": args.engines,
     }
     if missing_reason("gru_fast") is not None:
@@ -240,7 +274,7 @@ def main(argv=None) -> int:
         report["reference"] = report["cases"][0]["reference"] if report["cases"] else "PyTorch"
         if report["reference"] != "PyTorch":
             report["reference"] = "numpy reference"
-        if not args.no_isolated and len(settings["engines"]) > 1:
+        if not args.no_isolated and not quick and len(settings["engines"]) > 1:
             _log("each engine alone in a process ...")
             with stage("isolated"):
                 report["isolated"] = run_isolated(settings, workdir)
@@ -257,17 +291,26 @@ def main(argv=None) -> int:
             _log("cold start ...")
             with stage("cold start"):
                 report["cold_start"] = cold_start(CASE_BY_NAME[COLD_START_CASE], workdir / "cold",
-                                                  repeats=1 if quick else 2, seed=settings["seed"])
+                                                  repeats=1 if quick else 2, seed=settings["seed"],
+                                                  empty_cache=not quick)
 
     if not args.no_dask:
         from . import dask_scaling
 
         _log("Dask scaling (1 vs 2 workers) ...")
         with stage("dask scaling"):
-            try:
+            missing = missing_modules(dask_scaling.NEEDS)
+            if missing:  # reported, not fatal
+                report["dask_scaling"] = {"error": f"not run: {missing}"}
+            else:
                 report["dask_scaling"] = dask_scaling.run(quick)
-            except ImportError as exc:  # dask not installed: reported, not fatal
-                report["dask_scaling"] = {"error": f"not run: {exc}"}
+
+    if not args.no_accelerate and missing_reason("pytorch") is None:
+        from . import accelerate
+
+        _log("a PyTorch model accelerated (bench.accelerate) ...")
+        with stage("accelerate"):
+            report["accelerate"] = accelerate.run(quick)
 
     report["load_average_after"] = list(os.getloadavg())
     report["threadpools_at_end"] = threadpool_summary()
@@ -276,14 +319,9 @@ def main(argv=None) -> int:
     if "dask_scaling" in report:
         text += "\n" + (dask_scaling.markdown(report["dask_scaling"]) if "error" not in report["dask_scaling"]
                         else f"## Dask scaling\n\n{report['dask_scaling']['error']}\n")
-    files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
-    files["markdown"].write_text(text)
-    if plot_ratios(report, out_dir / f"{stem}-ratios.png"):
-        files["ratios_png"] = out_dir / f"{stem}-ratios.png"
-    if plot_scaling(report, out_dir / f"{stem}-scaling.png"):
-        files["scaling_png"] = out_dir / f"{stem}-scaling.png"
-    report["files"] = {k: str(v) for k, v in files.items()}
-    write_json(report, files["json"])
+    if "accelerate" in report:
+        text += "\n" + accelerate.markdown(report["accelerate"])
+    files = write_files(report, text, out_dir, stem)
     print(text)
     _log(f"wrote {', '.join(str(p) for p in files.values())} in {report['elapsed_s']:.0f} s")
     return 0

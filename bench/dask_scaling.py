@@ -44,11 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run", "markdown", "WORKLOAD", "QUICK_WORKLOAD"]
+__all__ = ["run", "markdown", "NEEDS", "WORKLOAD", "QUICK_WORKLOAD"]
 
 WORKLOAD = dict(sequences=20_000, steps=50, input_size=40, hidden_size=128, rows_per_task=500, repeats=5)
 QUICK_WORKLOAD = dict(sequences=2_000, steps=50, input_size=40, hidden_size=128, rows_per_task=250, repeats=2)
 WORKER_COUNTS = (1, 2)
+#: the optional modules this measurement imports (bench.missing_modules names the extras)
+NEEDS = ("dask", "distributed", "threadpoolctl")
 ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                   "MKL_NUM_THREADS": "1", "BLIS_NUM_THREADS": "1"}
 RESULT_PATH = Path(__file__).resolve().parent / "results" / "dask-scaling.json"
@@ -222,7 +224,7 @@ def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env:
     """
     import gru_fast.dask as gd
     from distributed import futures_of, get_task_stream, wait
-    from gru_fast._config import kernel_cache_stats
+    from gru_fast._cache import kernel_cache_stats
 
     with _cluster(workers, extra_env) as client, client.as_current():
         x = client.persist(_dask_input(workload))
@@ -284,11 +286,12 @@ def run(quick: bool = False) -> dict:
         result[name] = _summary(times[name], workload["sequences"])
     for n in WORKER_COUNTS:
         result[f"dask_workers_{n}"].update(first_runs[str(n)])
-    cold: dict = {}
-    with tempfile.TemporaryDirectory(prefix="gru_fast-cold-cache-") as empty_cache:
-        with _on_cluster(model, workload, 1, cold, extra_env={"NUMBA_CACHE_DIR": empty_cache}):
-            pass
-    result["dask_cold_cache"] = cold
+    if not quick:  # a worker compiling every kernel: tens of seconds, the full run's row
+        cold: dict = {}
+        with tempfile.TemporaryDirectory(prefix="gru_fast-cold-cache-") as empty_cache:
+            with _on_cluster(model, workload, 1, cold, extra_env={"NUMBA_CACHE_DIR": empty_cache}):
+                pass
+        result["dask_cold_cache"] = cold
     result["load_average_at_end"] = list(os.getloadavg())
     base = result["single_process"]["sequences_per_s"]
     for name in names:
@@ -333,7 +336,8 @@ def markdown(result: dict) -> str:
         "| --- | ---: | ---: | ---: | --- |",
     ]
     clusters = [(f"{n} worker{'s' if n != 1 else ''}, warm cache", result[f"dask_workers_{n}"]) for n in WORKER_COUNTS]
-    clusters.append(("1 worker, empty NUMBA_CACHE_DIR", result["dask_cold_cache"]))
+    if "dask_cold_cache" in result:
+        clusters.append(("1 worker, empty NUMBA_CACHE_DIR", result["dask_cold_cache"]))
     for label, entry in clusters:
         for cost in entry["first_task_per_worker"]:
             later = cost["later_tasks_median_s"]
@@ -345,11 +349,16 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.dask_scaling", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller workload (well under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller workload, no empty-cache worker (well under a minute)")
     parser.add_argument("--out", type=Path, default=RESULT_PATH, help="where the JSON record goes")
     args = parser.parse_args(argv)
+    from . import missing_modules
     from .report import write_json
 
+    missing = missing_modules(NEEDS)
+    if missing:
+        raise SystemExit(f"python -m bench.dask_scaling: {missing}")
     result = run(quick=args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out)

@@ -54,7 +54,7 @@ from .cases import PARITY_TOLERANCE, Case, Problem, make_problem, reference_gru
 
 # the demo's batch timer (same runner protocol: ``call`` and ``context()``); importing gru_fast here is
 # fine: bench/__init__ has capped the thread pools through the environment already
-from gru_fast._demo import seconds_per_call
+from gru_fast._demo import CpuMeter, quiet_rounds, seconds_per_call
 
 __all__ = [
     "ENGINES", "ENGINE_LABELS", "THREADS", "Artifacts", "Timing", "build_runner", "check_parity",
@@ -651,11 +651,16 @@ class Timing:
     calls_per_batch: int
     rounds: int
     samples_us: list = field(default_factory=list)
+    #: per round, the share of the CPUs other processes used (gru_fast._demo.CpuMeter)
+    busy_shares: list = field(default_factory=list)
+    #: too few quiet rounds: the figures are over every round and unreliable
+    busy: bool = False
 
     def as_dict(self) -> dict:
         return {"median_us": self.median_us, "q1_us": self.q1_us, "q3_us": self.q3_us,
                 "min_us": self.min_us, "calls_per_batch": self.calls_per_batch, "rounds": self.rounds,
-                "samples_us": [round(s, 3) for s in self.samples_us]}
+                "samples_us": [round(s, 3) for s in self.samples_us],
+                "busy_shares": [round(s, 3) for s in self.busy_shares], "busy": self.busy}
 
 
 def calibrate(runner: Runner, batch_seconds: float, max_calls: int = 100_000) -> int:
@@ -663,7 +668,14 @@ def calibrate(runner: Runner, batch_seconds: float, max_calls: int = 100_000) ->
     # first calls: lazy initialisation, JIT, allocations.  Several: an engine may take another path on
     # its second call (gru_fast's first parallel call of a shape loads that kernel), and a slow call
     # here would leave one call per batch, every batch then starting with its thread pool asleep.
-    seconds_per_call(runner, 8, warm=True)
+    # Nine calls, or fewer (at least two) once they have taken half a second: a call that slow is past
+    # its first-call paths, and nine of them would dominate a quick run.
+    started = time.perf_counter()
+    seconds_per_call(runner, 1, warm=True)
+    for _ in range(7):
+        if time.perf_counter() - started > 0.5:
+            break
+        seconds_per_call(runner, 1, warm=False)
     calls = 1
     while True:
         per_call = seconds_per_call(runner, calls, warm=False)
@@ -681,25 +693,34 @@ def time_interleaved(runners: dict, rounds: int, batch_seconds: float, seed: int
     Returns name -> Timing.  Batches longer than ``batch_seconds`` hold a single call; those skip the
     untimed warm-up call (a pool wake-up is noise against a call that long).  With ``budget_seconds``,
     rounds stop early once the budget is spent and ``min_rounds`` are done (a busy machine or a very
-    slow engine must not stretch the report to hours); ``Timing.rounds`` says how many ran.
+    slow engine must not stretch the report to hours).  A round during which other processes used more
+    than ``BUSY_SHARE`` of the CPUs is left out of the statistics (``gru_fast._demo.quiet_rounds``, the
+    demo's rule); when fewer than ``min_rounds`` are quiet, every round counts and ``Timing.busy`` says
+    the figures are unreliable.  ``Timing.rounds`` is the number of rounds the statistics use.
     """
     rng = random.Random(seed)
     start = time.perf_counter()
     calls = {name: calibrate(runner, batch_seconds) for name, runner in runners.items()}
     samples = {name: [] for name in runners}
+    shares = []
     order = list(runners)
+    meter = CpuMeter(THREADS)
     for done in range(rounds):
         if budget_seconds is not None and done >= min_rounds and time.perf_counter() - start > budget_seconds:
             break
         rng.shuffle(order)
+        meter.share()
         for name in order:
             time.sleep(gap_seconds)
             samples[name].append(1e6 * seconds_per_call(runners[name], calls[name], warm=calls[name] > 1))
+        shares.append(meter.share())
+    keep, busy = quiet_rounds(shares, min_rounds)
     result = {}
-    for name, values in samples.items():
+    for name, all_values in samples.items():
+        values = [all_values[i] for i in keep]
         q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
         result[name] = Timing(statistics.median(values), q[0], q[2], min(values), calls[name], len(values),
-                              values)
+                              all_values, shares, busy)
     return result
 
 
@@ -809,13 +830,15 @@ def _run_child(engine: str, args: dict, env: dict, timeout: float = 300) -> dict
     return result
 
 
-def cold_start(case: Case, workdir: str | os.PathLike, repeats: int = 2, seed: int = 0) -> dict:
+def cold_start(case: Case, workdir: str | os.PathLike, repeats: int = 2, seed: int = 0,
+               empty_cache: bool = True) -> dict:
     """Wall time and peak RSS of a fresh process that imports an engine, loads a saved model of
     ``case`` and produces its first output.
 
     gru_fast: ``gru_fast.save`` / ``gru_fast.load`` (.npz); measured with an empty kernel cache
     (``NUMBA_CACHE_DIR`` = a fresh directory: every kernel is compiled) and then with that cache warm
-    (run ``repeats`` times, the last reported).  Peers: PyTorch (state dict via ``torch.save`` /
+    (run ``repeats`` times, the last reported); ``empty_cache=False`` leaves out the empty-cache run (it
+    compiles every kernel: tens of seconds).  Peers: PyTorch (state dict via ``torch.save`` /
     ``torch.load(weights_only=True)``), ONNX Runtime and OpenVINO (the exported ONNX file), each run
     ``repeats`` times, the last reported.  Wall time is measured by the parent (interpreter start to
     exit); the child reports its own import / load / first-output split and its peak resident memory.
@@ -851,10 +874,13 @@ def cold_start(case: Case, workdir: str | os.PathLike, repeats: int = 2, seed: i
     import gru_fast
     model_path = workdir / "cold_model.npz"
     gru_fast.save(artifacts.gru_fast_model, model_path)
-    cache_dir = tempfile.mkdtemp(prefix="numba-cache-", dir=workdir)
-    gf_env = dict(env, NUMBA_CACHE_DIR=cache_dir)
     args = dict(base, path=str(model_path))
-    results["gru_fast (empty kernel cache)"] = finish(_run_child("gru_fast", args, gf_env))
+    if empty_cache:
+        cache_dir = tempfile.mkdtemp(prefix="numba-cache-", dir=workdir)
+        gf_env = dict(env, NUMBA_CACHE_DIR=cache_dir)
+        results["gru_fast (empty kernel cache)"] = finish(_run_child("gru_fast", args, gf_env))
+    else:  # the kernel cache this process uses, warm already
+        gf_env = env
     warm = {}
     for _ in range(repeats):
         warm = _run_child("gru_fast", args, gf_env)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gru_fast._demo import busy_warning
+
 from .cases import PARITY_TOLERANCE
 from . import THREADS
 from .engines import ENGINE_LABELS, ENGINES
 
-__all__ = ["machine_info", "measure_sgemm", "markdown", "write_json", "plot_ratios", "plot_scaling",
-           "summarize_case"]
+__all__ = ["busy_summary", "machine_info", "measure_sgemm", "markdown", "write_json", "plot_ratios",
+           "plot_scaling", "summarize_case"]
 
 _VERSIONED = ("numpy", "numba", "scipy", "torch", "onnx", "onnxruntime", "openvino", "threadpoolctl",
               "gru_fast", "matplotlib", "pytest-benchmark")
@@ -141,6 +143,32 @@ def summarize_case(case, engines: dict, sgemm_gflops: float | None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# a busy machine
+# ----------------------------------------------------------------------------------------------------
+
+def busy_summary(report: dict) -> str | None:
+    """The busy-machine warning the markdown and every chart carry, or None when every timing had
+    enough quiet rounds (bench.engines.time_interleaved, the demo's rule)."""
+    busy, shares = [], []
+    for row in report.get("cases", []):
+        timings = [e for e in row["engines"].values() if "busy_shares" in e]
+        if timings:
+            shares.extend(timings[0]["busy_shares"])  # one meter per round: the same for every engine
+        if any(e.get("busy") for e in timings):
+            busy.append(row["name"])
+    for row in report.get("threads") or []:
+        if any(t.get("busy") for t in (row.get("timings") or {}).values()):
+            busy.append(f"1 vs 2 threads, {row['name']}")
+    for axis, points in (report.get("scaling") or {}).items():
+        busy += [f"scaling {p['shape']}" for p in points if p.get("busy")]
+    if not busy:
+        return None
+    share = sorted(shares)[len(shares) // 2] if shares else 1.0
+    named = ", ".join(busy[:3]) + (f" and {len(busy) - 3} more" if len(busy) > 3 else "")
+    return busy_warning(share, f"median of the rounds; too few quiet rounds in {named}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # markdown
 # ----------------------------------------------------------------------------------------------------
 
@@ -179,11 +207,13 @@ def markdown(report: dict) -> str:
     lines.append("")
     lines.append(f"- CPU: {machine['cpu_model']} ({machine['usable_cores']} usable cores, "
                  f"{' '.join(machine['cpu_simd_flags'])}); {THREADS} threads for every engine")
+    warning = busy_summary(report)
+    if warning:
+        lines.append(f"- **{warning}**")
     load = report.get("load_average_before"), report.get("load_average_after")
     if all(load):
-        lines.append(f"- load average (1 min) before / after: {load[0][0]:.2f} / {load[1][0]:.2f}"
-                     + ("  **busy machine: other processes compete for the cores, times are noisy**"
-                        if max(load[0][0], load[1][0]) > 0.7 else ""))
+        lines.append(f"- load average (1 min) before / after: {load[0][0]:.2f} / {load[1][0]:.2f} (after: "
+                     "this run's own load included)")
     versions = machine["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
     if sgemm:
@@ -192,12 +222,15 @@ def markdown(report: dict) -> str:
                      f"GFLOP/s** (median {sgemm['gflops']:.0f})")
     s = report["settings"]
     lines.append(f"- rounds per case: {s['rounds']}, batch ~{1e3 * s['batch_seconds']:.0f} ms of calls per "
-                 f"sample, engines shuffled each round; times are median per call in microseconds")
+                 f"sample, engines shuffled each round; times are median per call in microseconds over the "
+                 f"quiet rounds (a round during which other processes used over a quarter of the CPUs is "
+                 f"left out)")
     short = [f"{row['name']} ({min(e['rounds'] for e in row['engines'].values() if 'rounds' in e)})"
              for row in report["cases"]
              if any(e.get("rounds", s["rounds"]) < s["rounds"] for e in row["engines"].values())]
     if short:
-        lines.append(f"- fewer rounds (time budget of {s['case_budget_seconds']:g} s per case reached): "
+        lines.append(f"- fewer rounds (time budget of {s['case_budget_seconds']:g} s per case reached, or busy "
+                     "rounds left out): "
                      + ", ".join(short))
     lines.append("")
 
@@ -338,6 +371,20 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path, report: dict) -> None:
+    """Write a chart; on a busy machine with the report's warning across its top, in red."""
+    warning = busy_summary(report)
+    if warning:
+        import textwrap
+        text = textwrap.fill(warning, int(16 * fig.get_figwidth()))  # ~16 characters an inch at 8 pt
+        reserved = (0.15 * (text.count("\n") + 1) + 0.1) / fig.get_figheight()  # ~0.15 inch a line
+        fig.tight_layout(rect=(0, 0, 1, 1 - reserved))
+        fig.text(0.5, 0.995, text, ha="center", va="top", fontsize=8, color="red", weight="bold")
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot_ratios(report: dict, path: Path) -> bool:
     """Bar chart: best-peer / gru_fast ratio per case, with each case's target marked."""
     plt = _pyplot()
@@ -367,8 +414,7 @@ def plot_ratios(report: dict, path: Path) -> bool:
     ax.set_title(f"gru_fast vs best peer ({THREADS} threads, float32)"
                  + (" - quick mode" if report["settings"]["quick"] else ""))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, report)
     plt.close(fig)
     return True
 
@@ -399,7 +445,6 @@ def plot_scaling(report: dict, path: Path) -> bool:
         ax.set_title(f"time vs {axis} ({fixed})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, report)
     plt.close(fig)
     return True

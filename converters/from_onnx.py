@@ -56,6 +56,8 @@ import warnings
 
 import numpy as np
 
+from gru_fast._files import model_file
+
 from ._onnx_graph import Budget, ConstantFolder, NotConstant, attr_value, attributes, decode_tensor
 
 __all__ = ["load", "DEFAULT_MAX_BYTES"]
@@ -75,6 +77,7 @@ _ATTRIBUTE_KINDS = {
 _INPUT_ROLES = ("X", "W", "R", "B", "sequence_lens", "initial_h")
 
 
+@model_file("onnx")
 def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES):
     """Convert every GRU node of an ONNX model to a :class:`gru_fast.GRU`.
 

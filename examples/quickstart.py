@@ -1,6 +1,7 @@
 """Quick start: a PyTorch GRU into gru_fast, checked against PyTorch, timed, streamed, saved.
 
-Run with `make demo` (sets up .venv first) or `python examples/quickstart.py`.
+Run with `python examples/quickstart.py` (needs torch; `make setup` creates .venv with it, then
+`.venv/bin/python examples/quickstart.py`).  `make demo` runs `gru-fast demo`, not this script.
 """
 
 import tempfile

@@ -1,135 +1,34 @@
 """Numba settings for every gru_fast kernel, kept in one place.
 
-Three process-wide decisions live here:
+Process-wide decisions live here:
 
 * the threading layer: GNU OpenMP when it loads, TBB otherwise.  Numba's
   fallback, ``workqueue``, aborts the process when two Python threads launch
-  parallel kernels at once; gru_fast never does that whatever the layer
-  (:mod:`gru_fast.model` runs one parallel call at a time, others serially);
-* the on-disk kernel cache: next to the package when that is writable,
-  otherwise a per-user directory (a read-only site-packages must not turn
-  every process start into a full compile);
-* the decorator flags shared by all kernels.
+  parallel kernels at once; gru_fast never does that itself whatever the layer
+  (:mod:`gru_fast.model` runs one parallel call at a time, others serially),
+  but it cannot stop the application's own parallel Numba code from doing it,
+  so it warns once when it finds workqueue in use;
+* the OpenMP state of the thread that starts Numba's omp layer, put back as it
+  was (other libraries sharing the OpenMP runtime read it);
+* what a forked child may launch;
+* the decorator flags shared by all kernels, caching included
+  (:mod:`gru_fast._cache` chooses where, or whether, kernels are cached).
 
-A user who sets ``NUMBA_THREADING_LAYER`` or ``NUMBA_CACHE_DIR`` keeps the
-choice; gru_fast only fills in what was left unset.
+A user who sets ``NUMBA_THREADING_LAYER`` keeps the choice; gru_fast only
+fills in what was left unset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
 import warnings
-from pathlib import Path
+
+from numba.core import config as _numba_config
+
+from . import _cache
 
 __all__ = ["JIT", "PARALLEL_JIT", "parallel_threads", "threading_layer"]
-
-
-def _writable(directory: Path) -> bool:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError:
-        return False
-    return True
-
-
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gru_fast" / "numba"
-
-
-def _choose_cache_dir() -> None:
-    """Point Numba's cache at a writable place before any kernel is compiled."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    package_cache = Path(__file__).resolve().parent / "__pycache__"
-    if _writable(package_cache):
-        return  # Numba's default (the package's __pycache__) works.
-    fallback = _user_cache_dir()
-    if not _writable(fallback):
-        fallback = Path(tempfile.gettempdir()) / f"gru_fast-numba-{os.getuid()}"
-        fallback.mkdir(parents=True, exist_ok=True)
-    warnings.warn(
-        f"gru_fast: the package directory is not writable; caching compiled kernels in {fallback}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    os.environ["NUMBA_CACHE_DIR"] = str(fallback)
-
-
-_choose_cache_dir()
-
-from numba.core import config as _numba_config  # noqa: E402  (must follow the cache-directory choice)
-
-
-# ---- cache invalidation -----------------------------------------------------
-# Numba checks a cached kernel against its own source file only.  gru_fast's kernels inline code from
-# several modules (kernels.py calls _math.py, _tiles.py, _memory.py and takes its flags from this
-# file), so after an upgrade that changed, say, _tiles.py alone, a cache written by the old version
-# would be loaded as if it were current (seen here: wrong results until the cache was cleared).  The
-# locators below stamp every gru_fast kernel with the content of all of those files together.
-
-_KERNEL_SOURCES = ("_config.py", "_jit.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _kernel_sources_stamp() -> bytes:
-    digest = hashlib.sha256()
-    for name in _KERNEL_SOURCES:
-        with open(os.path.join(_PACKAGE_DIR, name), "rb") as source:
-            digest.update(source.read())
-    return digest.digest()
-
-
-def _install_cache_locators() -> None:
-    from numba.core import caching
-
-    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
-    bases = [getattr(caching, name, None) or getattr(caching, "_" + name, None)
-             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator")]
-    if impl is None or None in bases or not isinstance(getattr(impl, "_locator_classes", None), list):
-        return  # another Numba layout: its own per-file stamps apply
-    stamp = _kernel_sources_stamp()
-
-    class _Stamped:
-        """Only for gru_fast's own modules; stamped with all kernel sources."""
-
-        def get_source_stamp(self):
-            return stamp
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            if os.path.dirname(os.path.abspath(py_file)) != _PACKAGE_DIR:
-                return None
-            return super().from_function(py_func, py_file)
-
-    locators = [type(f"GruFast{base.__name__.lstrip('_')}", (_Stamped, base), {"__module__": __name__})
-                for base in bases]
-    impl._locator_classes[:0] = locators
-
-
-_install_cache_locators()
-
-
-def kernel_cache_stats() -> dict:
-    """Numba's on-disk cache hits / misses over every gru_fast kernel loaded in this process (a miss is a
-    compile).  Module-level, so ``distributed.Client.run`` can send it to workers."""
-    import sys
-
-    from numba.core.dispatcher import Dispatcher
-
-    hits = misses = 0
-    for name, module in list(sys.modules.items()):
-        if name == "gru_fast" or name.startswith("gru_fast."):
-            for value in vars(module).values():
-                if isinstance(value, Dispatcher):
-                    hits += sum(value.stats.cache_hits.values())
-                    misses += sum(value.stats.cache_misses.values())
-    return {"cache_hits": hits, "cache_misses": misses}
 
 
 def _layer_loads(name: str) -> bool:
@@ -188,8 +87,8 @@ def threading_layer() -> str:
 # Numba thread count is set to 1, which makes the engine choose the serial path.
 # Threads the child starts later begin with Numba's default count, so the
 # engine must ask parallel_threads(), not numba.get_num_threads(), for its
-# thread count.  For parallel kernels in forked workers, the documented setting
-# is NUMBA_THREADING_LAYER=workqueue (or forksafe; tbb where installed).
+# thread count.  For parallel kernels in worker processes, the README advises
+# the spawn or forkserver start method, or the tbb layer where TBB is installed.
 
 _FORKED_FROM_GNU_OPENMP = False
 
@@ -219,26 +118,93 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# ---- OpenMP nesting -----------------------------------------------------------
-# Starting its omp layer, Numba turns nested parallelism on (omp_set_nested(1): max-active-levels 255)
-# for the starting thread.  Any other OpenMP code that shares that libgomp and is called from the same
-# thread then nests a team inside each of its own parallel regions: PyTorch imported after the layer
-# started (it then binds to the same libgomp) ran nn.GRU 10x slower here (B=64 T=100 H=256: 32 ms ->
-# 324 ms).  gru_fast never nests parallel regions, so it puts back OpenMP's default of one active level,
-# unless the user asked for nesting through the environment.
+# ---- OpenMP state of the starting thread -------------------------------------------------------
+# Starting its omp layer, Numba calls omp_set_num_threads(NUMBA_NUM_THREADS) and omp_set_nested(1)
+# (max-active-levels 255) in the starting thread.  Other OpenMP code sharing that runtime and called from
+# the same thread reads both: PyTorch then ran one thread under NUMBA_NUM_THREADS=1 (nn.GRU B=64 T=100
+# H=256: 32 -> 52 ms), and nested a team inside each of its own parallel regions (32 -> 324 ms).  Numba's
+# own launches name their team size explicitly and never nest in gru_fast, so gru_fast reads those ICVs
+# before it starts the layer and puts them back after.  If the application started the layer, the values
+# before are unknown; gru_fast then puts back OpenMP's default of one active level, unless the user asked
+# for nesting through the environment.
+#
+# Which runtime the pool calls: its omp_* symbols bind to a definition already in the process's global
+# scope (torch loads its own libgomp that way when imported first), else to the libgomp the pool links.
+# Both are adjusted; in the one the pool does not use, the values written are the values read.
 
-def _undo_openmp_nesting() -> None:
-    if _LAYER != "omp" or "OMP_MAX_ACTIVE_LEVELS" in os.environ or "OMP_NESTED" in os.environ:
-        return
+_OPENMP_ICVS = (("omp_get_max_threads", "omp_set_num_threads"), ("omp_get_nested", "omp_set_nested"),
+                ("omp_get_max_active_levels", "omp_set_max_active_levels"))
+
+
+def _openmp_runtimes() -> list:
     try:
         import ctypes
 
         from numba.np.ufunc import omppool
 
-        # a symbol looked up through the pool's own handle resolves in the libgomp the pool uses
-        ctypes.CDLL(omppool.__file__).omp_set_max_active_levels(1)
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - no GNU/LLVM OpenMP entry point
-        pass
+        handles = [ctypes.CDLL(None), ctypes.CDLL(omppool.__file__)]
+    except (ImportError, OSError):  # pragma: no cover - no omp layer
+        return []
+    return [handle for handle in handles if all(hasattr(handle, name) for pair in _OPENMP_ICVS for name in pair)]
+
+
+def _read_openmp_state(runtimes) -> list:
+    return [(runtime, [getattr(runtime, get)() for get, _ in _OPENMP_ICVS]) for runtime in runtimes]
+
+
+def _write_openmp_state(state) -> None:
+    for runtime, values in state:
+        for (_, set_), value in zip(_OPENMP_ICVS, values):
+            getattr(runtime, set_)(value)
+
+
+def _undo_openmp_nesting(runtimes) -> None:
+    if "OMP_MAX_ACTIVE_LEVELS" in os.environ or "OMP_NESTED" in os.environ:
+        return
+    for runtime in runtimes:
+        runtime.omp_set_max_active_levels(1)
+
+
+_WORKQUEUE_WARNING = (
+    "gru_fast: Numba's threading layer is 'workqueue', which aborts the process (SIGABRT) when two threads "
+    "launch parallel Numba code at the same time.  gru_fast launches one parallel kernel at a time, but a "
+    "parallel Numba function of the application running in another thread meanwhile aborts the process.  "
+    "The 'omp' layer (GNU OpenMP, gru_fast's default) and 'tbb' take concurrent launches; see the README "
+    "(Reliability: fork / spawn) for worker processes.")
+
+
+_warned_workqueue = False
+
+
+def _first_frame_outside_gru_fast() -> int:
+    """The ``stacklevel`` that points a warning raised by its caller at the application's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "gru_fast":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _start_layer() -> int:
+    """Start Numba's threading layer from the calling thread, leave that thread's OpenMP state as it was,
+    and warn once if the layer is workqueue.  Returns Numba's thread count for this thread."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    global _warned_workqueue
+    started_here = not parallel._is_initialized
+    runtimes = _openmp_runtimes() if _LAYER == "omp" else []
+    before = _read_openmp_state(runtimes) if started_here else None
+    count = numba.get_num_threads()  # starts the layer
+    layer = numba.threading_layer()
+    if layer == "omp":
+        if before is not None:
+            _write_openmp_state(before)
+        else:
+            _undo_openmp_nesting(runtimes)
+    elif layer == "workqueue" and not _warned_workqueue:
+        _warned_workqueue = True
+        warnings.warn(_WORKQUEUE_WARNING, RuntimeWarning, stacklevel=_first_frame_outside_gru_fast())
+    return count
 
 
 _thread_count = None  # Numba's per-thread count, read straight from the threading layer once it is up
@@ -249,7 +215,8 @@ def parallel_threads() -> int:
 
     A launch is unsafe in a process forked from one that started GNU OpenMP (Numba would terminate it).
     ``numba.get_num_threads()`` costs about 0.9 us (it re-checks the layer's start-up under two locks); once
-    the layer has started, its C getter answers the same question in about 0.1 us.
+    the layer has started, its C getter answers the same question in about 0.1 us.  The first call starts
+    the layer (:func:`_start_layer`).
     """
     global _thread_count
     if _FORKED_FROM_GNU_OPENMP:
@@ -259,15 +226,15 @@ def parallel_threads() -> int:
     import numba
     from numba.np.ufunc import parallel
 
-    count = numba.get_num_threads()  # starts the layer
-    _undo_openmp_nesting()
+    count = _start_layer()
     getter = getattr(parallel, "_get_num_threads", None)
     _thread_count = getter if callable(getter) else numba.get_num_threads
     return count
 
 
-# ``cache=True`` everywhere: a cold compile costs about a second per signature,
-# a cache hit about 0.2 s.  No fastmath: NaN and Inf must propagate as they do
-# in PyTorch, and float64 parity is held to 1e-10.
-JIT = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+# Cached wherever gru_fast._cache found a place (a cold compile costs about a
+# second per signature, a cache hit about 0.2 s), else not at all.  No fastmath:
+# NaN and Inf must propagate as they do in PyTorch, and float64 parity is held
+# to 1e-10.
+JIT = dict(cache=_cache.CACHE_PATH is not None, nogil=True, error_model="numpy", boundscheck=False)
 PARALLEL_JIT = dict(JIT, parallel=True)

@@ -12,7 +12,9 @@ The package ships a small GRU classifier trained by ``scripts/train_default_mode
    batch cut to one common length), and ONNX Runtime running the same file with the lengths;
 4. times the model on three calls -- one streaming step (B=1), one sequence (B=1, T=64) and a batch
    (B=64, T=64) -- against whichever of PyTorch, ONNX Runtime and OpenVINO are installed, each on 2
-   threads, interleaved round by round; the figure is the median per-call time.
+   threads, interleaved round by round; the figure is the median per-call time over the quiet rounds
+   (a round during which other processes used over a quarter of the CPUs is left out, :class:`CpuMeter`);
+   when too few rounds are quiet the table is printed with a warning that its times are unreliable.
 
 Peers run the same weights: PyTorch an ``nn.GRU(batch_first=True)`` (the trained module's layout),
 ONNX Runtime and OpenVINO a GRU-only ONNX graph in time-major layout built from the engine's weights
@@ -29,6 +31,7 @@ import contextlib
 import gc
 import importlib.util
 import json
+import os
 import random
 import statistics
 import sys
@@ -90,6 +93,16 @@ def load_head(path=None):
     path = HEAD_FILE if path is None else path
     with np.load(path, allow_pickle=False) as archive:
         return archive["weight"], archive["bias"], [str(c) for c in archive["classes"]]
+
+
+def accuracy_sets(record=None) -> str:
+    """Which sequences each accuracy figure of the shipped model is on (the README, the demo and
+    ``gru-fast info`` all quote one of them)."""
+    record = json.loads(RECORD_FILE.read_text()) if record is None else record
+    acc = record["accuracy"]
+    return (f"{100 * acc['test']:.2f} % on the model's {acc['test_size']:,} held-out test sequences "
+            f"(test_accuracy in its provenance), {100 * acc['shipped_eval']:.2f} % on the first "
+            f"{acc['shipped_eval_size']:,} of them, shipped as {EVAL_FILE.name} (what `gru-fast demo` runs)")
 
 
 def classify(model, head, x, lengths):
@@ -326,26 +339,103 @@ def seconds_per_call(runner, calls: int, warm: bool = True) -> float:
     return elapsed / calls
 
 
+#: a timing round counts as busy when other processes used more than this share of the machine's CPU
+#: time while it ran (on 2 cores: half a core); its samples are then left out of the median
+BUSY_SHARE = 0.25
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_snapshot():
+    """(CPU seconds the whole machine has spent busy, including time stolen by a hypervisor, or None
+    without /proc/stat; this process's CPU seconds; wall seconds)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy
+        machine = (sum(fields) - fields[3] - fields[4]) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        machine = None
+    return machine, time.process_time(), time.perf_counter()
+
+
+class CpuMeter:
+    """The share of the machine's CPU time that other processes used since the last :meth:`share`.
+
+    From /proc/stat (the machine's busy time) minus this process's own CPU time, over the wall time
+    times the CPUs.  /proc/stat counts in clock ticks (10 ms): the difference of two readings is off
+    by less than one tick, so one tick is taken off before a share is reported, and a quiet interval
+    never reads as busy.  Without /proc/stat (not Linux) the 1-minute load average stands in, less
+    this process's ``threads``.
+    """
+
+    def __init__(self, threads: int = 1):
+        self.cpus = os.cpu_count() or 1
+        self.threads = threads
+        self.last = _cpu_snapshot()
+
+    def share(self) -> float:
+        now = _cpu_snapshot()
+        (machine0, own0, wall0), (machine1, own1, wall1), self.last = self.last, now, now
+        if machine0 is None or machine1 is None:
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            return min(1.0, max(0.0, (load - self.threads) / self.cpus))
+        others = (machine1 - machine0) - (own1 - own0) - 1.0 / _CLOCK_TICKS
+        return min(1.0, max(0.0, others / (max(wall1 - wall0, 1e-9) * self.cpus)))
+
+
+def quiet_rounds(shares: list, min_rounds: int = 3) -> tuple[list, bool]:
+    """Which rounds to keep given each round's :meth:`CpuMeter.share`: (round indices, busy).
+
+    The rounds at or under :data:`BUSY_SHARE`, when there are at least ``min_rounds`` of them
+    (``busy`` False); otherwise every round, and ``busy`` True: the figures are then unreliable and
+    must be shown with a warning.  The demo and the benchmark harness (bench/engines.py) both use it.
+    """
+    quiet = [i for i, share in enumerate(shares) if share <= BUSY_SHARE]
+    if len(quiet) >= min(min_rounds, len(shares)):
+        return quiet, False
+    return list(range(len(shares))), True
+
+
+def busy_warning(share: float, detail: str = "") -> str:
+    """The one-line warning printed beside figures timed on a busy machine."""
+    return (f"WARNING: busy machine: other processes used {100 * share:.0f} % of the CPUs while timing"
+            f"{f' ({detail})' if detail else ''}; these times are unreliable, rerun on a quiet machine")
+
+
 def time_interleaved(runners: dict, rounds: int, *, batch_seconds: float = 0.01, budget_seconds: float = 2.5,
-                     seed: int = 0) -> dict:
-    """Median seconds per call of each runner.
+                     seed: int = 0, threads: int = THREADS):
+    """Median seconds per call of each runner over the quiet rounds: (medians, rounds kept, quiet rounds,
+    rounds run, the share of the CPUs other processes used over all rounds, busy).
 
     Each round runs every runner once, in a fresh random order, as a batch of calls lasting about
-    ``batch_seconds`` (one call for slower engines); the median is over rounds.  Fewer rounds (at
-    least 3) run when ``rounds`` of them would exceed ``budget_seconds``: a slow peer or a busy machine
-    must not stretch the demo."""
+    ``batch_seconds`` (one call for slower engines).  Fewer rounds (at least 3) run when ``rounds`` of
+    them would exceed ``budget_seconds``: a slow peer must not stretch the demo.  A round during which
+    other processes used more than :data:`BUSY_SHARE` of the CPUs is left out (:func:`quiet_rounds`);
+    while too few rounds are quiet, up to as many rounds again run, within another ``budget_seconds``.
+    ``busy`` is True when that was still not enough: every round is then kept, to be shown with
+    :func:`busy_warning`."""
     estimate = {name: seconds_per_call(runner, 1, warm=True) for name, runner in runners.items()}
     calls = {name: max(1, min(20_000, round(batch_seconds / max(t, 1e-7)))) for name, t in estimate.items()}
     round_seconds = sum((calls[n] + (calls[n] > 1)) * estimate[n] + 0.002 for n in runners)
     rounds = max(3, min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
-    samples = {name: [] for name in runners}
+    samples, shares = {name: [] for name in runners}, []
     order, rng = list(runners), random.Random(seed)
-    for _ in range(rounds):
+    overall, meter = CpuMeter(threads), CpuMeter(threads)
+    started = time.perf_counter()
+    while True:
         rng.shuffle(order)
+        meter.share()
         for name in order:
             time.sleep(0.002)
             samples[name].append(seconds_per_call(runners[name], calls[name], warm=calls[name] > 1))
-    return {name: statistics.median(values) for name, values in samples.items()}, rounds
+        shares.append(meter.share())
+        keep, busy = quiet_rounds(shares)
+        if len(shares) >= rounds and (not busy or len(shares) >= 2 * rounds
+                                      or time.perf_counter() - started > 2 * budget_seconds):
+            break
+    medians = {name: statistics.median(values[i] for i in keep) for name, values in samples.items()}
+    quiet = sum(share <= BUSY_SHARE for share in shares)
+    return medians, len(keep), quiet, len(shares), overall.share(), busy
 
 
 def _limit_threads(threads: int) -> str:
@@ -408,9 +498,10 @@ def run(*, timing: bool = True, rounds: int = 7, threads: int = THREADS, peers=P
     accuracy = float((logits.argmax(1) == data.labels).mean())
     recorded = record["accuracy"]["shipped_eval"]
     N = len(data.labels)
-    say(f"accuracy on {N} held-out sequences (lengths {data.lengths.min()}-{data.lengths.max()}): "
+    say(f"accuracy on the {N} shipped held-out sequences (lengths {data.lengths.min()}-{data.lengths.max()}): "
         f"{100 * accuracy:.2f} %   (recorded at training {100 * recorded:.2f} %, chance "
         f"{100 / K:.1f} %; {1e3 * seconds:.0f} ms)")
+    say(f"  accuracy figures: {accuracy_sets(record)}")
     if accuracy < recorded - 2 / N:
         failures.append("accuracy below the recorded figure")
 
@@ -483,7 +574,7 @@ def _timing_table(model, data, rounds, threads, wanted, say):
 
         torch.set_num_threads(threads)
         module = torch_module(model)
-    notes, rows, rounds_done = [], [], []
+    notes, rows, rounds_done, busy_cases, shares, left_out = [], [], [], [], [], 0
     with tempfile.TemporaryDirectory(prefix="gru_fast-demo-") as tmp:
         for name, shape, x, stream in cases:
             runners = {"gru_fast": GruFastRunner(model, x, stream)}
@@ -518,14 +609,20 @@ def _timing_table(model, data, rounds, threads, wanted, say):
                 if err > TOLERANCE:
                     notes.append(f"{peer} ({name}) differs from gru_fast by {err:.1e}: its time is marked *")
                     runners[peer].mismatch = True
-            times, done = time_interleaved(runners, rounds)
+            times, done, quiet, run_, share, busy = time_interleaved(runners, rounds, threads=threads)
             rounds_done.append(done)
+            left_out += run_ - done
+            shares.append(share)
+            if busy:
+                busy_cases.append(f"{name}: {quiet} of {run_} rounds quiet")
             rows.append((name, shape, times, {p for p, r in runners.items() if getattr(r, "mismatch", False)}))
 
     columns = ["gru_fast"] + peers
     low, high = min(rounds_done), max(rounds_done)
     span = f"{low}" if low == high else f"{low}-{high}"
-    say(f"timing: microseconds per call, median of {span} interleaved rounds, {description}")
+    dropped = f" ({left_out} busy round{'s' * (left_out != 1)} left out)" if left_out else ""
+    say(f"timing: microseconds per call, median of {span} interleaved rounds{dropped}, {description}"
+        + ("  [BUSY MACHINE: unreliable, see the warning below]" if busy_cases else ""))
     header = f"  {'call':<12s} {'shape':<10s}" + "".join(f"{c:>14s}" for c in columns)
     if peers:
         header += f"{'best peer / gru_fast':>22s}"
@@ -544,3 +641,5 @@ def _timing_table(model, data, rounds, threads, wanted, say):
         say(f"  not timed (not installed): {', '.join(missing)}")
     for note in notes:
         say(f"  note: {note}")
+    if busy_cases:
+        say(busy_warning(max(shares), "; ".join(busy_cases)))

@@ -11,8 +11,13 @@ Model files (MODEL, SRC) are recognised by their suffix:
 - ``.npz``: a gru_fast engine file (:func:`gru_fast.save`); otherwise a numpy state dict of an
   ``nn.GRU`` (``np.savez(path, **state_dict)``), read with ``--prefix`` / ``--batch-first``;
 - ``.onnx``: every GRU node of the graph (one single-layer model each), ``--node NAME`` picks one;
-- ``.pt`` / ``.pth``: a PyTorch state dict, read with ``torch.load(weights_only=True)`` (needs torch),
-  ``--prefix`` picks one GRU of a larger model.
+- ``.pt`` / ``.pth``: a PyTorch checkpoint, read with ``torch.load(weights_only=True)`` (needs torch): a
+  state dict, bare or anywhere inside the checkpoint's dicts (``{"model": sd, "epoch": 3}``, Lightning,
+  DataParallel); ``--prefix`` picks one GRU when it holds several.  Without ``--batch-first`` /
+  ``--no-batch-first`` the layout comes from a ``batch_first`` entry the checkpoint records, else it is
+  assumed time-major and ``info`` / ``convert`` say so.
+- ``.keras`` / ``.h5``: every GRU layer of a Keras model or weights file (:func:`converters.from_keras.load`,
+  needs h5py), ``--node NAME`` picks one by layer name.
 
 Exit codes: 0 success; 1 bad input (a missing, unreadable or invalid file, data that does not fit the
 model); 2 usage error (unknown command or option, missing argument, ``bench`` outside a source
@@ -37,7 +42,7 @@ import numpy as np
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_MISSING, EXIT_CHECK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
-_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None}
+_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None, "h5py": "keras"}
 
 
 class CliError(Exception):
@@ -77,15 +82,25 @@ def _existing_file(path: str) -> Path:
     return p
 
 
+def _unnamed(message: str, path: str) -> str:
+    """``message`` without the file name it starts with (for a message that quotes it inside another)."""
+    for form in (f"{path}: ", f"{path!r}: ", f"{path} ", f"{path!r} "):
+        if message.startswith(form):
+            return message[len(form):]
+    return message
+
+
 def read_models(path: str, *, node: str | None = None, prefix: str | None = None,
-                batch_first: bool = False) -> tuple[str, dict]:
+                batch_first: bool | None = None) -> tuple[str, dict]:
     """-> (kind of file, {name: gru_fast.GRU}) for any model file the CLI accepts (see the module doc)."""
     import gru_fast
+    from gru_fast._files import name_file, sniff
 
     source = _existing_file(path)
     suffix = source.suffix.lower()
-    if node is not None and suffix != ".onnx":
-        raise CliError(f"--node applies to .onnx files only, {path} is a {suffix or 'suffix-less'} file",
+    if node is not None and suffix not in (".onnx", ".keras", ".h5"):
+        raise CliError(f"--node applies to .onnx files only (and Keras .keras / .h5 files), {path} is a "
+                       f"{suffix or 'suffix-less'} file",
                        EXIT_USAGE)
     if suffix == ".onnx":
         if prefix is not None:
@@ -98,7 +113,7 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         except ImportError as exc:
             raise _missing(exc, "reading .onnx files") from None
         except (ValueError, TypeError, OSError) as exc:
-            raise CliError(f"{path}: {exc}") from None
+            raise CliError(name_file(str(exc), path)) from None
         if node is not None:
             if node not in models:
                 raise CliError(f"{path}: no GRU node named {node!r}; the graph's GRU nodes are: "
@@ -107,36 +122,59 @@ def read_models(path: str, *, node: str | None = None, prefix: str | None = None
         return "ONNX model", models
     if suffix in (".pt", ".pth"):
         return "PyTorch state dict", {source.stem: _read_torch(source, prefix, batch_first)}
+    if suffix in (".keras", ".h5"):
+        if prefix is not None or batch_first is not None:
+            raise CliError("--prefix and --batch-first apply to PyTorch state dicts, not to Keras files "
+                           "(Keras files record their layer names and layout)", EXIT_USAGE)
+        try:
+            from converters import from_keras
+
+            models = from_keras.load(source)
+        except ImportError as exc:
+            raise _missing(exc, f"reading {suffix} files") from None
+        except (ValueError, TypeError, OSError) as exc:
+            raise CliError(name_file(str(exc), path)) from None
+        if node is not None:
+            if node not in models:
+                raise CliError(f"{path}: no GRU layer named {node!r}; the model's GRU layers are: "
+                               f"{', '.join(repr(k) for k in models)}")
+            models = {node: models[node]}
+        return "Keras model", models
     if suffix == ".npz":
-        if prefix is not None or batch_first:
+        kind = sniff(source)  # the members tell an engine file from a numpy state dict
+        if prefix is not None or batch_first is not None or kind == "torch":
             return "numpy state dict", {source.stem: _read_torch(source, prefix, batch_first)}
         try:
             return "gru_fast engine file", {source.stem: gru_fast.load(source)}
         except (ValueError, OSError) as engine_error:
+            if kind == "gru_fast":
+                raise CliError(name_file(str(engine_error), path)) from None
             try:
-                return "numpy state dict", {source.stem: _read_torch(source, None, False)}
+                return "numpy state dict", {source.stem: _read_torch(source, None, None)}
             except CliError as torch_error:
-                raise CliError(f"{path} is neither a gru_fast engine file ({engine_error}) nor a numpy state "
-                               f"dict of an nn.GRU ({torch_error})") from None
+                raise CliError(f"{path} is neither a gru_fast engine file ({_unnamed(str(engine_error), path)}) "
+                               f"nor a numpy state dict of an nn.GRU ({_unnamed(str(torch_error), path)})") from None
     raise CliError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a gru_fast engine file "
-                   "(.npz), an ONNX model (.onnx) or a PyTorch state dict (.pt, .pth, .npz)")
+                   "(.npz), an ONNX model (.onnx), a PyTorch state dict (.pt, .pth, .npz) or a Keras model "
+                   "(.keras, .h5)")
 
 
 def _read_torch(source: Path, prefix, batch_first):
     from converters import from_torch
+
+    from ._files import name_file
 
     try:
         return from_torch.load(source, prefix=prefix, batch_first=batch_first)
     except ImportError as exc:
         raise _missing(exc, f"reading {source.suffix} files") from None
     except (ValueError, TypeError, OSError) as exc:
-        message = str(exc)  # from_torch's messages usually name the file already
-        raise CliError(message if str(source) in message else f"{source}: {message}") from None
+        raise CliError(name_file(str(exc), source)) from None
 
 
 def _single_model(path, args):
     _, models = read_models(path, node=getattr(args, "node", None), prefix=getattr(args, "prefix", None),
-                            batch_first=getattr(args, "batch_first", False))
+                            batch_first=getattr(args, "batch_first", None))
     if len(models) > 1:
         raise CliError(f"{path} holds {len(models)} GRU models ({', '.join(repr(k) for k in models)}); pick one "
                        "with --node NAME")
@@ -187,6 +225,8 @@ def _info_text(name: str, facts: dict) -> list[str]:
         ("parameters", f"{d['parameters']:,} ({d['parameter_bytes'] / 1024:,.1f} KiB)"),
         ("provenance", json.dumps(d["provenance"], sort_keys=True) if d["provenance"] else "none recorded"),
     ]
+    if isinstance(d["provenance"], dict) and "layout" in d["provenance"]:  # a converted state dict's layout
+        lines.insert(-2, ("layout", d["provenance"]["layout"]))
     return [f"{name}:"] + [f"  {key:<12s} {value}" for key, value in lines]
 
 
@@ -200,7 +240,20 @@ def cmd_info(args) -> int:
     print(f"{args.file}: {kind}, {size / 1024:,.1f} KiB, {len(models)} GRU model{'s' * (len(models) > 1)}")
     for index, (name, model) in enumerate(models.items()):
         print(("\n" if index else "") + "\n".join(_info_text(name, describe(model))))
+        provenance = model.provenance or {}
+        if provenance.get("source") == "scripts/train_default_model.py" and "test_accuracy" in provenance:
+            from ._demo import accuracy_sets  # the shipped demo model: which set test_accuracy is on
+
+            print(f"  {'accuracy':<12s} {accuracy_sets()}")
     return EXIT_OK
+
+
+def _note_assumed_layouts(models) -> None:
+    """``convert``: a state dict whose layout was guessed (time-major) says so on stderr (``info`` prints
+    it on its ``layout`` line)."""
+    for name, model in models.items():
+        if model.provenance.get("layout_assumed"):
+            print(f"gru-fast: note: {name}: layout {model.provenance.get('layout')}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +283,11 @@ def cmd_convert(args) -> int:
 
     _, models = read_models(args.src, node=args.node, prefix=args.prefix, batch_first=args.batch_first)
     paths = output_paths(args.output, list(models), Path(args.src))
+    if args.output.endswith(("/", os.sep)):  # -o DIR/ names a directory to write into: made when missing
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"-o {args.output}: cannot create the directory ({exc.strerror or exc})") from None
     for path, (name, model) in zip(paths, models.items()):
         if args.dtype is not None:
             model = model.astype(args.dtype)
@@ -240,6 +298,7 @@ def cmd_convert(args) -> int:
         except OSError as exc:
             raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
         print(f"wrote {path}  ({name}: {model})")
+    _note_assumed_layouts(models)
     return EXIT_OK
 
 
@@ -435,13 +494,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(parser, *, onnx_node=True):
     if onnx_node:
-        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME")
+        parser.add_argument("--node", metavar="NAME", help="ONNX: use only the GRU node called NAME; "
+                            "Keras: the GRU layer called NAME")
     parser.add_argument("--prefix", metavar="PREFIX",
-                        help="PyTorch state dict: the GRU's key prefix, e.g. 'encoder.gru.' (needed when the "
-                             "file holds several GRUs)")
-    parser.add_argument("--batch-first", action="store_true",
-                        help="PyTorch state dict: the module was built with batch_first=True (state dicts "
-                             "do not record it)")
+                        help="PyTorch checkpoint: the GRU's dotted path, e.g. 'model.encoder.gru.' or a unique "
+                             "ending of it such as 'encoder.gru' (needed when the file holds several GRUs)")
+    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="PyTorch checkpoint: the module was built with batch_first=True (or, with "
+                             "--no-batch-first, False); default: the checkpoint's recorded 'batch_first' if "
+                             "any, else time-major, with a note")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--peers", nargs="+", choices=["pytorch", "onnxruntime", "openvino"], metavar="NAME",
                       help="peers to time: pytorch, onnxruntime, openvino (default: every one installed)")
     demo.add_argument("--rounds", type=_positive_int, default=7,
-                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s)")
+                      help="timing rounds (default 7; fewer, at least 3, when a case would exceed ~2.5 s); rounds "
+                           "during which other processes used the CPUs are left out, and more are run in their "
+                           "place")
     demo.add_argument("--threads", type=_positive_int, default=2, help="threads per engine (default 2)")
     demo.set_defaults(handler=cmd_demo)
 
@@ -476,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print layers, sizes, variant (linear_before_reset), activations, clip, dtype, "
                     "batch_first and provenance of a gru_fast engine file, of every GRU node of an ONNX "
                     "model, or of a PyTorch state dict (converted in memory).")
-    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt or .pth")
+    info.add_argument("file", metavar="FILE", help="model file: .npz, .onnx, .pt, .pth, .keras or .h5")
     _model_options(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=cmd_info)
@@ -488,10 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "format.",
         epilog="Output paths: with -o FILE.npz a single model is written to FILE.npz; several (an ONNX "
                "graph with several GRU nodes, one per stacked layer as torch.onnx.export writes them) go "
-               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /) "
-               "each model goes to DIR/<node>.npz (ONNX) or DIR/<source name>.npz. Node names are reduced "
-               "to letters, digits, '_', '-' and '.'.")
-    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth or .npz")
+               "to FILE.<node>.npz beside it. With -o DIR/ (an existing directory, or a path ending in /, "
+               "created with its parents when missing) each model goes to DIR/<node>.npz (ONNX) or "
+               "DIR/<source name>.npz. Node names are reduced to letters, digits, '_', '-' and '.'.")
+    convert.add_argument("src", metavar="SRC", help="model file: .onnx, .pt, .pth, .npz, .keras or .h5")
     convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npz file or directory")
     _model_options(convert)
     convert.add_argument("--dtype", choices=["float32", "float64"], help="compute precision of the written "
@@ -509,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                "holds y (N, T, D*H) and h_n (N, L*D, H), sequence-major too (the engine's own h_n is "
                "(L*D, N, H)), in the model's dtype; a .npy output holds the one array named by --outputs. "
                "The initial state is zero. A progress bar is drawn on stderr when it is a terminal.")
-    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node), .pt or .pth")
+    run.add_argument("model", metavar="MODEL", help="model file: .npz, .onnx (one GRU node), .pt, .pth, .keras or .h5 (one GRU layer)")
     run.add_argument("--input", required=True, metavar="X.npy", help="input sequences (N, T, I)")
     run.add_argument("--lengths", metavar="L.npy", help="valid steps per sequence (N,) (default: all T)")
     run.add_argument("--output", required=True, metavar="OUT", help="output .npz (y and h_n) or .npy (one array)")
@@ -535,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the benchmark harness (python -m bench) of a source checkout: every case against "
                     "the installed peers, written to bench/results/report*.{md,json,png}.",
         epilog="Needs a source checkout (exit 2 otherwise). The exit code is the harness's.")
-    bench.add_argument("--quick", action="store_true", help="smoke-test run (well under a minute)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke-test run, under a minute on a quiet machine (no B=256 case, no isolated-engine "
+                            "table, no empty-kernel-cache rows: those are the full run's)")
     bench.add_argument("--cases", nargs="+", metavar="NAME", help="cases to run (default: all)")
     bench.add_argument("--out-dir", metavar="DIR", help="where the report goes (default bench/results)")
     bench.set_defaults(handler=cmd_bench)

@@ -23,10 +23,10 @@ How the work reaches the workers:
   once per task.  A GRU pickles by its weights and configuration (no kernel
   objects), and a worker that dies simply recomputes the key: unlike a
   scattered future, nothing is lost with it;
-* kernels are compiled once per worker process at most: they are Numba
-  functions with ``cache=True``, so a worker whose machine already holds the
-  on-disk cache (``gru_fast/__pycache__``, or ``NUMBA_CACHE_DIR``) loads them
-  instead of compiling;
+* kernels are compiled once per worker process at most, and not at all where
+  the worker's machine already holds them in the on-disk cache
+  (``NUMBA_CACHE_DIR``, ``gru_fast/__pycache__`` or a private per-user
+  directory: :mod:`gru_fast._cache`);
 * results equal a single-process run bit for bit, whatever the blocks: each
   task is one ordinary ``model(x, h0, lengths)`` call, and the engine computes
   every output element by the same operations whatever other sequences share

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import check_output_path, model_file
 from .model import GRU
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -51,9 +52,11 @@ _BOOL_KEYS = ("linear_before_reset", "batch_first", "has_bias")
 
 
 def save(model: GRU, path) -> None:
-    """Write ``model`` to ``path`` (a ``.npz`` file; the suffix is not added for you)."""
+    """Write ``model`` to ``path`` (a ``.npz`` file; the suffix is not added for you).  The folder must
+    exist: FileNotFoundError naming it otherwise."""
     if not isinstance(model, GRU):
         raise TypeError(f"model must be a gru_fast.GRU, got {type(model).__name__}")
+    check_output_path(path)
     config = model._config()
     config.update(format=FORMAT, version=FORMAT_VERSION, num_layers=model.num_layers, has_bias=model.has_bias)
     try:
@@ -162,8 +165,10 @@ def _check_config(config) -> dict:
     return config
 
 
+@model_file("gru_fast")
 def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
-    """Read a model written by :func:`save`.  Raises ValueError for anything else.
+    """Read a model written by :func:`save`.  Raises FileNotFoundError for a missing path, ValueError
+    naming the file for anything else (for a model file of another kind: naming the loader that reads it).
 
     ``max_bytes`` caps the bytes of arrays the file may make the loader hold; every size is checked
     from the file's headers, against the real sizes, before anything is allocated.
@@ -171,8 +176,6 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     path = Path(os.fspath(path))
-    if not path.is_file():
-        raise ValueError(f"{path} is not a file")
     budget = [int(max_bytes)]
     try:
         with zipfile.ZipFile(path) as archive:

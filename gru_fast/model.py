@@ -56,8 +56,8 @@ class _ParallelPolicy:
     Serial and parallel runs give bit-identical results, so this only decides speed:
 
     * one parallel call at a time in the process: a call arriving meanwhile runs serially, so concurrent
-      callers never put more spinning workers than cores on the machine (and Numba's workqueue layer,
-      which aborts on concurrent launches, is safe);
+      callers never put more spinning workers than cores on the machine (and under Numba's workqueue
+      layer, which aborts on concurrent launches, gru_fast's own launches never overlap);
     * a brief call goes parallel only when the previous parallel-sized call ended within
       _BACK_TO_BACK_S (the workers are still awake).
 

@@ -182,6 +182,9 @@ def test_info_on_the_shipped_engine_file():
     assert facts["dtype"] == "float32" and facts["batch_first"].startswith("True")
     assert facts["clip"] == "none" and facts["bias"] == "yes"
     assert json.loads(facts["provenance"])["source"] == "scripts/train_default_model.py"
+    from gru_fast._demo import accuracy_sets  # which sequences test_accuracy is on (test_default_model)
+
+    assert facts["accuracy"] == accuracy_sets()
 
 
 def test_info_json_on_onnx_lists_every_gru_node_as_the_graph_declares_it():
@@ -445,7 +448,8 @@ def test_demo_reports_accuracy_parity_and_a_timing_table():
     data = _demo.load_eval_set()
     logits = _demo.classify(gru_fast.load(ENGINE), _demo.load_head(), data.x, data.lengths)
     accuracy = 100 * float((logits.argmax(1) == data.labels).mean())
-    assert re.search(rf"accuracy on 512 held-out sequences .*: {accuracy:.2f} %", out), out
+    assert re.search(rf"accuracy on the 512 shipped held-out sequences .*: {accuracy:.2f} %", out), out
+    assert f"  accuracy figures: {_demo.accuracy_sets()}\n" in out  # which set each figure is on
     checks = re.findall(r"^  (logits|y, h_n)\s+vs (.*?)\s+(\S+)\s+(ok|FAILED)$", out, re.M)
     assert [c[3] for c in checks] == ["ok"] * 4, out
     assert {c[1].split(",")[0] for c in checks} >= {"PyTorch", "ONNX reference evaluator", "ONNX Runtime"}

@@ -21,7 +21,7 @@ CALL = """
 import json, sys
 import numpy as np
 import gru_fast
-from gru_fast._config import kernel_cache_stats
+from gru_fast._cache import kernel_cache_stats
 model = gru_fast.load(sys.argv[1])
 x = np.load(sys.argv[2])
 y, h_n = model(x)

@@ -1,4 +1,5 @@
-"""converters.from_keras against the Keras GRU equations (no TensorFlow / Keras on this machine).
+"""converters.from_keras's array converters against the Keras GRU equations (no Keras needed; files
+written by Keras itself are tested in tests/test_keras_parity.py).
 
 Authority: the Keras 3 source, ``keras/src/layers/rnn/gru.py`` (``GRUCell.call``, implementation 2,
 identical in tf.keras 2.x ``keras/layers/rnn/gru.py``), transcribed into numpy below as

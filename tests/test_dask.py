@@ -32,7 +32,7 @@ from distributed import Client, LocalCluster, get_task_stream
 
 import gru_fast
 import gru_fast.dask as gd
-from gru_fast._config import kernel_cache_stats
+from gru_fast._cache import kernel_cache_stats
 from conftest import assert_matches, convert_torch, run_torch, torch_gru
 
 I, H, LAYERS = 6, 12, 2

@@ -141,6 +141,23 @@ def test_accuracy_on_the_held_out_set(model, head, eval_set, record):
     assert abs(accuracy - record["accuracy"]["shipped_eval"]) <= 1 / len(labels) + 1e-9
 
 
+def test_each_accuracy_figure_says_which_sequences_it_is_on(model, head, eval_set, record):
+    """README (91.45 %), demo (92.97 %) and info (0.9145) quote different sets: each says which."""
+    x, lengths, labels, _ = eval_set
+    acc = record["accuracy"]
+    assert acc["test_size"] == record["data"]["sizes"]["test"] and acc["shipped_eval_size"] == len(labels)
+    assert acc["test"] == model.provenance["test_accuracy"]  # what `gru-fast info` prints
+    measured = float((_logits(model, head, x, lengths).argmax(1) == labels).mean())
+    text = _demo.accuracy_sets(record)  # the demo and `info` print this line
+    assert f"{100 * acc['test']:.2f} % on the model's {acc['test_size']:,} held-out test sequences" in text
+    assert f"{100 * measured:.2f} % on the first {len(labels)} of them" in text
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert (f"{100 * acc['test']:.2f} % accuracy on its {acc['test_size']:,} held-out test sequences, the figure "
+            "`gru-fast info` shows as test_accuracy") in readme
+    assert (f"classifies the first {len(labels)} of those sequences, which ship with it ({100 * measured:.2f} % "
+            "on them, the figure the demo prints)") in readme
+
+
 def test_logits_match_pytorchs_recorded_output(model, head, eval_set):
     x, lengths, _, torch_logits = eval_set
     assert_matches(_logits(model, head, x, lengths), torch_logits, authority="PyTorch (recorded)",

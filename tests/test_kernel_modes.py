@@ -204,26 +204,27 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
 
 def test_kernel_cache_stamp_covers_every_compiled_module():
     """Numba checks a cached kernel against its own file only; gru_fast stamps its kernels with every
-    module whose code they compile (gru_fast._config._KERNEL_SOURCES), so a release changing one of them
-    cannot load a stale kernel.  Every module that defines Numba code must be in that list, and the
-    locators must be the ones Numba consults first."""
+    module whose code they compile (gru_fast._cache._KERNEL_SOURCES), so a release changing one of them
+    cannot load a stale kernel.  Every module that defines Numba code must be in that list, gru_fast's
+    locator must be the one Numba consults first, and it must serve gru_fast's files only."""
     import re
     from pathlib import Path
 
     from numba.core import caching
 
-    from gru_fast import _config
+    from gru_fast import _cache
 
-    package = Path(_config.__file__).parent
+    package = Path(_cache.__file__).parent
     compiled = {path.name for path in package.glob("*.py")
                 if re.search(r"@(njit|intrinsic|overload|kernel)\b|\bnjit\(", path.read_text())}
-    assert compiled <= set(_config._KERNEL_SOURCES), compiled - set(_config._KERNEL_SOURCES)
-    first = caching.CacheImpl._locator_classes[:2]
-    assert all(cls.__name__.startswith("GruFast") for cls in first), first
-    stamp = _config._kernel_sources_stamp()
-    locator = first[1].from_function(kernels.FORWARD[np.dtype(np.float32), False].py_func, kernels.__file__)
+    assert compiled <= set(_cache._KERNEL_SOURCES), compiled - set(_cache._KERNEL_SOURCES)
+    first = caching.CacheImpl._locator_classes[0]
+    assert first.__name__ == "GruFastCacheLocator", first
+    stamp = _cache._kernel_sources_stamp()
+    locator = first.from_function(kernels.FORWARD[np.dtype(np.float32), False].py_func, kernels.__file__)
     assert locator is not None and locator.get_source_stamp() == stamp
-    assert first[1].from_function(test_kernel_cache_stamp_covers_every_compiled_module, __file__) is None
+    assert locator.get_cache_path() == _cache.kernel_cache_dir()
+    assert first.from_function(test_kernel_cache_stamp_covers_every_compiled_module, __file__) is None
 
 
 @needs_two_threads

@@ -314,3 +314,113 @@ def test_engine_leaves_openmp_nesting_at_the_runtime_default(monkeypatch):
     assert out["layer"] == "omp" and out["vendor"] == "GNU" and out["launches"] >= 1, out
     assert len(out["libgomp"]) == 1, out  # one runtime in the process: its ICV is the one torch reads
     assert out["after"] == out["default"], out
+
+
+THREADS_CHILD = textwrap.dedent(
+    """
+    import ctypes
+    import json
+    import os
+    import sys
+
+    ORDER = sys.argv[1]
+    if ORDER == "torch_first":
+        import torch
+        torch.set_num_threads(3)
+
+    import numpy as np
+    from numba.np.ufunc import omppool
+
+    # the runtime the pool's omp_* calls bind to: a global definition (torch's libgomp, loaded first) or
+    # the pool's own libgomp
+    global_scope = ctypes.CDLL(None)
+    omp = global_scope if hasattr(global_scope, "omp_get_max_threads") else ctypes.CDLL(omppool.__file__)
+
+    def icvs():
+        return [omp.omp_get_max_threads(), omp.omp_get_max_active_levels()]
+
+    import gru_fast
+
+    before = icvs()
+    torch_before = torch.get_num_threads() if ORDER == "torch_first" else None
+    r = np.random.default_rng(0)
+    W = r.uniform(-0.1, 0.1, (1, 3 * 128, 32)).astype(np.float32)
+    R = r.uniform(-0.1, 0.1, (1, 3 * 128, 128)).astype(np.float32)
+    gru_fast.GRU([(W, R, None)])(r.standard_normal((10, 32, 32)).astype(np.float32))  # parallel-sized
+    after = icvs()
+    if ORDER != "torch_first":
+        import torch
+    print(json.dumps({"before": before, "after": after, "torch_before": torch_before,
+                      "torch_after": torch.get_num_threads(), "layer": gru_fast.threading_layer(),
+                      "vendor": omppool.openmp_vendor}))
+    """
+)
+
+
+@pytest.mark.parametrize("order", ["torch_first", "torch_after"])
+def test_numba_num_threads_1_leaves_torch_its_thread_count(order, monkeypatch):
+    """Issue 11.10: under NUMBA_NUM_THREADS=1 (the README's advice for Dask workers), Numba starting its omp
+    layer called omp_set_num_threads(1) in the calling thread, and torch, which reads that ICV, dropped from
+    3 threads (set by the application) to 1; nesting (max-active-levels) changed the same way.  Authority:
+    torch.get_num_threads() and the OpenMP runtime's own ICVs, read before the first parallel-sized call,
+    hold after it, whichever of torch and gru_fast loaded its OpenMP runtime first."""
+    for var in ("OMP_NUM_THREADS", "OMP_MAX_ACTIVE_LEVELS", "OMP_NESTED"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"NUMBA_NUM_THREADS": "1", "NUMBA_THREADING_LAYER": "omp"}
+    code = THREADS_CHILD.replace("sys.argv[1]", repr(order))
+    out = last_json_line(run_python(code, env=env, timeout=300))
+    assert out["layer"] == "omp" and out["vendor"] == "GNU", out
+    assert out["after"] == out["before"], out
+    if order == "torch_first":
+        assert out["torch_before"] == 3 and out["torch_after"] == 3, out
+    else:
+        assert out["torch_after"] == out["before"][0], out
+
+
+WORKQUEUE_CHILD = textwrap.dedent(
+    """
+    import json
+    import threading
+    import warnings
+
+    import numpy as np
+
+    def count(caught):
+        return sum("workqueue" in str(w.message) for w in caught)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import gru_fast
+        r = np.random.default_rng(0)
+        W = r.uniform(-0.1, 0.1, (1, 3 * 128, 32)).astype(np.float32)
+        R = r.uniform(-0.1, 0.1, (1, 3 * 128, 128)).astype(np.float32)
+        model = gru_fast.GRU([(W, R, None)])
+        x = r.standard_normal((10, 32, 32)).astype(np.float32)
+        model(x[:2, :1])  # too small for threads
+        before_parallel = count(caught)
+        model(x)  # parallel-sized: the first parallel call
+        first = count(caught)
+        worker = threading.Thread(target=model, args=(x,))
+        worker.start()
+        worker.join()
+        model(x)
+        messages = [str(w.message) for w in caught if "workqueue" in str(w.message)]
+    import numba
+    print(json.dumps({"before_parallel": before_parallel, "first": first, "total": count(caught),
+                      "messages": messages, "layer": numba.threading_layer()}))
+    """
+)
+
+
+@pytest.mark.parametrize("layer, warnings_expected", [("workqueue", 1), ("omp", 0)])
+def test_workqueue_layer_is_warned_about_once_at_the_first_parallel_call(layer, warnings_expected):
+    """Issue 11.9: under Numba's workqueue layer, gru_fast's parallel calls plus the application's own
+    parallel=True function in another thread abort the process (SIGABRT, reproduced; not run here: an
+    abort depends on timing).  gru_fast cannot serialise code it does not own, so it warns, once, at its
+    first parallel call (Numba's own layer report is the authority for which layer ran)."""
+    out = last_json_line(run_python(WORKQUEUE_CHILD, env=dict(ENV, NUMBA_THREADING_LAYER=layer), timeout=300))
+    assert out["layer"] == layer, out
+    assert out["before_parallel"] == 0 and out["first"] == warnings_expected, out
+    assert out["total"] == warnings_expected, out
+    if warnings_expected:
+        assert "SIGABRT" in out["messages"][0] and "tbb" in out["messages"][0], out

@@ -24,9 +24,13 @@ setup: $(VENV)/.installed
 # the bench extra adds OpenVINO, the one peer the test extra lacks, to the demo's timing table
 demo: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
+	$(VENV)/bin/gru-fast warmup
 	$(VENV)/bin/gru-fast demo
 
+# `gru-fast warmup` compiles every kernel once per machine (about a minute on an empty kernel cache,
+# a second after that), so the tests and the demo start from a warm cache
 test: setup
+	$(VENV)/bin/gru-fast warmup
 	$(PY) -m pytest -q
 
 bench: setup

@@ -41,6 +41,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from ._config import JIT
+from ._jit import kernel
 from ._memory import int32_bits_as_float32
 
 __all__ = ["exp", "sigmoid", "tanh", "like", "activate", "clip_range"]
@@ -147,7 +148,7 @@ def sigmoid(x):
     return one / (one + exp(-x))
 
 
-@njit(**JIT)
+@kernel
 def clip_range(v, clip):
     """Clamp v in place to [-clip, clip] (ONNX ``clip``; 0 means none).  NaN passes through."""
     if clip > 0:
@@ -157,7 +158,7 @@ def clip_range(v, clip):
             v[i] = -clip if x < -clip else x
 
 
-@njit(**JIT)
+@kernel
 def activate(v, code, alpha, beta):
     """Apply activation ``code`` in place to v (ONNX RNN definitions, see the module docstring).
 

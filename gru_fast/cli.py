@@ -470,6 +470,19 @@ def cmd_demo(args) -> int:
     return _demo.run(timing=not args.no_timing, rounds=args.rounds, threads=args.threads, peers=peers)
 
 
+def cmd_warmup(args) -> int:
+    import gru_fast
+
+    model = None if args.model is None else _single_model(args.model, args)
+    print("gru-fast warmup: " + ("compiling the kernels " + ("this model needs" if model is not None else
+                                                              "of every dtype (float32, float64)")),
+          flush=True)
+    for entry in gru_fast.warmup(model):
+        mode = "parallel" if entry["parallel"] else "serial"
+        print(f"  {entry['dtype']} {mode}: {entry['seconds']:.1f} s ({entry['source']})", flush=True)
+    return EXIT_OK
+
+
 def bench_root() -> Path | None:
     """The source checkout holding the ``bench`` package, if gru_fast runs from one."""
     for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
@@ -615,6 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(run)
     _no_stack_option(run)
     run.set_defaults(handler=cmd_run)
+
+    warmup = commands.add_parser(
+        "warmup", formatter_class=formatter, help="compile the kernels ahead of time (Dockerfiles, CI)",
+        description="Compile gru_fast's kernels for this machine into the kernel cache, so that the first "
+                    "call of every later process loads them instead of compiling (seconds, once per machine "
+                    "and gru_fast version). With MODEL, only the kernels that model needs.")
+    warmup.add_argument("model", nargs="?", metavar="MODEL", help="a model file (as for 'gru-fast info')")
+    _model_options(warmup)
+    warmup.set_defaults(handler=cmd_warmup)
 
     bench = commands.add_parser(
         "bench", formatter_class=formatter, help="benchmark report vs PyTorch / ONNX Runtime / OpenVINO",

@@ -74,6 +74,7 @@ import numpy as np
 from numba import carray, njit, prange
 
 from ._config import JIT, PARALLEL_JIT
+from ._jit import kernel
 from ._math import SIGMOID, TANH, activate, clip_range, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
 from ._tiles import (TILE, project1, project4, recur1_all, recur1_n, recur1_zr, recur4_all, recur4_n,
@@ -114,18 +115,18 @@ def meta_size(num_layers: int, num_directions: int) -> int:
     return META_OFFSETS + OFFSETS_PER_BLOCK * num_layers * num_directions
 
 
-@njit(**JIT)
+@kernel
 def padded_hidden(hidden):
     """H rounded up to whole unit tiles."""
     return -(-hidden // UNITS) * UNITS
 
 
-@njit(**JIT)
+@kernel
 def _padded(n):
     return -(-n // ALIGN) * ALIGN
 
 
-@njit(**JIT)
+@kernel
 def workspace_layout(steps, batch, hidden, directions, layers, block_steps):
     """Offsets (in elements) in the float workspace: (mid0, mid1, per-direction base, its size, end).
 
@@ -145,14 +146,29 @@ def workspace_layout(steps, batch, hidden, directions, layers, block_steps):
     return o_mid0, o_mid1, o_dirs, per_direction, o_dirs + directions * per_direction
 
 
-@njit(**JIT)
+@kernel
 def sync_slots(steps, layers, mode, chunks):
     """int64 slots of the synchronisation area: 2 counters per layer, then the MODE_SPLIT claim flags."""
     flags = chunks * steps * layers if mode == MODE_SPLIT else 0
     return LINE * (2 * layers + 1) + flags
 
 
-@njit(**JIT)
+@kernel
+def _matrix(ws, start, rows, cols):
+    """``ws[start : start + rows * cols]`` as a (rows, cols) view.  carray, not ``reshape``: a reshape
+    carries a shape-mismatch error path whose message formatting costs a second of compile time."""
+    return carray(pointer(ws.ctypes.data + start * ws.itemsize, ws[0]), (rows, cols))  # ws[0]: its type
+
+
+@kernel
+def _copy(dst, src, lo, hi, at):
+    """dst[at : at + hi - lo] = src[lo:hi] as a loop: a slice assignment carries a shape-mismatch error
+    path whose message formatting costs about a second of compile time."""
+    for j in range(hi - lo):
+        dst[at + j] = src[lo + j]
+
+
+@kernel
 def _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden):
     """Views of direction d's buffers: xp (block_steps*B, 3Hp), g (B, 3Hp), rh (B, Hp), state (2, B, Hp)."""
     hp = padded_hidden(hidden)
@@ -160,12 +176,11 @@ def _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden)
     o_g = base + _padded(block_steps * batch * 3 * hp)
     o_rh = o_g + _padded(batch * 3 * hp)
     o_state = o_rh + _padded(batch * hp)
-    xp = ws[base : base + block_steps * batch * 3 * hp].reshape((block_steps * batch, 3 * hp))
-    g = ws[o_g : o_g + batch * 3 * hp].reshape((batch, 3 * hp))
-    rh = ws[o_rh : o_rh + batch * hp].reshape((batch, hp))
-    state = ws[o_state : o_state + 2 * _padded(batch * hp)]
-    s0 = state[: batch * hp].reshape((batch, hp))
-    s1 = state[_padded(batch * hp) : _padded(batch * hp) + batch * hp].reshape((batch, hp))
+    xp = _matrix(ws, base, block_steps * batch, 3 * hp)
+    g = _matrix(ws, o_g, batch, 3 * hp)
+    rh = _matrix(ws, o_rh, batch, hp)
+    s0 = _matrix(ws, o_state, batch, hp)
+    s1 = _matrix(ws, o_state + _padded(batch * hp), batch, hp)
     return xp, g, rh, s0, s1
 
 
@@ -174,14 +189,14 @@ def _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden)
 # ---------------------------------------------------------------------------
 
 
-@njit(**JIT)
+@kernel
 def _meta(meta_addr):
     head = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))
     size = META_OFFSETS + OFFSETS_PER_BLOCK * head[META_LAYERS] * head[META_DIRECTIONS]
     return carray(pointer(meta_addr, np.int64(0)), (size,))
 
 
-@njit(**JIT)
+@kernel
 def _layer_weights(params, meta, layer, d):
     """Addresses of one (layer, direction)'s packed W and R, and views of b_x (3Hp) and b_hn (Hp)."""
     hp = padded_hidden(meta[META_HIDDEN])
@@ -194,7 +209,7 @@ def _layer_weights(params, meta, layer, d):
             params[o_bx : o_bx + 3 * hp], params[o_bhn : o_bhn + hp])
 
 
-@njit(**JIT)
+@kernel
 def _time_of(s, n_valid, reverse):
     """The time index of step s of a sequence of n_valid steps (a reverse direction starts at its end)."""
     if s >= n_valid:
@@ -202,7 +217,7 @@ def _time_of(s, n_valid, reverse):
     return n_valid - 1 - s if reverse else s
 
 
-@njit(**JIT)
+@kernel
 def _length(lengths, has_lengths, b, steps):
     return lengths[b] if has_lengths else steps
 
@@ -212,7 +227,7 @@ def _length(lengths, has_lengths, b, steps):
 # ---------------------------------------------------------------------------
 
 
-@njit(**JIT)
+@kernel
 def _addr(row, col):
     """Address of element ``col`` of a 1-D view."""
     return row.ctypes.data + col * row.itemsize
@@ -222,7 +237,7 @@ def _addr(row, col):
 PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 
 
-@njit(**JIT)
+@kernel
 def _gemm(kind, c0, c1, c2, c3, a0, a1, a2, a3, w, bias, k, u0, u1, rows, marker):
     """Product ``kind`` into rows c_m[48*u0 : 48*u1] for ``rows`` (1 or 4) rows a_m (K = k values)."""
     n = u1 - u0
@@ -252,7 +267,7 @@ def _gemm(kind, c0, c1, c2, c3, a0, a1, a2, a3, w, bias, k, u0, u1, rows, marker
         recur1_n(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
 
 
-@njit(**JIT)
+@kernel
 def _last_rows(n, i):
     """Rows i..i+3 for a four-row product; past the last of n rows, the last one again.  Two or three
     left-over rows cost one four-row pass (compute-bound, ~57 GMAC/s) instead of two or three one-row
@@ -261,7 +276,7 @@ def _last_rows(n, i):
     return min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last)
 
 
-@njit(**JIT)
+@kernel
 def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_lengths, steps, reverse, n_in, u0, u1,
              marker):
     """xp[(s - s0) * B + b, tiles u0..u1] = seq_in[row(t(s, b), b)] @ W + b_x for s in [s0, s1), b in [b0, b1)."""
@@ -285,13 +300,13 @@ def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_len
         i += 4
 
 
-@njit(**JIT)
+@kernel
 def _xp_row(i, s0, b0, rows, batch):
     """Row of xp holding pair i of a block: step s0 + i // rows, batch row b0 + i % rows."""
     return (i // rows) * batch + b0 + i % rows
 
 
-@njit(**JIT)
+@kernel
 def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse):
     """The input row of pair i of a block (see _xp_row)."""
     s = s0 + i // rows
@@ -299,7 +314,7 @@ def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, rev
     return seq_in[_time_of(s, _length(lengths, has_lengths, b, steps), reverse) * st + b * sb]
 
 
-@njit(**JIT)
+@kernel
 def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
     """g[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
@@ -321,7 +336,7 @@ def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
 # ---------------------------------------------------------------------------
 
 
-@njit(**JIT)
+@kernel
 def _tiles(row, u0, u1, gates):
     """Unit tiles u0..u1 of a row as a (tiles, gates, 16) view (gates 3: xp, g; 1: states, b_hn).
 
@@ -332,7 +347,7 @@ def _tiles(row, u0, u1, gates):
     return carray(pointer(start, row[0]), (u1 - u0, gates, UNITS))  # row[0]: only its type is used
 
 
-@njit(**JIT)
+@kernel
 def _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip):
     """z and r of unit tile u in place in g3, for any activation and clip (the general, slower path)."""
     gz, gr = g3[u, 0], g3[u, 1]
@@ -345,7 +360,7 @@ def _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip):
     activate(gr, f, f_alpha, f_beta)
 
 
-@njit(**JIT)
+@kernel
 def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
     """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1."""
     one = like(clip, 1.0)
@@ -371,7 +386,7 @@ def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, g
             hn[u, 0, j] = (one - z) * gn[j] + z * hp[u, 0, j]
 
 
-@njit(**JIT)
+@kernel
 def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip):
     """linear_before_reset=0, first half: ``g`` holds h R_zr^T in its z and r tiles; leave z there and
     r * h in ``rh``."""
@@ -389,7 +404,7 @@ def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip
             r_h[u, 0, j] = g3[u, 1, j] * hp[u, 0, j]
 
 
-@njit(**JIT)
+@kernel
 def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, clip):
     """linear_before_reset=0, second half: the n tiles of ``g`` hold (r * h) R_n^T, the z tiles z."""
     one = like(clip, 1.0)
@@ -417,7 +432,7 @@ def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, cli
 # ---------------------------------------------------------------------------
 
 
-@njit(**JIT)
+@kernel
 def _begin(layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, states, hidden,
            directions, marker):
     """Before step 0: the state rows read by step 0 hold h0 (or zeros) for these units; y is 0 at every
@@ -428,14 +443,14 @@ def _begin(layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, h0, ha
     before = states[1]  # step 0 reads state[(0 + 1) % 2]
     for b in range(b0, b1):
         if has_h0:
-            before[b, lo:hi] = h0[layer * directions + d, b, lo:hi]
+            _copy(before[b], h0[layer * directions + d, b], lo, hi, lo)
         else:
             before[b, lo:hi] = zero
         for t in range(_length(lengths, has_lengths, b, steps), steps):
             seq_out[t * st + b * sb, col + lo : col + hi] = zero
 
 
-@njit(**JIT)
+@kernel
 def _advance(s, layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, reverse, seq_in, n_in, seq_out, h0,
              has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, directions, lbr, codes, acts,
              clip, marker):
@@ -469,20 +484,20 @@ def _advance(s, layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, r
     for b in range(b0, b1):
         n_valid = _length(lengths, has_lengths, b, steps)
         if s >= n_valid:
-            new[b, lo:hi] = prev[b, lo:hi]  # a finished sequence carries its state
+            _copy(new[b], prev[b], lo, hi, lo)  # a finished sequence carries its state
             continue
         if lbr:
             _gates_after_reset(xp[base + b], g[b], b_hn, prev[b], new[b], u0, u1, f, f_alpha, f_beta, gc, g_alpha,
                                g_beta, clip)
         else:
             _candidate_and_state(xp[base + b], g[b], prev[b], new[b], n_tiles, gc, g_alpha, g_beta, clip)
-        seq_out[_time_of(s, n_valid, reverse) * st + b * sb, col + lo : col + hi] = new[b, lo:hi]
+        _copy(seq_out[_time_of(s, n_valid, reverse) * st + b * sb], new[b], lo, hi, col + lo)
     if s == steps - 1:
         for b in range(b0, b1):
-            h_n[layer * directions + d, b, lo:hi] = new[b, lo:hi]
+            _copy(h_n[layer * directions + d, b], new[b], lo, hi, lo)
 
 
-@njit(**JIT)
+@kernel
 def _layer_views(layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps,
                  batch, block_steps):
     """What a layer reads and writes, and direction d's weights and buffers."""
@@ -502,24 +517,22 @@ def _layer_views(layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_m
     return seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs
 
 
-@njit(**JIT)
+@kernel
 def _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker):
     """Where a layer writes its sequence: y for the last layer, else one of two alternating buffers."""
     if layer == layers - 1:
         return carray(pointer(y_addr, marker), (rows, width))
-    if layer % 2 == 0:
-        return ws[o_mid0 : o_mid0 + rows * width].reshape((rows, width))
-    return ws[o_mid1 : o_mid1 + rows * width].reshape((rows, width))
+    return _matrix(ws, o_mid0 if layer % 2 == 0 else o_mid1, rows, width)
 
 
-@njit(**JIT)
+@kernel
 def _chunk_tiles(hidden, chunks, c):
     """Unit tiles [u0, u1) of chunk c: whole tiles, so chunks share no cache line."""
     tiles = padded_hidden(hidden) // UNITS
     return c * tiles // chunks, (c + 1) * tiles // chunks
 
 
-@njit(**JIT)
+@kernel
 def _back_off(spins):
     """One round of a spin-wait: ``pause`` at first, then give the core away (the awaited thread may be
     descheduled on a busy machine, and spinning would keep it off the core)."""
@@ -534,93 +547,100 @@ def _back_off(spins):
 # ---------------------------------------------------------------------------
 
 
-@njit(**JIT)
-def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
-    """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
-    meta = _meta(meta_addr)
-    params = carray(pointer(params_addr, marker), (n_params,))
-    layers = meta[META_LAYERS]
-    directions = meta[META_DIRECTIONS]
-    hidden = meta[META_HIDDEN]
-    lbr = meta[META_LBR] != 0
-    codes = meta[META_CODES : META_CODES + 4]
-    acts = params[PARAM_ACT : PARAM_ACT + 8]
-    clip = params[PARAM_CLIP]
-    st = 1 if batch_major else batch
-    sb = steps if batch_major else 1
-    o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
-                                                                  block_steps)
-    ws = carray(pointer(ws_addr, marker), (end,))
-    has_h0 = h0_addr != 0
-    has_lengths = lengths_addr != 0
-    lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
-    h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
-    h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
-    reverse_only = meta[META_REVERSE] != 0
+def _make_worker(split):
+    """A worker, with (``split`` True, for the parallel entry points) or without MODE_SPLIT.  ``split`` is
+    a constant of the closure, so Numba prunes the branch before typing it: a serial first call does
+    not compile a split step (a serial call never runs MODE_SPLIT)."""
 
-    if mode == MODE_SPLIT:
-        total = layers * steps
-        done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
-        stolen = sync_addr + 8 * LINE * SYNC_STOLEN  # items a worker took from the other's chunk
-        flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
-        own = w % chunks
-        for g in range(total + 1):
-            # Every item of the previous step (or layer) must be complete.  An item of that step nobody
-            # has claimed by the time this worker finished its own belongs to a worker that is not
-            # keeping up (still waking, descheduled, or not run at all): take it now.  Claimed items are
-            # being computed: wait for them.  A late worker finds its items taken and rejoins at the
-            # next step, so the two stay in step whenever both run, and one alone is never blocked.
-            spins = 0
-            while atomic_load(done) < g * chunks:
-                for c in range(chunks):
-                    if g > 0 and atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
-                        _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                                    per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0,
-                                    has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
-                        atomic_add(done, 1)
-                        atomic_add(stolen, 1)
-                spins += 1
-                _back_off(spins)  # a thread sharing this core must be able to run
-            if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
-                _split_item(g, own, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                            per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
-                            h_n, block_steps, chunks, lbr, codes, acts, clip)
-                atomic_add(done, 1)
-        return
+    def worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+                lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+        """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
+        meta = _meta(meta_addr)
+        params = carray(pointer(params_addr, marker), (n_params,))
+        layers = meta[META_LAYERS]
+        directions = meta[META_DIRECTIONS]
+        hidden = meta[META_HIDDEN]
+        lbr = meta[META_LBR] != 0
+        codes = meta[META_CODES : META_CODES + 4]
+        acts = params[PARAM_ACT : PARAM_ACT + 8]
+        clip = params[PARAM_CLIP]
+        st = 1 if batch_major else batch
+        sb = steps if batch_major else 1
+        o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
+                                                                      block_steps)
+        ws = carray(pointer(ws_addr, marker), (end,))
+        has_h0 = h0_addr != 0
+        has_lengths = lengths_addr != 0
+        lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
+        h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
+        h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
+        reverse_only = meta[META_REVERSE] != 0
 
-    units = directions * chunks
-    tiles = padded_hidden(hidden) // UNITS
-    for layer in range(layers):
-        if layer > 0:
-            # every unit of the previous layer has been claimed by a running worker: wait until all are done
-            spins = 0
-            while atomic_load(sync_addr + 8 * LINE * (2 * layer - 1)) < units:
-                spins += 1
-                _back_off(spins)
-        while True:
-            u = atomic_add(sync_addr + 8 * LINE * (2 * layer), 1)
-            if u >= units:
-                break
-            d = u // chunks
-            c = u % chunks
-            b0 = c * batch // chunks
-            b1 = (c + 1) * batch // chunks
-            if b1 > b0:
-                seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
-                    layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction,
-                    steps, batch, block_steps)
-                reverse = reverse_only or d == 1
-                _begin(layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:],
-                       hidden, directions, marker)
-                for s in range(steps):
-                    _advance(s, layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, reverse, seq_in,
-                             n_in, seq_out, h0, has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden,
-                             directions, lbr, codes, acts, clip, marker)
-            atomic_add(sync_addr + 8 * LINE * (2 * layer + 1), 1)
+        if split and mode == MODE_SPLIT:  # ``split``: see _make_worker
+            total = layers * steps
+            done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
+            stolen = sync_addr + 8 * LINE * SYNC_STOLEN  # items a worker took from the other's chunk
+            flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
+            own = w % chunks
+            for g in range(total + 1):
+                # Every item of the previous step (or layer) must be complete.  An item of that step nobody
+                # has claimed by the time this worker finished its own belongs to a worker that is not
+                # keeping up (still waking, descheduled, or not run at all): take it now.  Claimed items are
+                # being computed: wait for them.  A late worker finds its items taken and rejoins at the
+                # next step, so the two stay in step whenever both run, and one alone is never blocked.
+                spins = 0
+                while atomic_load(done) < g * chunks:
+                    for c in range(chunks):
+                        if g > 0 and atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
+                            _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                                        per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0,
+                                        has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
+                            atomic_add(done, 1)
+                            atomic_add(stolen, 1)
+                    spins += 1
+                    _back_off(spins)  # a thread sharing this core must be able to run
+                if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
+                    _split_item(g, own, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
+                                per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
+                                h_n, block_steps, chunks, lbr, codes, acts, clip)
+                    atomic_add(done, 1)
+            return
+
+        units = directions * chunks
+        tiles = padded_hidden(hidden) // UNITS
+        for layer in range(layers):
+            if layer > 0:
+                # every unit of the previous layer has been claimed by a running worker: wait until all are done
+                spins = 0
+                while atomic_load(sync_addr + 8 * LINE * (2 * layer - 1)) < units:
+                    spins += 1
+                    _back_off(spins)
+            while True:
+                u = atomic_add(sync_addr + 8 * LINE * (2 * layer), 1)
+                if u >= units:
+                    break
+                d = u // chunks
+                c = u % chunks
+                b0 = c * batch // chunks
+                b1 = (c + 1) * batch // chunks
+                if b1 > b0:
+                    seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
+                        layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction,
+                        steps, batch, block_steps)
+                    reverse = reverse_only or d == 1
+                    _begin(layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:],
+                           hidden, directions, marker)
+                    for s in range(steps):
+                        _advance(s, layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, reverse, seq_in,
+                                 n_in, seq_out, h0, has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden,
+                                 directions, lbr, codes, acts, clip, marker)
+                atomic_add(sync_addr + 8 * LINE * (2 * layer + 1), 1)
+
+    worker.__name__ = worker.__qualname__ = f"_worker_{'split' if split else 'rows'}"  # distinct cache entries
+    return kernel(worker)
 
 
-@njit(**JIT)
+@kernel
 def _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps, batch,
                 st, sb, lengths, has_lengths, reverse, h0, has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip):
     """Item (global step g, chunk c) of MODE_SPLIT (one direction); g counts the steps of every layer."""
@@ -640,7 +660,11 @@ def _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, 
              has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, 1, lbr, codes, acts, clip, marker)
 
 
-@njit(**JIT)
+_worker_rows = _make_worker(False)
+_worker_split = _make_worker(True)
+
+
+@kernel
 def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
     """Zero the counters and claim flags.  Not inlined into the parallel entry point: its parfor pass
     would see a store to an array nothing reads afterwards (the workers reach it by address) and drop it."""
@@ -655,6 +679,7 @@ def _make_forward(parallel, dtype):
     integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
     loop = prange if parallel else range
     float_type = np.float32 if dtype == np.float32 else np.float64
+    split = parallel  # a bool of the closure (it keys the cache entry stably): the serial entry never splits
 
     def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
                 y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
@@ -662,8 +687,14 @@ def _make_forward(parallel, dtype):
         marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in loop(workers):
-            _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers)
+            if split:
+                _worker_split(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
+                              h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                              block_steps, workers)
+            else:
+                _worker_rows(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
+                             h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                             block_steps, workers)
 
     name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
     forward.__name__ = forward.__qualname__ = name

@@ -180,8 +180,8 @@ def test_small_calls_stay_serial(rng, parallel_launches):
 
 @needs_two_threads
 def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launches):
-    """The worst case of MODE_SPLIT: only one worker ever runs (here the serial entry point runs the two
-    workers one after the other).  Worker 0 takes over every one of its partner's items (SYNC_STOLEN
+    """The worst case of MODE_SPLIT: only one worker ever runs (here the parallel entry point with one
+    Numba thread runs the two workers one after the other).  Worker 0 takes over every one of its partner's items (SYNC_STOLEN
     counts them) and finishes the call without waiting; the result equals torch.nn.GRU."""
     module = torch_gru(64, 128, 2, seed=16)
     model = convert_torch(module)
@@ -194,7 +194,8 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
     from gru_fast._memory import address
 
     args = model._kernel_args(address(x), T, 1, False, 0, 0, address(y), address(h_n), plan)
-    kernels.FORWARD[np.dtype(np.float32), False](*args)
+    with numba_threads(1):
+        kernels.FORWARD[np.dtype(np.float32), True](*args)
     assert plan.sync[kernels.LINE * kernels.SYNC_STOLEN] == 2 * T  # both layers' T steps of chunk 1
     y_ref, h_ref = run_torch(module, x, None, None)
     assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
@@ -215,7 +216,7 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
 
     package = Path(_cache.__file__).parent
     compiled = {path.name for path in package.glob("*.py")
-                if re.search(r"@(njit|intrinsic|overload)\b|\bnjit\(", path.read_text())}
+                if re.search(r"@(njit|intrinsic|overload|kernel)\b|\bnjit\(", path.read_text())}
     assert compiled <= set(_cache._KERNEL_SOURCES), compiled - set(_cache._KERNEL_SOURCES)
     first = caching.CacheImpl._locator_classes[0]
     assert first.__name__ == "GruFastCacheLocator", first

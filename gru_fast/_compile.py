@@ -1,0 +1,90 @@
+"""What a first use compiles, how the user hears about it, and how to do it ahead of time.
+
+The engine has four entry points, (float32 | float64) x (serial | parallel) (:data:`gru_fast.kernels.FORWARD`);
+each compiles on its first call in a process with an empty kernel cache, and later processes load it from
+the cache in a fraction of a second.  A compile takes seconds, so:
+
+* when one starts, a one-line notice goes to stderr at once, saying what is compiled and about how long
+  it takes (set ``GRU_FAST_COMPILE_NOTICE=0`` to silence it).  Loads from the cache print nothing;
+* :func:`warmup` (``gru-fast warmup [MODEL]``) compiles the entry points a model needs, or all four,
+  ahead of time: for Dockerfiles, CI images and workers that should answer their first request quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from time import perf_counter
+
+import numpy as np
+from numba.core import event, types
+
+from . import kernels
+
+__all__ = ["warmup", "ENTRY_SECONDS"]
+
+# About how long each entry point takes to compile on an empty cache, measured on the project's 2-core
+# machine with `NUMBA_CACHE_DIR=$(mktemp -d)`: (dtype, parallel) -> seconds.  Only for the notice.
+ENTRY_SECONDS = {(np.dtype(np.float32), False): 10, (np.dtype(np.float64), False): 10,
+                 (np.dtype(np.float32), True): 8, (np.dtype(np.float64), True): 8}
+
+_ENTRY_SIGNATURE = (types.int64,) * 17  # every argument of an entry point is an int (see kernels)
+_ENTRIES = {id(dispatcher): key for key, dispatcher in kernels.FORWARD.items()}
+
+
+def _describe(key) -> str:
+    dtype, parallel = key
+    return f"{dtype.name} {'parallel' if parallel else 'serial'}"
+
+
+class _CompileNotice(event.Listener):
+    """Prints one line when an entry point starts compiling (nested kernel compiles stay silent)."""
+
+    def on_start(self, ev):
+        key = _ENTRIES.get(id(ev.data["dispatcher"]))
+        if key is None or os.environ.get("GRU_FAST_COMPILE_NOTICE", "1") == "0":
+            return
+        where = ev.data["dispatcher"].stats.cache_path or "nowhere: caching is off"
+        print(f"gru_fast: compiling the {_describe(key)} kernels for this machine (about {ENTRY_SECONDS[key]} s, "
+              f"once: later runs load them from {where}; `gru-fast warmup` does it ahead of time)",
+              file=sys.stderr, flush=True)
+
+    def on_end(self, ev):
+        pass
+
+
+event.register("numba:compile", _CompileNotice())
+
+_LOCK = threading.Lock()
+
+
+def warmup(model=None, *, parallel: bool | None = None) -> list[dict]:
+    """Compile (or load from the kernel cache) the entry points ``model`` needs, or all four.
+
+    Parameters
+    ----------
+    model : gru_fast.GRU, optional
+        Compile for this model's dtype only; without it, for float32 and float64.
+    parallel : bool, optional
+        Only the serial (False) or parallel (True) entry points; both by default.
+
+    Returns one dict per entry point: ``dtype``, ``parallel``, ``seconds`` and ``source`` ("compiled",
+    "cache" or "memory": already loaded in this process).  Nothing runs: the kernels are compiled for
+    their (all-integer) signature.
+    """
+    dtypes = [np.dtype(np.float32), np.dtype(np.float64)] if model is None else [model.dtype]
+    modes = [False, True] if parallel is None else [bool(parallel)]
+    done = []
+    with _LOCK:
+        for dtype in dtypes:
+            for mode in modes:
+                dispatcher = kernels.FORWARD[dtype, mode]
+                loaded = _ENTRY_SIGNATURE in dispatcher.overloads
+                misses = sum(dispatcher.stats.cache_misses.values())
+                start = perf_counter()
+                dispatcher.compile(_ENTRY_SIGNATURE)
+                compiled = sum(dispatcher.stats.cache_misses.values()) > misses
+                source = "memory" if loaded else "compiled" if compiled else "cache"
+                done.append(dict(dtype=dtype.name, parallel=mode, seconds=perf_counter() - start, source=source))
+    return done

@@ -108,6 +108,16 @@ def _user_cache_root() -> str:
     return os.path.join(base, "gru_fast", "numba")
 
 
+def _made_writable(path: str) -> bool:
+    """Whether ``path`` is (created if missing, then) a directory this process can write: for places the
+    user chose or that only the package's owner can write, where ownership is not checked."""
+    try:
+        _make_dirs(path, 0o777)
+    except OSError:
+        pass
+    return _writable(path)
+
+
 def _choose_cache_path() -> tuple[str | None, list[str]]:
     """The directory gru_fast's kernels are cached in (None: not cached) and why each place before it was
     passed over."""
@@ -115,19 +125,11 @@ def _choose_cache_path() -> tuple[str | None, list[str]]:
     user = os.environ.get("NUMBA_CACHE_DIR")
     if user:
         path = os.path.join(os.path.abspath(user), _subpath())
-        try:
-            _make_dirs(path, 0o777)
-        except OSError:
-            pass
-        if _writable(path):
+        if _made_writable(path):
             return path, passed
         passed.append(f"NUMBA_CACHE_DIR={user} is not writable")
     path = os.path.join(_PACKAGE_DIR, "__pycache__")
-    try:
-        _make_dirs(path, 0o777)
-    except OSError:
-        pass
-    if _writable(path):
+    if _made_writable(path):
         return path, passed
     passed.append(f"the package directory {_PACKAGE_DIR} is not writable")
     if not hasattr(os, "getuid"):  # no owners to check: per-user places only

@@ -189,6 +189,18 @@ def _onnx_y(model, y):
     return y.reshape(y.shape[0], y.shape[1], D, H).transpose(0, 2, 1, 3)
 
 
+def _assert_two_layer_stack(g, proto):
+    """``proto`` loads, without a warning, as one 2-layer model keyed "a" that matches the reference
+    evaluator on the whole graph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = from_onnx.load(proto)["a"]
+    assert model.num_layers == 2
+    x = g.x()
+    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
+    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+
+
 def _join_fixed_shape(g, y, target):
     """Y (T, D, B, H) -> Transpose -> Reshape to a constant shape, as torch.onnx.export(dynamo=True) writes
     it without dynamic shapes (torch 2.13, onnxscript 0.7.2): [T, B, D*H] with the export's T and B."""
@@ -202,13 +214,7 @@ def test_fixed_reshape_stacks_when_the_declared_input_fixes_t_and_b(D):
     g.inputs[0] = helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, B, I])
     g.gru("b", _join_fixed_shape(g, g.gru("a", "X", I), [T, B, D * H]), D * H)
     proto = g.model("b_Y")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = from_onnx.load(proto)["a"]
-    assert model.num_layers == 2
-    x = g.x()
-    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
-    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+    _assert_two_layer_stack(g, proto)
 
 
 @pytest.mark.parametrize("declared,target,reason", [
@@ -261,13 +267,7 @@ def test_identity_and_unsqueeze_squeeze_joins_stack():
     joined = g.node("Squeeze", [joined, g.const(np.array([0], np.int64))])
     g.gru("b", joined, H)
     proto = g.model("b_Y")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = from_onnx.load(proto)["a"]
-    assert model.num_layers == 2
-    x = g.x()
-    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
-    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+    _assert_two_layer_stack(g, proto)
 
 
 def _join_computed_shape(g, y, order=(0, 1, 2, 3)):
@@ -289,13 +289,7 @@ def test_reshape_to_a_shape_computed_from_y_stacks(D, order):
     g = Graph(D=D, seed=20 + D)
     g.gru("b", _join_computed_shape(g, g.gru("a", "X", I), order), D * H)
     proto = g.model("b_Y")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = from_onnx.load(proto)["a"]
-    assert model.num_layers == 2
-    x = g.x()
-    (Y,) = ReferenceEvaluator(proto).run(None, {"X": x})
-    assert _max_err((_onnx_y(model, model(x)[0]), Y)) <= ATOL
+    _assert_two_layer_stack(g, proto)
 
 
 def _direction_pair(g, name, x, n_in, concat_axis):

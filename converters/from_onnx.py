@@ -3,7 +3,7 @@
 ``load(path_or_model)`` converts every ``GRU`` node of an ONNX graph into a :class:`gru_fast.GRU`.
 ONNX's GRU is the engine's native dialect (weights ``W (D, 3H, I)``, ``R (D, 3H, H)``,
 ``B (D, 6H)`` in gate order z, r, h), so the conversion is a matter of finding the weights and reading
-every attribute faithfully; see docs/gru-semantics.md for the operator.
+every attribute faithfully; see the README's "Semantics" section and the ONNX operator specification.
 
 Where the weights come from
     Initializers, ``Constant`` nodes, or chains of Slice / Concat / Unsqueeze / Squeeze / Transpose /

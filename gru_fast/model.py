@@ -4,8 +4,9 @@ A :class:`GRU` is built from per-layer ``(W, R, B)`` arrays in ONNX layout and
 gate order (z, r, h) — the one canonical form every converter produces.  At
 construction the weights are laid out once for the kernels:
 
-* ``W`` and ``R`` transposed to (I, 3H) and (H, 3H), so a row of input or state
-  times the matrix streams contiguous memory (see :func:`gru_fast.kernels.gemm4`);
+* ``W`` and ``R`` transposed, their columns put in unit-tile order (z, r, n of 16 hidden units at a
+  time, H padded to a multiple of 16) and packed as contiguous (K, 48) groups, the order the
+  micro-kernels of :mod:`gru_fast._tiles` stream them in (see "Layout" in :mod:`gru_fast.kernels`);
 * the input and recurrent biases of z and r pre-summed (and of n when
   ``linear_before_reset`` is 0; with 1 the recurrent n bias stays separate,
   inside the reset product);

@@ -9,7 +9,7 @@ Authorities (never our own engine's past output):
 * The ONNX reference evaluator (``onnx.reference.ReferenceEvaluator``) for what ORT refuses (float64,
   layout=1); it implements default activations only and ignores clip and sequence_lens
   (:func:`run_onnx_reference`).
-* The documented ONNX GRU equations (docs/gru-semantics.md, the ONNX operator specification), written out
+* The documented ONNX GRU equations (README "Semantics", the ONNX operator specification), written out
   in float64 numpy in :func:`gru_equations`; it is used only where neither runtime can run the case
   (float64 with non-default activations, clip or sequence_lens), and tests that use it pin it to ONNX
   Runtime in float32 in the same test.
@@ -330,7 +330,7 @@ def resolve_activations(names, alphas, betas, num_directions):
 
 def gru_equations(x, layers, *, direction="forward", linear_before_reset=True, activations=None,
                   activation_alpha=None, activation_beta=None, clip=None, h0=None, lengths=None):
-    """The GRU recurrence of docs/gru-semantics.md / the ONNX GRU specification, in float64.
+    """The GRU recurrence of the README's "Semantics" / the ONNX GRU specification, in float64.
 
     x (T, B, I); layers [(W, R, B)] in ONNX layout; h0 (L*D, B, H); lengths (B,) with PackedSequence
     semantics (y = 0 at t >= length, h_n = state after the last valid step, reverse starts at length-1,

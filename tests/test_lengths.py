@@ -1,6 +1,6 @@
 """Variable-length sequences: ``lengths`` follows PackedSequence semantics.
 
-Documented rule (API contract, docs/gru-semantics.md): y is 0 at steps t >= length; h_n is the state after
+Documented rule (API contract, README "Semantics"): y is 0 at steps t >= length; h_n is the state after
 each sequence's last valid step; a reverse direction starts at step length-1 of its own sequence, not at
 T-1; a length of 0 gives y all 0 and h_n = h0 (zeros when h0 is None).
 

@@ -47,9 +47,11 @@ import math
 import os
 import re
 
+from gru_fast._files import open_regular_file
+
 from ._onnx_graph import Budget
 from ._safe_paths import _checked_location
-from .from_torch import _check_zip_sizes, _open_regular_file, _zip_errors
+from .from_torch import _check_zip_sizes, _zip_errors
 
 __all__ = ["KerasFile", "open_keras_file", "snake_case"]
 
@@ -120,7 +122,7 @@ def open_keras_file(path, max_bytes):
     path = os.fspath(path)
     source = os.path.basename(path)
     budget = Budget(max_bytes)
-    with _open_regular_file(path) as stream:
+    with open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
         if size > max_bytes:
             raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")

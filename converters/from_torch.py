@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from gru_fast._files import model_file
+from gru_fast._files import model_file, open_regular_file
 
 __all__ = ["accelerate", "convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
 
@@ -357,7 +357,7 @@ def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     if batch_first is not None and not isinstance(batch_first, (bool, np.bool_)):
         raise TypeError(f"batch_first must be True, False or None, got {batch_first!r}")
     path = os.fspath(path)
-    with _open_regular_file(path) as stream:
+    with open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
         if size > max_bytes:
             raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
@@ -475,26 +475,6 @@ def _recorded_batch_first(flags):
         return None, None
     names = ", ".join(repr(k) for k in sorted(flags))
     return values.pop(), f"from the checkpoint's {names}"
-
-
-def _open_regular_file(path):
-    """Open ``path`` for reading only if it is a regular file.  The check is made on the opened descriptor,
-    so the file cannot be swapped for a FIFO or device between check and read; O_NONBLOCK keeps a FIFO
-    from hanging the open itself."""
-    import stat
-
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise ValueError(f"{path!r} is not a regular file ({exc.strerror or exc})") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path!r} is not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _refuse_legacy_checkpoint(stream, path):

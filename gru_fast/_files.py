@@ -23,7 +23,8 @@ import re
 import stat
 import zipfile
 
-__all__ = ["KINDS", "check_model_file", "check_output_path", "model_file", "name_file", "sniff"]
+__all__ = ["KINDS", "check_model_file", "check_output_path", "model_file", "name_file", "open_regular_file",
+           "sniff"]
 
 #: kind -> (what it is, the loader that reads it)
 KINDS = {
@@ -72,6 +73,24 @@ def _member_names(stream) -> list[str]:
         return []
 
 
+def open_regular_file(path):
+    """Open ``path`` for reading only if it is a regular file.  The check is made on the opened descriptor,
+    so the file cannot be swapped for a FIFO or device between check and read; O_NONBLOCK keeps a FIFO
+    from hanging the open itself."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ValueError(f"{path!r} is not a regular file ({exc.strerror or exc})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path!r} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sniff(path) -> str | None:
     """The kind of model file (a key of :data:`KINDS`) at ``path``, a regular file; None when unknown.
 
@@ -79,15 +98,12 @@ def sniff(path) -> str | None:
     legacy torch pickle by their first bytes.  Then, for what has no signature (ONNX protobuf), the
     suffix.  A file that cannot be read is unknown: its loader reports why.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
-    except OSError:
+        stream = open_regular_file(path)
+    except ValueError:
         return None
-    with os.fdopen(fd, "rb") as stream:
+    with stream:
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
             head = stream.read(len(_LEGACY_TORCH))
             if head.startswith(_HDF5_SIGNATURE):
                 return "keras"

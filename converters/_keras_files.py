@@ -28,7 +28,7 @@ This module opens those containers and reads from them under the loaders' common
 
 - the path must be a regular file no larger than ``max_bytes`` (checked on the open descriptor);
 - zip members are checked before anything is read: declared sizes against the file and ``max_bytes``
-  (:func:`converters.from_torch._check_zip_sizes`), names against path escapes
+  (:func:`gru_fast._files.check_zip_sizes`), names against path escapes
   (:func:`converters._safe_paths._checked_location`: absolute paths, ``..``, drive letters) and
   duplicates; members are read into memory, never extracted;
 - HDF5 objects are reached through hard links only (a soft or external link, which could point into
@@ -47,11 +47,10 @@ import math
 import os
 import re
 
-from gru_fast._files import open_regular_file
+from gru_fast._files import ZIP_ERRORS, check_file_size, check_zip_sizes, open_regular_file
 
 from ._onnx_graph import Budget
 from ._safe_paths import _checked_location
-from .from_torch import _check_zip_sizes, _zip_errors
 
 __all__ = ["KerasFile", "open_keras_file", "snake_case"]
 
@@ -124,8 +123,7 @@ def open_keras_file(path, max_bytes):
     budget = Budget(max_bytes)
     with open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
-        if size > max_bytes:
-            raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
+        check_file_size(path, size, max_bytes)
         head = stream.read(8)
         stream.seek(0)
         if head.startswith(_ZIP_MAGIC):
@@ -153,7 +151,7 @@ def open_keras_file(path, max_bytes):
 def _read_zip(stream, path, size, max_bytes):
     import zipfile
 
-    _check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
+    check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
     members = {}
     try:
         with zipfile.ZipFile(stream) as archive:
@@ -175,7 +173,7 @@ def _read_zip(stream, path, size, max_bytes):
             for name in _ZIP_MEMBERS:
                 if name in names:
                     members[name] = archive.read(name)
-    except _zip_errors() as exc:
+    except ZIP_ERRORS as exc:
         raise ValueError(f"{path!r}: not a readable .keras archive ({type(exc).__name__}: {exc})") from exc
     return members
 

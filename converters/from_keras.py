@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gru_fast._files import model_file
+from gru_fast._files import DEFAULT_MAX_BYTES, check_max_bytes, model_file
 
 __all__ = ["convert", "convert_weights", "convert_bidirectional", "convert_config", "load", "KERAS_ACTIVATIONS",
            "DEFAULT_MAX_BYTES"]
-
-DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
 # Keras activation name -> (ONNX name, alpha, beta).  None means "depends on hard_sigmoid=".
 KERAS_ACTIVATIONS = {
@@ -385,8 +383,7 @@ def load(path, *, config=None, keras_version=None, other_merge_modes="refuse", m
     """
     from . import _keras_files
 
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    max_bytes = check_max_bytes(max_bytes)
     if other_merge_modes not in ("refuse", "concat"):
         raise ValueError(f"other_merge_modes must be 'refuse' or 'concat', got {other_merge_modes!r}")
     if config is not None:
@@ -395,7 +392,7 @@ def load(path, *, config=None, keras_version=None, other_merge_modes="refuse", m
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (model.get_config()) or JSON text (model.to_json()), "
                             f"got {type(config).__name__}")
-    with _keras_files.open_keras_file(path, int(max_bytes)) as kf:
+    with _keras_files.open_keras_file(path, max_bytes) as kf:
         try:
             return _convert_file(kf, config, keras_version, other_merge_modes)
         except (OSError, RuntimeError, KeyError, IndexError, AttributeError) as exc:

@@ -68,14 +68,12 @@ import warnings
 
 import numpy as np
 
-from gru_fast._files import model_file
+from gru_fast._files import DEFAULT_MAX_BYTES, build_charge, check_file_size, check_max_bytes, model_file
 
 from ._onnx_graph import Budget, ConstantFolder, NotConstant, attr_value, attributes, decode_tensor
 from ._onnx_stack import find_stacks
 
 __all__ = ["load", "DEFAULT_MAX_BYTES", "StackWarning"]
-
-DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
@@ -147,9 +145,7 @@ def load(path_or_model, *, max_bytes=DEFAULT_MAX_BYTES, stack=True):
     """
     import onnx
 
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
-    max_bytes = int(max_bytes)
+    max_bytes = check_max_bytes(max_bytes)
     model, base_dir, source = _read_model(onnx, path_or_model, max_bytes)
 
     if not model.HasField("graph"):
@@ -217,8 +213,7 @@ def _read_model(onnx, path_or_model, max_bytes):
         raise ValueError(f"{path!r}: cannot read the model file ({exc.strerror or exc})") from exc
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{path!r} is not a regular file")
-    if info.st_size > max_bytes:
-        raise ValueError(f"{path!r} is {info.st_size} bytes, over the memory cap max_bytes={max_bytes}")
+    check_file_size(path, info.st_size, max_bytes)
     from google.protobuf.message import DecodeError
 
     try:
@@ -401,14 +396,12 @@ def _read_node(node, key, config, folder, budget):
 def _build(specs, config, budget, provenance, label):
     """One gru_fast.GRU of the layers in ``specs``; what building it allocates is charged to ``budget``."""
     import gru_fast
-    from gru_fast.model import build_nbytes
 
     dtype = specs[0]["dtype"]
     layers = [spec["weights"] for spec in specs]  # the engine copies them into `dtype`
-    W0, R0 = layers[0][0], layers[0][1]
-    needed = build_nbytes(W0.shape[2], R0.shape[2], len(layers), R0.shape[0], dtype)
-    budget.charge(needed, f"{label}: the engine's copy of the weights and their packed layout "
-                  f"(hidden size padded to {-(-R0.shape[2] // 16) * 16})")
+    W0, R0 = layers[0][0], layers[0][1]  # W (D, 3H, I), R (D, 3H, H), checked by _check_shapes
+    needed, what = build_charge(W0.shape[2], R0.shape[2], len(layers), R0.shape[0], dtype)
+    budget.charge(needed, f"{label}: {what}")
     try:
         model = gru_fast.GRU(
             layers,

@@ -22,7 +22,8 @@ import re
 
 import numpy as np
 
-from gru_fast._files import model_file, open_regular_file
+from gru_fast._files import (DEFAULT_MAX_BYTES, ZIP_ERRORS, check_build, check_file_size, check_max_bytes,
+                             check_zip_sizes, model_file, open_regular_file)
 
 __all__ = ["accelerate", "convert", "from_state_dict", "load", "DEFAULT_MAX_BYTES"]
 
@@ -319,9 +320,6 @@ def _module_parameters(module, names):
     return params
 
 
-DEFAULT_MAX_BYTES = 2 * 1024 ** 3
-
-
 @model_file("torch")
 def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     """Load a GRU from a PyTorch checkpoint (.pt / .pth) or a numpy .npz state dict, executing no pickled code.
@@ -352,21 +350,19 @@ def load(path, prefix=None, *, batch_first=None, max_bytes=DEFAULT_MAX_BYTES):
     size, what converting them allocates) are summed and checked against the cap before any is copied:
     a tensor can be a broadcast view (stride 0) of a far smaller storage.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    max_bytes = check_max_bytes(max_bytes)
     if batch_first is not None and not isinstance(batch_first, (bool, np.bool_)):
         raise TypeError(f"batch_first must be True, False or None, got {batch_first!r}")
     path = os.fspath(path)
     with open_regular_file(path) as stream:
         size = os.fstat(stream.fileno()).st_size
-        if size > max_bytes:
-            raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
+        check_file_size(path, size, max_bytes)
         if path.lower().endswith(".npz"):
-            _check_zip_sizes(stream, path, size, max_bytes, npy_headers=True)
+            check_zip_sizes(stream, path, size, max_bytes, npy_headers=True)
             obj = _load_npz(stream, path)
         else:
             _refuse_legacy_checkpoint(stream, path)
-            _check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
+            check_zip_sizes(stream, path, size, max_bytes, npy_headers=False)
             obj = _load_checkpoint(stream, path)
     tensors, flags = _flatten_checkpoint(obj, path, max_bytes)
     top = list(obj.keys())[:20] if isinstance(obj, dict) else []
@@ -431,10 +427,9 @@ def _flatten_checkpoint(obj, path, max_bytes):
 
 def _charge_build(tensors, group, prefix, max_bytes):
     """Refuse a GRU whose engine model would not fit in ``max_bytes`` beside the checkpoint's tensors: the
-    engine pads the hidden size to 16-unit tiles and packs the weights (gru_fast.model.build_nbytes), so
-    an H=1 GRU with a long input takes ~16x its weights."""
-    from gru_fast.model import build_nbytes
-
+    engine pads the hidden size to 16-unit tiles and packs the weights (gru_fast._files.check_build), so
+    an H=1 GRU with a long input takes ~16x its weights.  The sizes come from layer 0's weight_ih (3H, I)
+    and weight_hh (3H, H) and the keys' layers and directions."""
     if group["gru"]:
         entries = group["gru"]
         num_layers = 1 + max(k[2] for k in entries)
@@ -450,10 +445,8 @@ def _charge_build(tensors, group, prefix, max_bytes):
         return
     dtype = "float64" if _logical_nbytes(tensors[w_hh]) >= 8 * tensors[w_hh].shape[0] * hidden else "float32"
     held = sum(_logical_nbytes(value) for value in tensors.values())
-    needed = held + build_nbytes(inputs, hidden, num_layers, num_directions, dtype)
-    if needed > max_bytes:
-        raise ValueError(f"the GRU {prefix!r} needs {needed} bytes with the engine's packed copy of its weights "
-                         f"(hidden size {hidden} padded to 16-unit tiles), over the memory cap max_bytes={max_bytes}")
+    check_build(f"the GRU {prefix!r}", held, "the checkpoint's tensors", max_bytes, inputs, hidden, num_layers,
+                num_directions, dtype)
 
 
 def _logical_nbytes(value):
@@ -501,80 +494,13 @@ def _one_line(message) -> str:
     return text.splitlines()[0] if text else text
 
 
-def _zip_errors():
-    import struct
-    import zipfile
-    import zlib
-
-    # what zipfile raises for a damaged archive (bad CRC or header, negative seek, unknown compression
-    # method or zip version, an "encrypted" flag, truncated data)
-    return (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
-            zlib.error, struct.error, KeyError)
-
-
-def _check_zip_sizes(stream, path, size, max_bytes, *, npy_headers):
-    """Refuse a zip whose members declare more bytes than the file holds or than ``max_bytes``.
-
-    Readers size their buffers from these declarations (zipfile from the stored size, np.load from the
-    .npy header's shape, torch from the record's size), so they are checked before any reader runs.
-    A file that is not a zip (a legacy torch checkpoint) is left to its reader.
-    """
-    import zipfile
-
-    try:
-        if not zipfile.is_zipfile(stream):
-            return
-        total = 0
-        with zipfile.ZipFile(stream) as archive:
-            for info in archive.infolist():
-                where = f"{path!r}: member {info.filename!r}"
-                if info.compress_size > size or (info.compress_type == zipfile.ZIP_STORED
-                                                 and info.compress_size != info.file_size):
-                    raise ValueError(f"{where} declares {info.file_size} bytes in {info.compress_size} stored, "
-                                     f"but the file holds {size}")
-                declared = info.file_size
-                if npy_headers and info.filename.endswith(".npy"):
-                    declared = _npy_nbytes(archive, info, where)
-                    if declared > info.file_size:
-                        raise ValueError(f"{where} declares an array of {declared} bytes in {info.file_size}")
-                total += declared
-                if total > max_bytes:
-                    raise ValueError(f"{where}: the arrays exceed the memory cap max_bytes={max_bytes}")
-    except _zip_errors() as exc:
-        raise ValueError(f"{path!r}: not a readable zip archive ({type(exc).__name__}: {exc})") from exc
-    finally:
-        stream.seek(0)
-
-
-def _npy_nbytes(archive, info, where):
-    """Bytes of the array a .npy member declares, from its header alone."""
-    with archive.open(info) as member:
-        try:
-            version = np.lib.format.read_magic(member)
-            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in readers:
-                raise ValueError(f"unsupported .npy version {version}")
-            shape, _, dtype = readers[version](member, max_header_size=10_000)
-        except ValueError as exc:
-            raise ValueError(f"{where} is not a valid .npy array: {exc}") from exc
-    if dtype.hasobject:
-        raise ValueError(f"{where}: refused to load: it is an object array, which needs pickle "
-                         "(allow_pickle=False)")
-    if any(d < 0 for d in shape):
-        raise ValueError(f"{where} declares a negative dimension in shape {shape}")
-    count = 1
-    for d in shape:
-        count *= d
-    return count * dtype.itemsize
-
-
 def _load_npz(stream, path):
     try:
         with np.load(stream, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:  # object arrays: "Object arrays cannot be loaded when allow_pickle=False"
         raise ValueError(f"{path!r}: refused to load: {exc}") from exc
-    except _zip_errors() as exc:
+    except ZIP_ERRORS as exc:
         raise ValueError(f"{path!r}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
 

@@ -11,6 +11,11 @@
 
 Loaders apply the rule with the :func:`model_file` decorator; :func:`check_output_path` is the writers'
 half (``gru_fast.save``: a missing folder is ``FileNotFoundError`` naming the folder).
+
+The loaders' memory cap, ``max_bytes`` (:data:`DEFAULT_MAX_BYTES` unless given), is checked with the
+helpers here too: :func:`check_max_bytes` for the argument, :func:`check_file_size` for the file,
+:func:`check_zip_sizes` for what a zip's members declare (before any reader sizes a buffer from it), and
+:func:`build_charge` / :func:`check_build` for what building the engine's model from the weights allocates.
 """
 
 from __future__ import annotations
@@ -21,10 +26,28 @@ import inspect
 import os
 import re
 import stat
+import struct
 import zipfile
+import zlib
 
-__all__ = ["KINDS", "check_model_file", "check_output_path", "model_file", "name_file", "open_regular_file",
-           "sniff"]
+import numpy as np
+
+__all__ = ["DEFAULT_MAX_BYTES", "KINDS", "ZIP_ERRORS", "build_charge", "check_build", "check_file_size",
+           "check_max_bytes", "check_model_file", "check_output_path", "check_zip_sizes", "model_file", "name_file",
+           "npy_header", "open_regular_file", "sniff"]
+
+DEFAULT_MAX_BYTES = 2 << 30  # every loader's default memory cap: 2 GiB
+
+# What reading a damaged zip archive raises: a bad CRC, a bad header or name, a seek to a negative offset,
+# an unknown compression method or zip version, an "encrypted" flag, truncated data; KeyError for a
+# member looked up by a name the archive lacks (ZipFile.getinfo, and np.load's NpzFile over it).
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
+              zlib.error, struct.error, KeyError)
+
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 #: kind -> (what it is, the loader that reads it)
 KINDS = {
@@ -180,3 +203,113 @@ def check_output_path(path) -> None:
     if not os.path.isdir(folder):
         problem = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise FileNotFoundError(errno.ENOENT, f"cannot write {os.fspath(path)}: its folder {problem}", folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# the memory cap
+# --------------------------------------------------------------------------------------------------
+
+def check_max_bytes(max_bytes) -> int:
+    """``max_bytes`` as an int: a positive integer (a bool is not one), else ValueError."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    return int(max_bytes)
+
+
+def check_file_size(path, size: int, max_bytes: int) -> None:
+    """Refuse a file of ``size`` bytes over ``max_bytes`` before anything reads it."""
+    if size > max_bytes:
+        raise ValueError(f"{path!r} is {size} bytes, over the memory cap max_bytes={max_bytes}")
+
+
+def npy_header(member, where: str):
+    """(shape, fortran_order, dtype) from the header of the .npy file open in ``member``; ValueError
+    saying that ``where`` is not a valid .npy array for an unsupported version or a malformed header."""
+    try:
+        version = np.lib.format.read_magic(member)
+        reader = _NPY_HEADER_READERS.get(version)
+        if reader is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        return reader(member, max_header_size=10_000)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a valid .npy array: {exc}") from None
+
+
+def _npy_nbytes(archive, info, where):
+    """Bytes of the array a .npy member declares, from its header alone."""
+    with archive.open(info) as member:
+        shape, _, dtype = npy_header(member, where)
+    if dtype.hasobject:
+        raise ValueError(f"{where}: refused to load: it is an object array, which needs pickle "
+                         "(allow_pickle=False)")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where} declares a negative dimension in shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    return count * dtype.itemsize
+
+
+def check_zip_sizes(stream, path, size: int, max_bytes: int, *, npy_headers: bool) -> None:
+    """Refuse a zip whose members declare more bytes than the file (of ``size`` bytes) holds or, all
+    together, than ``max_bytes``; with ``npy_headers``, a ``.npy`` member counts as the array its header
+    declares (which must fit in the member).
+
+    Readers size their buffers from these declarations (zipfile from the stored size, np.load from the
+    .npy header's shape, torch from the record's size), so they are checked before any reader runs.
+    A file that is not a zip (a legacy torch checkpoint) is left to its reader.  ``stream`` is left at 0.
+    """
+    try:
+        if not zipfile.is_zipfile(stream):
+            return
+        total = 0
+        with zipfile.ZipFile(stream) as archive:
+            for info in archive.infolist():
+                where = f"{path!r}: member {info.filename!r}"
+                if info.compress_size > size or (info.compress_type == zipfile.ZIP_STORED
+                                                 and info.compress_size != info.file_size):
+                    raise ValueError(f"{where} declares {info.file_size} bytes in {info.compress_size} stored, "
+                                     f"but the file holds {size}")
+                declared = info.file_size
+                if npy_headers and info.filename.endswith(".npy"):
+                    declared = _npy_nbytes(archive, info, where)
+                    if declared > info.file_size:
+                        raise ValueError(f"{where} declares an array of {declared} bytes in {info.file_size}")
+                total += declared
+                if total > max_bytes:
+                    raise ValueError(f"{where}: the arrays exceed the memory cap max_bytes={max_bytes}")
+    except ZIP_ERRORS as exc:
+        raise ValueError(f"{path!r}: not a readable zip archive ({type(exc).__name__}: {exc})") from exc
+    finally:
+        stream.seek(0)
+
+
+def build_charge(input_size: int, hidden_size: int, num_layers: int, num_directions: int,
+                 dtype) -> tuple[int, str]:
+    """(bytes, what they are) that building the engine's model of these sizes from a file's weights
+    allocates: the copy of the weights and their packed layout, hidden units padded to 16-unit tiles
+    (:func:`gru_fast.model.build_nbytes`).  ``dtype`` is the model's (a name, a numpy dtype or type).
+
+    A size below 1 charges 0: such weights are malformed, and the GRU's shape checks refuse them before
+    they copy or pack anything."""
+    from . import model
+
+    what = ("the engine's copy of the weights and their packed layout (hidden size "
+            f"{hidden_size} padded to 16-unit tiles)")
+    if min(input_size, hidden_size, num_layers, num_directions) < 1:
+        return 0, what
+    return model.build_nbytes(input_size, hidden_size, num_layers, num_directions, dtype), what
+
+
+def check_build(what: str, held: int, held_for: str, max_bytes: int, input_size: int, hidden_size: int,
+                num_layers: int, num_directions: int, dtype) -> int:
+    """Refuse, before the weights are read or converted, a model whose build (:func:`build_charge`) does
+    not fit in ``max_bytes`` beside the ``held`` bytes a loader already holds (``held_for`` says what
+    they are).  ValueError naming ``what`` is loaded, the bytes it needs, what they are, and the cap.
+    Returns the build's bytes."""
+    build, built = build_charge(input_size, hidden_size, num_layers, num_directions, dtype)
+    if held + build > max_bytes:
+        raise ValueError(f"{what} needs {held + build} bytes ({held} for {held_for}, {build} for {built}), "
+                         f"over the memory cap max_bytes={max_bytes}; pass a larger max_bytes if the model is "
+                         "genuine")
+    return build

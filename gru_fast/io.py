@@ -16,38 +16,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import zipfile
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ._files import check_output_path, model_file
-from .model import GRU, build_nbytes
+from ._files import DEFAULT_MAX_BYTES, ZIP_ERRORS, check_build, check_max_bytes, check_output_path, model_file, \
+    npy_header
+from .model import GRU
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "gru_fast"
 FORMAT_VERSION = 1
-DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB of weights
 
 _CONFIG_KEYS = {
     "format", "version", "num_layers", "direction", "linear_before_reset", "activations",
     "activation_alpha", "activation_beta", "clip", "batch_first", "dtype", "has_bias", "provenance",
 }
-
-
-_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-
-# What zipfile raises for a damaged archive: a bad CRC, a bad header or name, a seek to a negative
-# offset, an unknown compression method or zip version, an "encrypted" flag, truncated data.
-_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError,
-               zlib.error, struct.error)
 
 _READ_CHUNK = 1 << 20  # bytes decompressed at a time into an array being read
 
@@ -102,7 +89,7 @@ def _member_header(archive: zipfile.ZipFile, name: str, archive_size: int) -> _M
         raise ValueError(f"member {name!r} is stored uncompressed but declares {info.file_size} bytes "
                          f"in {info.compress_size}")
     with archive.open(info) as member:
-        shape, fortran, dtype = _read_header(member, name)
+        shape, fortran, dtype = npy_header(member, f"member {name!r}")
     if dtype.hasobject or dtype.kind not in "fu" or dtype.itemsize > 8:
         raise ValueError(f"member {name!r} has dtype {dtype}; only float and uint8 arrays are allowed")
     if any(d < 0 for d in shape):
@@ -111,17 +98,6 @@ def _member_header(archive: zipfile.ZipFile, name: str, archive_size: int) -> _M
     if nbytes > info.file_size:
         raise ValueError(f"member {name!r} declares {nbytes} bytes but holds {info.file_size}")
     return _Member(info, shape, fortran, dtype, nbytes)
-
-
-def _read_header(member, name: str):
-    try:
-        version = np.lib.format.read_magic(member)
-        reader = _HEADER_READERS.get(version)
-        if reader is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        return reader(member, max_header_size=10_000)
-    except ValueError as exc:
-        raise ValueError(f"member {name!r} is not a valid .npy array: {exc}") from None
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, header: _Member) -> np.ndarray:
@@ -134,7 +110,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, header: _Member) -> np.nda
     view = memoryview(data)
     filled = 0
     with archive.open(header.info) as member:
-        if _read_header(member, name) != (header.shape, header.fortran, header.dtype):
+        if npy_header(member, f"member {name!r}") != (header.shape, header.fortran, header.dtype):
             raise ValueError(f"member {name!r} changed while it was read")
         while filled < header.nbytes:
             chunk = member.read(min(_READ_CHUNK, header.nbytes - filled))
@@ -147,18 +123,19 @@ def _read_member(archive: zipfile.ZipFile, name: str, header: _Member) -> np.nda
     return data.view(header.dtype).reshape(header.shape, order="F" if header.fortran else "C")
 
 
-def _build_charge(config: dict, headers: dict) -> int:
-    """Bytes that building the model from these arrays allocates (see gru_fast.model.build_nbytes).
+def _check_build(path, config: dict, headers: dict, held: int, max_bytes: int) -> None:
+    """Refuse the file when its ``held`` bytes of arrays and what building its model from them allocates
+    (gru_fast._files.check_build) do not fit in ``max_bytes`` together.
 
     The sizes come from layer 0's W (D, 3H, I) and R (D, 3H, H) headers.  Arrays whose shapes do not fit
     together are refused by the GRU's shape checks, which run before it copies or packs anything.
     """
     W, R = headers["layer0.W"].shape, headers["layer0.R"].shape
-    if len(W) != 3 or len(R) != 3 or min(W[2], R[2]) < 1:
-        return 0
+    input_size, hidden_size = (W[2], R[2]) if len(W) == 3 and len(R) == 3 else (0, 0)  # 0: no build charged
     directions = 2 if config["direction"] == "bidirectional" else 1
     dtype = "float64" if config["dtype"] == "float64" else "float32"  # another name: GRU refuses it first
-    return build_nbytes(W[2], R[2], config["num_layers"], directions, dtype)
+    check_build(f"loading {path}", held, "the file's arrays", max_bytes, input_size, hidden_size,
+                config["num_layers"], directions, dtype)
 
 
 def _check_config(config) -> dict:
@@ -220,10 +197,8 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
     from the file's headers, against the real sizes, before any array is read; a file over the cap
     raises ValueError naming the bytes it needs and the cap.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    max_bytes = check_max_bytes(max_bytes)
     path = Path(os.fspath(path))
-    max_bytes = int(max_bytes)
     try:
         with zipfile.ZipFile(path) as archive:
             archive_size = os.fstat(archive.fp.fileno()).st_size
@@ -245,17 +220,12 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
             # Everything the load will hold, charged before any array is read: the config, the arrays as
             # stored, and what building the model from them allocates (copies, padded packed weights).
             declared = header.nbytes + sum(h.nbytes for h in headers.values())
-            build = _build_charge(config, headers)
-            if declared + build > max_bytes:
-                raise ValueError(
-                    f"loading {path} needs {declared + build} bytes ({declared} for the file's arrays, {build} "
-                    f"to build the model from them), over the memory cap max_bytes={max_bytes}; pass a larger "
-                    "max_bytes if the model is genuine")
+            _check_build(path, config, headers, declared, max_bytes)
             arrays = {name: _read_member(archive, name, headers[name]) for name in names}
             layers = [(arrays[f"layer{index}.W"], arrays[f"layer{index}.R"], arrays.get(f"layer{index}.B"))
                       for index in range(config["num_layers"])]
             del arrays
-    except _ZIP_ERRORS as exc:
+    except ZIP_ERRORS as exc:
         raise ValueError(f"{path} is not a readable gru_fast model file (a damaged or truncated .npz): "
                          f"{type(exc).__name__}: {exc}") from None
     options = {k: config[k] for k in _CONFIG_KEYS - {"format", "version", "num_layers", "has_bias"}}

@@ -13,6 +13,7 @@ what building a model allocates, against the charge.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import tracemalloc
 import zipfile
@@ -141,3 +142,34 @@ def test_build_nbytes_bounds_what_building_a_model_allocates(shape, rng):
     assert peak <= charge, (peak, charge)
     assert charge - peak <= max(0.3 * charge, 70 << 10), (peak, charge)
     assert model.hidden_size == H
+
+
+def test_every_loader_charges_the_build_of_the_model_it_reads(tmp_path):
+    """The engine-file, PyTorch and ONNX loaders each read the model's sizes from their own layout (the
+    engine file's config and layer-0 headers; torch's ``weight_ih_l{k}[_reverse]`` keys and (3H, I)
+    shapes; ONNX's W (D, 3H, I)), in float64.  With a cap that holds the weights but not the build, each
+    refuses naming the charge :func:`gru_fast.model.build_nbytes` gives for the true sizes."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from conftest import onnx_gru_model
+    from converters import from_onnx, from_torch
+
+    I, H = 3000, 2
+    built = "for the engine's copy of the weights and their packed layout (hidden size 2 padded to 16-unit tiles)"
+    module = torch.nn.GRU(I, H, num_layers=2, bidirectional=True).double()
+    checkpoint, engine = tmp_path / "gru.pt", tmp_path / "gru.npz"
+    torch.save(module.state_dict(), checkpoint)
+    gru_fast.save(from_torch.load(checkpoint), engine)
+    weights = sum(p.numel() * 8 for p in module.parameters())
+    build = build_nbytes(I, H, 2, 2, "float64")
+    cap = weights + build // 2
+    for load, path in ((from_torch.load, checkpoint), (gru_fast.load, engine)):
+        with pytest.raises(ValueError, match=f"{build} {re.escape(built)}.* max_bytes={cap}"):
+            load(path, max_bytes=cap)
+
+    W, R, B = random_onnx_weights(np.random.default_rng(0), 2, I, H, dtype=np.float64)
+    build = build_nbytes(I, H, 1, 2, "float64")
+    cap = W.nbytes + R.nbytes + B.nbytes + build // 2
+    with pytest.raises(ValueError, match=f"{re.escape(built[4:])} needs {build / MiB:.1f} MiB, over the "
+                                         f"memory cap max_bytes={cap}"):
+        from_onnx.load(onnx_gru_model(W, R, B, direction="bidirectional"), max_bytes=cap)

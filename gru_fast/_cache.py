@@ -33,7 +33,7 @@ import warnings
 
 __all__ = ["CACHE_PATH", "kernel_cache_dir", "kernel_cache_stats"]
 
-_KERNEL_SOURCES = ("_config.py", "_jit.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
+_KERNEL_SOURCES = ("_config.py", "_jit.py", "_layout.py", "_memory.py", "_math.py", "_tiles.py", "kernels.py")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -27,9 +27,14 @@ class _ValueTypedDispatcher(CPUDispatcher):
                                           {name: types.unliteral(a) for name, a in kws.items()})
 
 
-def kernel(func):
-    """``njit`` with gru_fast's flags (:data:`gru_fast._config.JIT`), typing arguments by class only."""
-    dispatcher = njit(**JIT)(func)
+def kernel(func=None, *, inline=False):
+    """``njit`` with gru_fast's flags (:data:`gru_fast._config.JIT`), typing arguments by class only.
+
+    ``@kernel(inline=True)``: Numba inlines the function's IR into each caller instead of compiling it
+    on its own (for small helpers; see gru_fast.kernels on what a separately compiled function costs)."""
+    if func is None:
+        return lambda f: kernel(f, inline=inline)
+    dispatcher = njit(**JIT, inline="always" if inline else "never")(func)
     if type(dispatcher) is CPUDispatcher:  # another Numba's dispatcher: plain njit, only slower to compile
         dispatcher.__class__ = _ValueTypedDispatcher
     return dispatcher

@@ -9,207 +9,188 @@ gates ordered (z, r, n)::
     n  = g(x W_n^T + (r * h) R_n^T + Wb_n + Rb_n)    linear_before_reset = 0 (ONNX default)
     h' = (1 - z) * n + z * h
 
-with an optional clip of every pre-activation to [-clip, clip].  The parity
-tests (tests/test_parity_torch.py, tests/test_parity_onnx.py) pin these
-kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
+with an optional clip of every pre-activation to [-clip, clip].  :func:`_gates_zr` and
+:func:`_new_state` are these equations, for one unit tile, for every activation, clip and
+linear_before_reset.  The parity tests (tests/test_parity_torch.py, tests/test_parity_onnx.py) pin
+the kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
-Layout: tiles of 16 hidden units
-    The hidden units are padded to ``Hp``, a multiple of 16, and taken 16 at a
-    time: *unit tile* u holds units 16u..16u+15 and owns the 48 columns
-    48u..48u+47 of every gate-sized row: 16 of z, then 16 of r, then 16 of n.
-    Weights are packed in that column order as 16-column tiles
-    (:mod:`gru_fast._tiles`), so any range of unit tiles is one contiguous
-    block of weights, projections and products, and every element-wise loop
-    runs over whole 16-lane vectors, whatever H is.  Padded units have zero
-    weights; they are computed and never read: products sum over the H real
-    units only, and outputs copy the H real units only.
+Records
+    The entry point (:data:`FORWARD`) takes plain integers (addresses and sizes: Numba's dispatcher
+    checks those fastest).  :func:`_records` turns them, in one place, into two records that every
+    other function takes: :data:`Config` (sizes, flags, strides, how the call is shared) and
+    :data:`Run` (views of the inputs, outputs, weights and workspace).  :func:`_layer` gives the
+    :data:`Layer` record of one (layer, direction): what it reads and writes, its weights, buffers and
+    activations.  The layout of all of it is :mod:`gru_fast._layout`'s.
 
 Matrix products
     ``c += a @ W`` for one or four rows ``a``, by the LLVM-IR micro-kernels of
-    :mod:`gru_fast._tiles` (accumulators in registers, about 57 GMAC/s per core
-    for four rows and 25 GMAC/s for one here).  No BLAS is called, so no second
-    thread pool competes for the cores, and every output element is the same
-    chain of fused multiply-adds whichever thread, row group or unit range
-    computes it: serial and parallel runs agree bit for bit.
+    :mod:`gru_fast._tiles` (accumulators in registers).  No BLAS is called, so no second thread pool
+    competes for the cores, and every output element is the same chain of fused multiply-adds
+    whichever thread, row group or unit range computes it: serial and parallel runs agree bit for bit.
 
 Input projection
-    ``x W^T + b`` is computed ahead of the recurrence in blocks of
-    ``block_steps`` time steps into the workspace (a block stays in cache
-    until the recurrence reads it).
+    ``x W^T + b`` is computed ahead of the recurrence in blocks of ``block_steps`` time steps into the
+    workspace (a block stays in cache until the recurrence reads it).
 
 State
-    Each direction keeps two padded state rows per sequence, written on
-    alternate steps (step s reads ``state[(s + 1) % 2]`` and writes
-    ``state[s % 2]``), so threads that each write part of a step never
-    overwrite what another still reads.  Finished sequences (step >= length)
-    carry their state forward; y is 0 at their padded steps.
+    Each direction keeps two padded state rows per sequence, written on alternate steps (step s reads
+    ``states[(s + 1) % 2]`` and writes ``states[s % 2]``), so threads that each write part of a step
+    never overwrite what another still reads.  Finished sequences (step >= length) carry their state
+    forward; y is 0 at their padded steps.
 
 Two ways to share a call between threads
-    ``MODE_ROWS``: *units* of (direction, slice of batch rows) are independent
-    for a whole layer: each worker claims units from an atomic counter and
-    runs every time step of its rows.  Layers follow each other: a worker
-    waits until every unit of the previous layer is done.
-    ``MODE_SPLIT``: one sequence (B smaller than the thread count) has no
-    independent rows to hand out, so the unit tiles are split into ``chunks``
-    ranges, and *items* (step, chunk) are claimed through compare-and-swap
-    flags.  A worker runs its own chunk of each step after the previous step
-    is complete (an atomic counter of finished items).  An item still
-    unclaimed when the other worker has finished its own is taken over by
-    that worker at once (its owner is still waking, descheduled on a busy
-    machine, or not run at all); the late worker finds its item taken and
-    rejoins at the next step.  So the scheme cannot deadlock, never depends
-    on how many threads actually run, a lone worker is never kept waiting,
-    and two workers stay in step whenever both run.  Used for
-    linear_before_reset=1, where a step is one    product per chunk.
-
-Kernels take raw addresses (see :mod:`gru_fast._memory`) and build views with
-``carray``; weights live in one flat ``params`` array described by an int64
-``meta`` table built by :mod:`gru_fast.model`; the layout constants below are
-shared with it.
+    ``MODE_ROWS``: *units* of (direction, slice of batch rows) are independent for a whole layer: each
+    worker claims units from an atomic counter and runs every time step of its rows.  Layers follow
+    each other: a worker waits until every unit of the previous layer is done.
+    ``MODE_SPLIT``: one sequence (B smaller than the thread count) has no independent rows to hand
+    out, so the unit tiles are split into ``chunks`` ranges, and *items* (step, chunk) are claimed
+    through compare-and-swap flags.  A worker runs its own chunk of each step after the previous step
+    is complete (an atomic counter of finished items).  An item still unclaimed when the other worker
+    has finished its own is taken over by that worker at once (its owner is still waking, descheduled
+    on a busy machine, or not run at all); the late worker finds its item taken and rejoins at the
+    next step.  So the scheme cannot deadlock, never depends on how many threads actually run, a lone
+    worker is never kept waiting, and two workers stay in step whenever both run.  Used for
+    linear_before_reset=1, where a step is one product per chunk.
 """
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import numpy as np
 from numba import carray, njit, prange
 
 from ._config import JIT, PARALLEL_JIT
 from ._jit import kernel
-from ._math import SIGMOID, TANH, activate, clip_range, like, sigmoid, tanh
+from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HIDDEN, META_INPUT, META_LAYERS,
+                      META_LBR, META_OFFSETS, META_REVERSE, MODE_ROWS, MODE_SPLIT, OFFSET_BHN, OFFSET_BX,
+                      OFFSET_R, OFFSET_W, OFFSETS_PER_BLOCK, PARAM_ACT, PARAM_CLIP, SYNC_DONE, SYNC_STOLEN, UNITS,
+                      direction_offsets, padded_hidden, sync_slots, workspace_layout)
+from ._math import activate, clip_range, like
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
-from ._tiles import (TILE, project1, project4, recur1_all, recur1_n, recur1_zr, recur4_all, recur4_n,
-                     recur4_zr)
+from ._tiles import project1, project4, recur1_all, recur1_n, recur1_zr, recur4_all, recur4_n, recur4_zr
 
-# ---- layout of the int64 ``meta`` table ------------------------------------
-META_LAYERS = 0
-META_DIRECTIONS = 1
-META_HIDDEN = 2
-META_INPUT = 3
-META_LBR = 4
-META_REVERSE = 5  # 1 when the single direction runs backwards (ONNX "reverse")
-META_CODES = 6  # 4 entries: f, g activation codes of direction 0, then direction 1
-META_OFFSETS = 10  # then per (layer, direction): offsets in params of packed W, packed R, b_x, b_hn
-OFFSET_W, OFFSET_R, OFFSET_BX, OFFSET_BHN = 0, 1, 2, 3
-OFFSETS_PER_BLOCK = 4
+__all__ = ["FORWARD", "MODE_ROWS", "MODE_SPLIT"]
 
-# ---- layout of the header of the flat ``params`` array ---------------------
-PARAM_CLIP = 0  # 0 means no clip
-PARAM_ACT = 1  # 4 entries per direction: f alpha, f beta, g alpha, g beta
-PARAM_HEADER = 16  # weights start here (64-byte aligned in float32)
-
-# ---- how a call is shared between threads -----------------------------------
-MODE_ROWS = 0
-MODE_SPLIT = 1
-
-# ---- workspace ---------------------------------------------------------------
-LINE = 8  # int64 counters sit one per 64-byte cache line
-# MODE_SPLIT's counter lines: items done; items taken over from the other worker
-SYNC_DONE, SYNC_STOLEN = 0, 1
-ALIGN = 16  # float blocks start on 64-byte boundaries (in float32 elements)
-UNITS = TILE  # hidden units per unit tile
-GATES = 3 * TILE  # columns per unit tile: z, r, n
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
 
+Config = namedtuple("Config", [
+    "layers", "directions", "hidden", "hidden_padded", "input_size",
+    "lbr",  # linear_before_reset
+    "reverse",  # the single direction runs backwards (ONNX "reverse"); direction 1 always does
+    "clip",  # 0: none
+    "steps", "batch",
+    "step_stride", "row_stride",  # rows of x and y between steps, between sequences
+    "has_h0", "has_lengths",
+    "mode", "chunks", "block_steps",
+])
+"""Sizes and choices of one call, fixed for its duration."""
 
-def meta_size(num_layers: int, num_directions: int) -> int:
-    return META_OFFSETS + OFFSETS_PER_BLOCK * num_layers * num_directions
+Run = namedtuple("Run", [
+    "x",  # (steps * batch, input_size)
+    "y",  # (steps * batch, directions * hidden)
+    "mid0", "mid1",  # (steps * batch, directions * hidden): layer l < layers - 1 writes mid0 (l even) or mid1
+    "h0", "h_n",  # (layers * directions, batch, hidden); h0 has 0 rows without h0
+    "lengths",  # (batch,) int64; empty without lengths
+    "params", "meta",  # the packed model (gru_fast._layout)
+    "workspace",
+    "sync",  # address of the int64 counters and claim flags
+])
+"""Every array of one call, as views."""
 
-
-@kernel
-def padded_hidden(hidden):
-    """H rounded up to whole unit tiles."""
-    return -(-hidden // UNITS) * UNITS
-
-
-@kernel
-def _padded(n):
-    return -(-n // ALIGN) * ALIGN
-
-
-@kernel
-def workspace_layout(steps, batch, hidden, directions, layers, block_steps):
-    """Offsets (in elements) in the float workspace: (mid0, mid1, per-direction base, its size, end).
-
-    ``mid0``/``mid1`` hold the sequences of the layers below the last.  Each direction then has:
-    projected inputs of ``block_steps`` steps for every row (xp), recurrent products (g), r * h
-    (lbr=0) and the two alternating state rows; see :func:`_direction_buffers`.  The caller zeroes the
-    workspace once when it allocates it (padded units then start from 0 and stay finite).  The int64
-    counters and flags live in a separate array (:func:`sync_slots`).
-    """
-    hp = padded_hidden(hidden)
-    n_mid = steps * batch * directions * hidden
-    o_mid0 = 0
-    o_mid1 = o_mid0 + (_padded(n_mid) if layers > 1 else 0)
-    o_dirs = o_mid1 + (_padded(n_mid) if layers > 2 else 0)
-    per_direction = (_padded(block_steps * batch * 3 * hp) + _padded(batch * 3 * hp) + _padded(batch * hp)
-                     + 2 * _padded(batch * hp))
-    return o_mid0, o_mid1, o_dirs, per_direction, o_dirs + directions * per_direction
-
-
-@kernel
-def sync_slots(steps, layers, mode, chunks):
-    """int64 slots of the synchronisation area: 2 counters per layer, then the MODE_SPLIT claim flags."""
-    flags = chunks * steps * layers if mode == MODE_SPLIT else 0
-    return LINE * (2 * layers + 1) + flags
+Layer = namedtuple("Layer", [
+    "index",  # layer * directions + direction: its row of h0 and h_n
+    "reverse",
+    "seq_in", "input_size", "seq_out",
+    "column",  # of its hidden units in seq_out's rows
+    "w_x", "w_h",  # addresses of packed W and R
+    "b_x", "b_hn",  # (3 * hidden_padded,), (hidden_padded,)
+    "xp",  # projected inputs of a block of steps, (block_steps * batch, 3 * hidden_padded)
+    "hr",  # recurrent products h R^T, (batch, 3 * hidden_padded)
+    "rh",  # r * h (linear_before_reset=0), (batch, hidden_padded)
+    "states",  # two (batch, hidden_padded) state rows: step s writes states[s % 2]
+    "f", "g",  # activations: (code, alpha, beta)
+])
+"""One (layer, direction): what it reads and writes, its weights, buffers and activations."""
 
 
-@kernel
-def _matrix(ws, start, rows, cols):
-    """``ws[start : start + rows * cols]`` as a (rows, cols) view.  carray, not ``reshape``: a reshape
+# ---------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------
+
+
+@kernel(inline=True)
+def _matrix(base, start, rows, cols):
+    """``base[start : start + rows * cols]`` as a (rows, cols) view.  carray, not ``reshape``: a reshape
     carries a shape-mismatch error path whose message formatting costs a second of compile time."""
-    return carray(pointer(ws.ctypes.data + start * ws.itemsize, ws[0]), (rows, cols))  # ws[0]: its type
+    return carray(pointer(base.ctypes.data + start * base.itemsize, base[0]), (rows, cols))  # base[0]: its type
 
 
-@kernel
-def _copy(dst, src, lo, hi, at):
-    """dst[at : at + hi - lo] = src[lo:hi] as a loop: a slice assignment carries a shape-mismatch error
-    path whose message formatting costs about a second of compile time."""
-    for j in range(hi - lo):
-        dst[at + j] = src[lo + j]
-
-
-@kernel
-def _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden):
-    """Views of direction d's buffers: xp (block_steps*B, 3Hp), g (B, 3Hp), rh (B, Hp), state (2, B, Hp)."""
-    hp = padded_hidden(hidden)
-    base = o_dirs + d * per_direction
-    o_g = base + _padded(block_steps * batch * 3 * hp)
-    o_rh = o_g + _padded(batch * 3 * hp)
-    o_state = o_rh + _padded(batch * hp)
-    xp = _matrix(ws, base, block_steps * batch, 3 * hp)
-    g = _matrix(ws, o_g, batch, 3 * hp)
-    rh = _matrix(ws, o_rh, batch, hp)
-    s0 = _matrix(ws, o_state, batch, hp)
-    s1 = _matrix(ws, o_state + _padded(batch * hp), batch, hp)
-    return xp, g, rh, s0, s1
-
-
-# ---------------------------------------------------------------------------
-# views over the flat buffers
-# ---------------------------------------------------------------------------
-
-
-@kernel
-def _meta(meta_addr):
+@kernel(inline=True)
+def _records(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+             y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
+    """The entry point's integers as (Config, Run): the one place raw addresses become views."""
     head = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))
-    size = META_OFFSETS + OFFSETS_PER_BLOCK * head[META_LAYERS] * head[META_DIRECTIONS]
-    return carray(pointer(meta_addr, np.int64(0)), (size,))
+    layers, directions, hidden = head[META_LAYERS], head[META_DIRECTIONS], head[META_HIDDEN]
+    meta = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
+    params = carray(pointer(params_addr, marker), (n_params,))
+    cfg = Config(layers, directions, hidden, padded_hidden(hidden), meta[META_INPUT], meta[META_LBR] != 0,
+                 meta[META_REVERSE] != 0, params[PARAM_CLIP], steps, batch, 1 if batch_major else batch,
+                 steps if batch_major else 1, h0_addr != 0, lengths_addr != 0, mode, chunks, block_steps)
+    o_mid0, o_mid1, _, _, end = workspace_layout(steps, batch, hidden, directions, layers, block_steps)
+    workspace = carray(pointer(ws_addr, marker), (end,))
+    rows, width = steps * batch, directions * hidden
+    state_shape = (layers * directions, batch, hidden)
+    run = Run(carray(pointer(x_addr, marker), (rows, cfg.input_size)), carray(pointer(y_addr, marker), (rows, width)),
+              _matrix(workspace, o_mid0, rows if layers > 1 else 0, width),
+              _matrix(workspace, o_mid1, rows if layers > 2 else 0, width), carray(pointer(h0_addr, marker), state_shape if h0_addr != 0 else (0, batch, hidden)),
+              carray(pointer(h_n_addr, marker), state_shape),
+              carray(pointer(lengths_addr, np.int64(0)), (batch if lengths_addr != 0 else 0,)),
+              params, meta, workspace, sync_addr)
+    return cfg, run
 
 
-@kernel
-def _layer_weights(params, meta, layer, d):
-    """Addresses of one (layer, direction)'s packed W and R, and views of b_x (3Hp) and b_hn (Hp)."""
-    hp = padded_hidden(meta[META_HIDDEN])
-    base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * meta[META_DIRECTIONS] + d)
-    o_bx = meta[base + OFFSET_BX]
-    o_bhn = meta[base + OFFSET_BHN]
-    start = params.ctypes.data
-    size = params.itemsize
-    return (start + size * meta[base + OFFSET_W], start + size * meta[base + OFFSET_R],
-            params[o_bx : o_bx + 3 * hp], params[o_bhn : o_bhn + hp])
+@kernel(inline=True)
+def _mid(run, layer):
+    """Where layer ``layer`` (not the last) writes its sequence."""
+    return run.mid0 if layer % 2 == 0 else run.mid1
 
 
-@kernel
+@kernel(inline=True)
+def _layer(cfg, run, layer, d):
+    """The Layer record of (layer, direction d)."""
+    index = layer * cfg.directions + d
+    last = cfg.layers - 1
+    seq_in = run.x if layer == 0 else _mid(run, layer - 1)
+    seq_out = run.y if layer == last else _mid(run, layer)
+    input_size = cfg.input_size if layer == 0 else cfg.directions * cfg.hidden
+    offsets = META_OFFSETS + OFFSETS_PER_BLOCK * index
+    params, meta = run.params, run.meta
+    o_bx, o_bhn = meta[offsets + OFFSET_BX], meta[offsets + OFFSET_BHN]
+    hp = cfg.hidden_padded
+    _, o_mid1, o_dirs, per_direction, _ = workspace_layout(cfg.steps, cfg.batch, cfg.hidden, cfg.directions,
+                                                           cfg.layers, cfg.block_steps)
+    o_xp, o_hr, o_rh, o_state0, o_state1 = direction_offsets(o_dirs + d * per_direction, cfg.block_steps,
+                                                             cfg.batch, cfg.hidden)
+    ws, batch = run.workspace, cfg.batch
+    acts = PARAM_ACT + 4 * d
+    return Layer(index, cfg.reverse or d == 1, seq_in, input_size, seq_out, d * cfg.hidden,
+                 params.ctypes.data + params.itemsize * meta[offsets + OFFSET_W],
+                 params.ctypes.data + params.itemsize * meta[offsets + OFFSET_R],
+                 params[o_bx : o_bx + 3 * hp], params[o_bhn : o_bhn + hp],
+                 _matrix(ws, o_xp, cfg.block_steps * batch, 3 * hp), _matrix(ws, o_hr, batch, 3 * hp),
+                 _matrix(ws, o_rh, batch, hp), (_matrix(ws, o_state0, batch, hp), _matrix(ws, o_state1, batch, hp)),
+                 (meta[META_CODES + 2 * d], params[acts], params[acts + 1]),
+                 (meta[META_CODES + 2 * d + 1], params[acts + 2], params[acts + 3]))
+
+
+@kernel(inline=True)
+def _length(cfg, run, b):
+    """Valid steps of sequence b."""
+    return run.lengths[b] if cfg.has_lengths else cfg.steps
+
+
+@kernel(inline=True)
 def _time_of(s, n_valid, reverse):
     """The time index of step s of a sequence of n_valid steps (a reverse direction starts at its end)."""
     if s >= n_valid:
@@ -217,214 +198,161 @@ def _time_of(s, n_valid, reverse):
     return n_valid - 1 - s if reverse else s
 
 
-@kernel
-def _length(lengths, has_lengths, b, steps):
-    return lengths[b] if has_lengths else steps
+@kernel(inline=True)
+def _copy(dst, src, lo, hi, at):
+    """dst[at : at + hi - lo] = src[lo:hi] as a loop: a slice assignment carries a shape-mismatch error
+    path whose message formatting costs about a second of compile time."""
+    for j in range(hi - lo):
+        dst[at + j] = src[lo + j]
 
 
 # ---------------------------------------------------------------------------
 # products
 # ---------------------------------------------------------------------------
 
+# what a product computes (gru_fast._tiles): x W^T + b_x, h R^T, h R_zr^T, (r * h) R_n^T
+PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 
-@kernel
+
+@kernel(inline=True)
 def _addr(row, col):
     """Address of element ``col`` of a 1-D view."""
     return row.ctypes.data + col * row.itemsize
 
 
-# what a product computes (gru_fast._tiles): x W^T + b_x, h R^T, h R_zr^T, (r * h) R_n^T
-PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
-
-
 @kernel
-def _gemm(kind, c0, c1, c2, c3, a0, a1, a2, a3, w, bias, k, u0, u1, rows, marker):
-    """Product ``kind`` into rows c_m[48*u0 : 48*u1] for ``rows`` (1 or 4) rows a_m (K = k values)."""
+def _gemm(kind, rows, c, a, w, bias, k, u0, u1):
+    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1 or 4)
+    of the four (c, a) pairs."""
     n = u1 - u0
     if n <= 0:
         return
-    col = GATES * u0
-    w_at = w + GATES * u0 * k * c0.itemsize  # group u0: K rows of 48
+    col = GROUP_COLUMNS * u0
+    marker = c[0][0]  # the float type
+    w_at = w + GROUP_COLUMNS * u0 * k * c[0].itemsize  # group u0: K rows of 48
     b_at = _addr(bias, col)
+    c0, c1, c2, c3 = _addr(c[0], col), _addr(c[1], col), _addr(c[2], col), _addr(c[3], col)
+    a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
     if rows == 4:
-        c0_, c1_, c2_, c3_ = _addr(c0, col), _addr(c1, col), _addr(c2, col), _addr(c3, col)
-        x0, x1, x2, x3 = a0.ctypes.data, a1.ctypes.data, a2.ctypes.data, a3.ctypes.data
         if kind == PROJECT:
-            project4(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+            project4(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
         elif kind == RECUR:
-            recur4_all(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+            recur4_all(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
         elif kind == RECUR_ZR:
-            recur4_zr(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+            recur4_zr(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
         else:
-            recur4_n(c0_, c1_, c2_, c3_, x0, x1, x2, x3, w_at, b_at, k, n, marker)
+            recur4_n(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
     elif kind == PROJECT:
-        project1(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+        project1(c0, a0, w_at, b_at, k, n, marker)
     elif kind == RECUR:
-        recur1_all(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+        recur1_all(c0, a0, w_at, b_at, k, n, marker)
     elif kind == RECUR_ZR:
-        recur1_zr(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+        recur1_zr(c0, a0, w_at, b_at, k, n, marker)
     else:
-        recur1_n(_addr(c0, col), a0.ctypes.data, w_at, b_at, k, n, marker)
+        recur1_n(c0, a0, w_at, b_at, k, n, marker)
 
 
-@kernel
-def _last_rows(n, i):
+@kernel(inline=True)
+def _four_of(n, i):
     """Rows i..i+3 for a four-row product; past the last of n rows, the last one again.  Two or three
-    left-over rows cost one four-row pass (compute-bound, ~57 GMAC/s) instead of two or three one-row
-    passes (bandwidth-bound, ~25 GMAC/s); a repeated row computes the same values into the same place."""
+    left-over rows cost one four-row pass (compute-bound) instead of two or three one-row passes
+    (bandwidth-bound); a repeated row computes the same values into the same place."""
     last = n - 1
     return min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last)
 
 
 @kernel
-def _project(seq_in, w, b_x, xp, s0, s1, b0, b1, batch, st, sb, lengths, has_lengths, steps, reverse, n_in, u0, u1,
-             marker):
-    """xp[(s - s0) * B + b, tiles u0..u1] = seq_in[row(t(s, b), b)] @ W + b_x for s in [s0, s1), b in [b0, b1)."""
+def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
+    """xp[(s - block_start) * B + b, tiles u0..u1] = x_row(s, b) @ W + b_x for steps s in
+    [block_start, block_end) and rows b in [b0, b1), four (step, row) pairs at a time."""
     rows = b1 - b0
-    n = (s1 - s0) * rows  # the (step, row) pairs of the block, taken four at a time whatever B is
+    n = (block_end - block_start) * rows
     i = 0
     while i < n:
-        if n - i == 1:
-            x0 = _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse)
-            o0 = xp[_xp_row(i, s0, b0, rows, batch)]
-            _gemm(PROJECT, o0, o0, o0, o0, x0, x0, x0, x0, w, b_x, n_in, u0, u1, 1, marker)
-            break
-        i0, i1, i2, i3 = _last_rows(n, i)
-        _gemm(PROJECT, xp[_xp_row(i0, s0, b0, rows, batch)], xp[_xp_row(i1, s0, b0, rows, batch)],
-              xp[_xp_row(i2, s0, b0, rows, batch)], xp[_xp_row(i3, s0, b0, rows, batch)],
-              _input_row(seq_in, i0, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
-              _input_row(seq_in, i1, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
-              _input_row(seq_in, i2, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
-              _input_row(seq_in, i3, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse),
-              w, b_x, n_in, u0, u1, 4, marker)
+        count = 1 if n - i == 1 else 4
+        i0, i1, i2, i3 = _four_of(n, i)
+        c = (lv.xp[_xp_row(cfg, i0, b0, rows)], lv.xp[_xp_row(cfg, i1, b0, rows)],
+             lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
+        a = (_input_row(cfg, run, lv, i0, block_start, b0, rows), _input_row(cfg, run, lv, i1, block_start, b0, rows),
+             _input_row(cfg, run, lv, i2, block_start, b0, rows), _input_row(cfg, run, lv, i3, block_start, b0, rows))
+        _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, u0, u1)
         i += 4
 
 
-@kernel
-def _xp_row(i, s0, b0, rows, batch):
-    """Row of xp holding pair i of a block: step s0 + i // rows, batch row b0 + i % rows."""
-    return (i // rows) * batch + b0 + i % rows
+@kernel(inline=True)
+def _xp_row(cfg, i, b0, rows):
+    """Row of xp holding pair i of a block: (step i // rows of the block, batch row b0 + i % rows)."""
+    return (i // rows) * cfg.batch + b0 + i % rows
 
 
-@kernel
-def _input_row(seq_in, i, s0, b0, rows, st, sb, lengths, has_lengths, steps, reverse):
+@kernel(inline=True)
+def _input_row(cfg, run, lv, i, block_start, b0, rows):
     """The input row of pair i of a block (see _xp_row)."""
-    s = s0 + i // rows
+    s = block_start + i // rows
     b = b0 + i % rows
-    return seq_in[_time_of(s, _length(lengths, has_lengths, b, steps), reverse) * st + b * sb]
+    return lv.seq_in[_time_of(s, _length(cfg, run, b), lv.reverse) * cfg.step_stride + b * cfg.row_stride]
 
 
 @kernel
-def _products(kind, g, rows_in, b0, b1, w, hidden, u0, u1, marker):
-    """g[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
+def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1):
+    """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
     b = b0
     while b < b1:
-        if b1 - b == 1:
-            _gemm(kind, g[b], g[b], g[b], g[b], rows_in[b], rows_in[b], rows_in[b], rows_in[b], w, g[b], hidden,
-                  u0, u1, 1, marker)
-            break
-        i0, i1, i2, i3 = _last_rows(b1 - b0, b - b0)
+        count = 1 if b1 - b == 1 else 4
+        i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
         r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
-        _gemm(kind, g[r0], g[r1], g[r2], g[r3], rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3], w, g[r0],
-              hidden, u0, u1, 4, marker)
+        _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]), (rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3]),
+              w, hr[r0], k, u0, u1)
         b += 4
 
 
 # ---------------------------------------------------------------------------
-# gates, one unit tile (16 units, 48 columns) at a time
+# the cell, one unit tile (16 units, 48 columns) at a time
 # ---------------------------------------------------------------------------
 
 
-@kernel
-def _tiles(row, u0, u1, gates):
-    """Unit tiles u0..u1 of a row as a (tiles, gates, 16) view (gates 3: xp, g; 1: states, b_hn).
+@kernel(inline=True)
+def _unit_tiles(row, u0, u1, width):
+    """Unit tiles u0..u1 of a row as a (tiles, width, 16) view (width 3: xp, hr; 1: states, b_hn, rh).
 
     Views indexed from 0 by loop counters: with ``range(lo, hi)`` or a slice per tile, Numba must allow
     a negative index (the wrap-around select stops LLVM from vectorising) or builds a view per tile (at
     B=64 that cost a fifth of the call)."""
-    start = row.ctypes.data + gates * UNITS * u0 * row.itemsize
-    return carray(pointer(start, row[0]), (u1 - u0, gates, UNITS))  # row[0]: only its type is used
+    start = row.ctypes.data + width * UNITS * u0 * row.itemsize
+    return carray(pointer(start, row[0]), (u1 - u0, width, UNITS))  # row[0]: only its type is used
 
 
-@kernel
-def _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip):
-    """z and r of unit tile u in place in g3, for any activation and clip (the general, slower path)."""
-    gz, gr = g3[u, 0], g3[u, 1]
+@kernel(inline=True)
+def _activated(v, act, clip):
+    """v = act(clip(v)) in place (``act`` = (code, alpha, beta); the branch on the code is taken once per
+    16 lanes, so each activation's loop vectorises)."""
+    clip_range(v, clip)
+    activate(v, act[0], act[1], act[2])
+
+
+@kernel(inline=True)
+def _gates_zr(x3, hr3, u, f, clip):
+    """z and r of unit tile u, in place of its h R_zr^T in hr3: f(x W^T + b + h R^T).  Its z and r tiles
+    are 32 adjacent values, activated as one row."""
+    zr = carray(pointer(hr3[u, 0].ctypes.data, hr3[0, 0, 0]), (2 * UNITS,))
     for j in range(UNITS):
-        gz[j] += x3[u, 0, j]
-        gr[j] += x3[u, 1, j]
-    clip_range(gz, clip)
-    clip_range(gr, clip)
-    activate(gz, f, f_alpha, f_beta)
-    activate(gr, f, f_alpha, f_beta)
+        zr[j] += x3[u, 0, j]
+        zr[UNITS + j] += x3[u, 1, j]
+    _activated(zr, f, clip)
 
 
-@kernel
-def _gates_after_reset(xp, g, b_hn, h_prev, h_new, u0, u1, f, f_alpha, f_beta, gc, g_alpha, g_beta, clip):
-    """linear_before_reset=1: ``g`` holds h R^T for all three gates; write h' of unit tiles u0..u1."""
+@kernel(inline=True)
+def _new_state(x3, hr3, b_hn3, h_prev3, h_new3, u, lbr, g, clip):
+    """h' of unit tile u, z and r in hr3 (see _gates_zr) and, in its n tile, h R_n^T (linear_before_reset=1)
+    or (r * h) R_n^T (linear_before_reset=0, where b_hn is 0 and r is already applied)."""
     one = like(clip, 1.0)
-    x3, g3 = _tiles(xp, u0, u1, 3), _tiles(g, u0, u1, 3)
-    bn, hp, hn = _tiles(b_hn, u0, u1, 1), _tiles(h_prev, u0, u1, 1), _tiles(h_new, u0, u1, 1)
-    if f == SIGMOID and gc == TANH and clip == 0:
-        for u in range(u1 - u0):
-            for j in range(UNITS):
-                z = sigmoid(x3[u, 0, j] + g3[u, 0, j])
-                r = sigmoid(x3[u, 1, j] + g3[u, 1, j])
-                n = tanh(x3[u, 2, j] + r * (g3[u, 2, j] + bn[u, 0, j]))
-                hn[u, 0, j] = (one - z) * n + z * hp[u, 0, j]
-        return
-    for u in range(u1 - u0):  # any other activations or clip: one pass per step of the equations
-        _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip)
-        gz, gr, gn = g3[u, 0], g3[u, 1], g3[u, 2]
-        for j in range(UNITS):
-            gn[j] = x3[u, 2, j] + gr[j] * (gn[j] + bn[u, 0, j])
-        clip_range(gn, clip)
-        activate(gn, gc, g_alpha, g_beta)
-        for j in range(UNITS):
-            z = gz[j]
-            hn[u, 0, j] = (one - z) * gn[j] + z * hp[u, 0, j]
-
-
-@kernel
-def _update_and_reset_gates(xp, g, h_prev, rh, n_tiles, f, f_alpha, f_beta, clip):
-    """linear_before_reset=0, first half: ``g`` holds h R_zr^T in its z and r tiles; leave z there and
-    r * h in ``rh``."""
-    x3, g3 = _tiles(xp, 0, n_tiles, 3), _tiles(g, 0, n_tiles, 3)
-    hp, r_h = _tiles(h_prev, 0, n_tiles, 1), _tiles(rh, 0, n_tiles, 1)
-    if f == SIGMOID and clip == 0:
-        for u in range(n_tiles):
-            for j in range(UNITS):
-                g3[u, 0, j] = sigmoid(x3[u, 0, j] + g3[u, 0, j])
-                r_h[u, 0, j] = sigmoid(x3[u, 1, j] + g3[u, 1, j]) * hp[u, 0, j]
-        return
-    for u in range(n_tiles):
-        _update_and_reset_tile(x3, g3, u, f, f_alpha, f_beta, clip)
-        for j in range(UNITS):
-            r_h[u, 0, j] = g3[u, 1, j] * hp[u, 0, j]
-
-
-@kernel
-def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, clip):
-    """linear_before_reset=0, second half: the n tiles of ``g`` hold (r * h) R_n^T, the z tiles z."""
-    one = like(clip, 1.0)
-    x3, g3 = _tiles(xp, 0, n_tiles, 3), _tiles(g, 0, n_tiles, 3)
-    hp, hn = _tiles(h_prev, 0, n_tiles, 1), _tiles(h_new, 0, n_tiles, 1)
-    if gc == TANH and clip == 0:
-        for u in range(n_tiles):
-            for j in range(UNITS):
-                z = g3[u, 0, j]
-                hn[u, 0, j] = (one - z) * tanh(x3[u, 2, j] + g3[u, 2, j]) + z * hp[u, 0, j]
-        return
-    for u in range(n_tiles):
-        gn = g3[u, 2]
-        for j in range(UNITS):
-            gn[j] += x3[u, 2, j]
-        clip_range(gn, clip)
-        activate(gn, gc, g_alpha, g_beta)
-        for j in range(UNITS):
-            z = g3[u, 0, j]
-            hn[u, 0, j] = (one - z) * gn[j] + z * hp[u, 0, j]
+    z, r, n = hr3[u, 0], hr3[u, 1], hr3[u, 2]
+    for j in range(UNITS):
+        n[j] = x3[u, 2, j] + (r[j] if lbr else one) * (n[j] + b_hn3[u, 0, j])
+    _activated(n, g, clip)
+    for j in range(UNITS):
+        h_new3[u, 0, j] = (one - z[j]) * n[j] + z[j] * h_prev3[u, 0, j]
 
 
 # ---------------------------------------------------------------------------
@@ -433,106 +361,80 @@ def _candidate_and_state(xp, g, h_prev, h_new, n_tiles, gc, g_alpha, g_beta, cli
 
 
 @kernel
-def _begin(layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, states, hidden,
-           directions, marker):
+def _begin(cfg, run, lv, b0, b1, u0, u1):
     """Before step 0: the state rows read by step 0 hold h0 (or zeros) for these units; y is 0 at every
     padded step of these rows (PackedSequence)."""
-    lo, hi = UNITS * u0, min(UNITS * u1, hidden)
-    zero = like(marker, 0.0)
-    col = d * hidden
-    before = states[1]  # step 0 reads state[(0 + 1) % 2]
+    lo, hi = UNITS * u0, min(UNITS * u1, cfg.hidden)
+    zero = like(cfg.clip, 0.0)
+    before = lv.states[1]  # step 0 reads states[(0 + 1) % 2]
     for b in range(b0, b1):
-        if has_h0:
-            _copy(before[b], h0[layer * directions + d, b], lo, hi, lo)
+        if cfg.has_h0:
+            _copy(before[b], run.h0[lv.index, b], lo, hi, lo)
         else:
             before[b, lo:hi] = zero
-        for t in range(_length(lengths, has_lengths, b, steps), steps):
-            seq_out[t * st + b * sb, col + lo : col + hi] = zero
+        for t in range(_length(cfg, run, b), cfg.steps):
+            lv.seq_out[t * cfg.step_stride + b * cfg.row_stride, lv.column + lo : lv.column + hi] = zero
 
 
 @kernel
-def _advance(s, layer, d, b0, b1, u0, u1, steps, st, sb, lengths, has_lengths, reverse, seq_in, n_in, seq_out, h0,
-             has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, directions, lbr, codes, acts,
-             clip, marker):
+def _advance(cfg, run, lv, s, b0, b1, u0, u1):
     """Step s of rows b0..b1, unit tiles u0..u1: project a new block of steps when s starts one, then the
     recurrent product and the gates; write y, the state rows of step s and, after the last step, h_n."""
-    xp, g, rh, state0, state1 = bufs
-    f, gc = codes[2 * d], codes[2 * d + 1]
-    f_alpha, f_beta, g_alpha, g_beta = acts[4 * d], acts[4 * d + 1], acts[4 * d + 2], acts[4 * d + 3]
-    s0 = s - s % block_steps
-    if s == s0:
-        _project(seq_in, w_x, b_x, xp, s0, min(steps, s0 + block_steps), b0, b1, batch, st, sb, lengths,
-                 has_lengths, steps, reverse, n_in, u0, u1, marker)
-    prev = state1 if s % 2 == 0 else state0
-    new = state0 if s % 2 == 0 else state1
+    block_start = s - s % cfg.block_steps
+    if s == block_start:
+        _project(cfg, run, lv, block_start, min(cfg.steps, block_start + cfg.block_steps), b0, b1, u0, u1)
+    prev, new = lv.states[(s + 1) % 2], lv.states[s % 2]
     # The product reads the H real units of h_{s-1}: the previous state rows, but at step 0 h0 itself
     # (another thread may still be copying its units of h0 into the state rows); zero without h0.
-    lo, hi = UNITS * u0, min(UNITS * u1, hidden)
-    first = s == 0
-    if first and not has_h0:
-        g[b0:b1, GATES * u0 : GATES * u1] = like(marker, 0.0)
+    lo, hi = UNITS * u0, min(UNITS * u1, cfg.hidden)
+    hr = lv.hr
+    if s == 0 and not cfg.has_h0:
+        hr[b0:b1, GROUP_COLUMNS * u0 : GROUP_COLUMNS * u1] = like(cfg.clip, 0.0)
     else:
-        _products(RECUR if lbr else RECUR_ZR, g, h0[layer * directions + d] if first else prev, b0, b1, w_h, hidden,
-                  u0, u1, marker)
-    base = (s - s0) * batch
-    col = d * hidden
-    n_tiles = u1 - u0
-    if not lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
-        for b in range(b0, b1):
-            _update_and_reset_gates(xp[base + b], g[b], prev[b], rh[b], n_tiles, f, f_alpha, f_beta, clip)
-        _products(RECUR_N, g, rh, b0, b1, w_h, hidden, u0, u1, marker)
+        _products(RECUR if cfg.lbr else RECUR_ZR, hr, run.h0[lv.index] if s == 0 else prev, b0, b1, lv.w_h,
+                  cfg.hidden, u0, u1)
+    base = (s - block_start) * cfg.batch
+    tiles = u1 - u0
     for b in range(b0, b1):
-        n_valid = _length(lengths, has_lengths, b, steps)
+        x3, hr3 = _unit_tiles(lv.xp[base + b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
+        h_prev3, rh3 = _unit_tiles(prev[b], u0, u1, 1), _unit_tiles(lv.rh[b], u0, u1, 1)
+        for u in range(tiles):
+            _gates_zr(x3, hr3, u, lv.f, cfg.clip)
+            if not cfg.lbr:
+                for j in range(UNITS):
+                    rh3[u, 0, j] = hr3[u, 1, j] * h_prev3[u, 0, j]
+    if not cfg.lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
+        _products(RECUR_N, hr, lv.rh, b0, b1, lv.w_h, cfg.hidden, u0, u1)
+    b_hn3 = _unit_tiles(lv.b_hn, u0, u1, 1)
+    for b in range(b0, b1):
+        n_valid = _length(cfg, run, b)
         if s >= n_valid:
             _copy(new[b], prev[b], lo, hi, lo)  # a finished sequence carries its state
             continue
-        if lbr:
-            _gates_after_reset(xp[base + b], g[b], b_hn, prev[b], new[b], u0, u1, f, f_alpha, f_beta, gc, g_alpha,
-                               g_beta, clip)
-        else:
-            _candidate_and_state(xp[base + b], g[b], prev[b], new[b], n_tiles, gc, g_alpha, g_beta, clip)
-        _copy(seq_out[_time_of(s, n_valid, reverse) * st + b * sb], new[b], lo, hi, col + lo)
-    if s == steps - 1:
+        x3, hr3 = _unit_tiles(lv.xp[base + b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
+        h_prev3, h_new3 = _unit_tiles(prev[b], u0, u1, 1), _unit_tiles(new[b], u0, u1, 1)
+        for u in range(tiles):
+            _new_state(x3, hr3, b_hn3, h_prev3, h_new3, u, cfg.lbr, lv.g, cfg.clip)
+        _copy(lv.seq_out[_time_of(s, n_valid, lv.reverse) * cfg.step_stride + b * cfg.row_stride], new[b], lo, hi,
+              lv.column + lo)
+    if s == cfg.steps - 1:
         for b in range(b0, b1):
-            _copy(h_n[layer * directions + d, b], new[b], lo, hi, lo)
+            _copy(run.h_n[lv.index, b], new[b], lo, hi, lo)
 
 
-@kernel
-def _layer_views(layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps,
-                 batch, block_steps):
-    """What a layer reads and writes, and direction d's weights and buffers."""
-    layers = meta[META_LAYERS]
-    hidden = meta[META_HIDDEN]
-    width = meta[META_DIRECTIONS] * hidden
-    rows = steps * batch
-    if layer == 0:
-        n_in = meta[META_INPUT]
-        seq_in = carray(pointer(x_addr, marker), (rows, n_in))
-    else:
-        n_in = width
-        seq_in = _layer_output(layer - 1, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
-    seq_out = _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker)
-    w_x, w_h, b_x, b_hn = _layer_weights(params, meta, layer, d)
-    bufs = _direction_buffers(ws, o_dirs, per_direction, d, block_steps, batch, hidden)
-    return seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs
+# ---------------------------------------------------------------------------
+# sharing a call between workers
+# ---------------------------------------------------------------------------
 
 
-@kernel
-def _layer_output(layer, layers, ws, o_mid0, o_mid1, rows, width, y_addr, marker):
-    """Where a layer writes its sequence: y for the last layer, else one of two alternating buffers."""
-    if layer == layers - 1:
-        return carray(pointer(y_addr, marker), (rows, width))
-    return _matrix(ws, o_mid0 if layer % 2 == 0 else o_mid1, rows, width)
-
-
-@kernel
-def _chunk_tiles(hidden, chunks, c):
+@kernel(inline=True)
+def _chunk_tiles(cfg, c):
     """Unit tiles [u0, u1) of chunk c: whole tiles, so chunks share no cache line."""
-    tiles = padded_hidden(hidden) // UNITS
-    return c * tiles // chunks, (c + 1) * tiles // chunks
+    tiles = cfg.hidden_padded // UNITS
+    return c * tiles // cfg.chunks, (c + 1) * tiles // cfg.chunks
 
 
-@kernel
+@kernel(inline=True)
 def _back_off(spins):
     """One round of a spin-wait: ``pause`` at first, then give the core away (the awaited thread may be
     descheduled on a busy machine, and spinning would keep it off the core)."""
@@ -542,126 +444,78 @@ def _back_off(spins):
         yield_cpu()
 
 
-# ---------------------------------------------------------------------------
-# forward over whole sequences
-# ---------------------------------------------------------------------------
+@kernel(inline=True)
+def _sync_line(run, line):
+    """Address of int64 counter ``line`` of the synchronisation area (one per cache line)."""
+    return run.sync + 8 * LINE * line
 
 
-def _make_worker(split):
-    """A worker, with (``split`` True, for the parallel entry points) or without MODE_SPLIT.  ``split`` is
-    a constant of the closure, so Numba prunes the branch before typing it: a serial first call does
-    not compile a split step (a serial call never runs MODE_SPLIT)."""
-
-    def worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
-        """Everything one worker does in a forward call (worker 0 alone does it all in a serial call)."""
-        meta = _meta(meta_addr)
-        params = carray(pointer(params_addr, marker), (n_params,))
-        layers = meta[META_LAYERS]
-        directions = meta[META_DIRECTIONS]
-        hidden = meta[META_HIDDEN]
-        lbr = meta[META_LBR] != 0
-        codes = meta[META_CODES : META_CODES + 4]
-        acts = params[PARAM_ACT : PARAM_ACT + 8]
-        clip = params[PARAM_CLIP]
-        st = 1 if batch_major else batch
-        sb = steps if batch_major else 1
-        o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
-                                                                      block_steps)
-        ws = carray(pointer(ws_addr, marker), (end,))
-        has_h0 = h0_addr != 0
-        has_lengths = lengths_addr != 0
-        lengths = carray(pointer(lengths_addr if has_lengths else meta_addr, np.int64(0)), (batch if has_lengths else 1,))
-        h_n = carray(pointer(h_n_addr, marker), (layers * directions, batch, hidden))
-        h0 = carray(pointer(h0_addr if has_h0 else h_n_addr, marker), (layers * directions, batch, hidden))
-        reverse_only = meta[META_REVERSE] != 0
-
-        if split and mode == MODE_SPLIT:  # ``split``: see _make_worker
-            total = layers * steps
-            done = sync_addr + 8 * LINE * SYNC_DONE  # items finished, all layers
-            stolen = sync_addr + 8 * LINE * SYNC_STOLEN  # items a worker took from the other's chunk
-            flags = sync_addr + 8 * LINE * (2 * layers + 1)  # flags[c * total + g]: item claimed
-            own = w % chunks
-            for g in range(total + 1):
-                # Every item of the previous step (or layer) must be complete.  An item of that step nobody
-                # has claimed by the time this worker finished its own belongs to a worker that is not
-                # keeping up (still waking, descheduled, or not run at all): take it now.  Claimed items are
-                # being computed: wait for them.  A late worker finds its items taken and rejoins at the
-                # next step, so the two stay in step whenever both run, and one alone is never blocked.
-                spins = 0
-                while atomic_load(done) < g * chunks:
-                    for c in range(chunks):
-                        if g > 0 and atomic_cas(flags + 8 * (c * total + g - 1), 0, 1):
-                            _split_item(g - 1, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                                        per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0,
-                                        has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip)
-                            atomic_add(done, 1)
-                            atomic_add(stolen, 1)
-                    spins += 1
-                    _back_off(spins)  # a thread sharing this core must be able to run
-                if g < total and atomic_cas(flags + 8 * (own * total + g), 0, 1):
-                    _split_item(g, own, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs,
-                                per_direction, steps, batch, st, sb, lengths, has_lengths, reverse_only, h0, has_h0,
-                                h_n, block_steps, chunks, lbr, codes, acts, clip)
-                    atomic_add(done, 1)
-            return
-
-        units = directions * chunks
-        tiles = padded_hidden(hidden) // UNITS
-        for layer in range(layers):
-            if layer > 0:
-                # every unit of the previous layer has been claimed by a running worker: wait until all are done
-                spins = 0
-                while atomic_load(sync_addr + 8 * LINE * (2 * layer - 1)) < units:
-                    spins += 1
-                    _back_off(spins)
-            while True:
-                u = atomic_add(sync_addr + 8 * LINE * (2 * layer), 1)
-                if u >= units:
-                    break
-                d = u // chunks
-                c = u % chunks
-                b0 = c * batch // chunks
-                b1 = (c + 1) * batch // chunks
-                if b1 > b0:
-                    seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
-                        layer, d, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction,
-                        steps, batch, block_steps)
-                    reverse = reverse_only or d == 1
-                    _begin(layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:],
-                           hidden, directions, marker)
-                    for s in range(steps):
-                        _advance(s, layer, d, b0, b1, 0, tiles, steps, st, sb, lengths, has_lengths, reverse, seq_in,
-                                 n_in, seq_out, h0, has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden,
-                                 directions, lbr, codes, acts, clip, marker)
-                atomic_add(sync_addr + 8 * LINE * (2 * layer + 1), 1)
-
-    worker.__name__ = worker.__qualname__ = f"_worker_{'split' if split else 'rows'}"  # distinct cache entries
-    return kernel(worker)
-
-
-@kernel
-def _split_item(g, c, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps, batch,
-                st, sb, lengths, has_lengths, reverse, h0, has_h0, h_n, block_steps, chunks, lbr, codes, acts, clip):
-    """Item (global step g, chunk c) of MODE_SPLIT (one direction); g counts the steps of every layer."""
-    hidden = meta[META_HIDDEN]
-    layer = g // steps
-    s = g % steps
-    u0, u1 = _chunk_tiles(hidden, chunks, c)
+@kernel(inline=True)
+def _split_item(cfg, run, item, c):
+    """Item (global step ``item``, chunk c) of MODE_SPLIT (one direction); items count the steps of every
+    layer."""
+    layer, s = item // cfg.steps, item % cfg.steps
+    u0, u1 = _chunk_tiles(cfg, c)
     if u1 <= u0:
         return
-    seq_in, n_in, seq_out, w_x, w_h, b_x, b_hn, bufs = _layer_views(
-        layer, 0, marker, params, meta, x_addr, y_addr, ws, o_mid0, o_mid1, o_dirs, per_direction, steps, batch,
-        block_steps)
+    lv = _layer(cfg, run, layer, 0)
     if s == 0:
-        _begin(layer, 0, 0, batch, u0, u1, steps, st, sb, lengths, has_lengths, h0, has_h0, seq_out, bufs[3:], hidden,
-               1, marker)
-    _advance(s, layer, 0, 0, batch, u0, u1, steps, st, sb, lengths, has_lengths, reverse, seq_in, n_in, seq_out, h0,
-             has_h0, h_n, bufs, w_x, w_h, b_x, b_hn, block_steps, batch, hidden, 1, lbr, codes, acts, clip, marker)
+        _begin(cfg, run, lv, 0, cfg.batch, u0, u1)
+    _advance(cfg, run, lv, s, 0, cfg.batch, u0, u1)
 
 
-_worker_rows = _make_worker(False)
-_worker_split = _make_worker(True)
+@kernel(inline=True)
+def _run_split(cfg, run, w):
+    """Worker w's part of a MODE_SPLIT call (see the module docstring)."""
+    total = cfg.layers * cfg.steps
+    done = _sync_line(run, SYNC_DONE)  # items finished, all layers
+    stolen = _sync_line(run, SYNC_STOLEN)  # items a worker took from the other's chunk
+    flags = _sync_line(run, 2 * cfg.layers + 1)  # flags[c * total + item]: item claimed
+    own = w % cfg.chunks
+    for item in range(total + 1):
+        # Every item of the previous step (or layer) must be complete.  An item of that step nobody has
+        # claimed by the time this worker finished its own belongs to a worker that is not keeping up
+        # (still waking, descheduled, or not run at all): take it now.  Claimed items are being
+        # computed: wait for them.  A late worker finds its items taken and rejoins at the next step, so
+        # the two stay in step whenever both run, and one alone is never blocked.
+        spins = 0
+        while atomic_load(done) < item * cfg.chunks:
+            for c in range(cfg.chunks):
+                if item > 0 and atomic_cas(flags + 8 * (c * total + item - 1), 0, 1):
+                    _split_item(cfg, run, item - 1, c)
+                    atomic_add(done, 1)
+                    atomic_add(stolen, 1)
+            spins += 1
+            _back_off(spins)  # a thread sharing this core must be able to run
+        if item < total and atomic_cas(flags + 8 * (own * total + item), 0, 1):
+            _split_item(cfg, run, item, own)
+            atomic_add(done, 1)
+
+
+@kernel(inline=True)
+def _run_rows(cfg, run):
+    """A worker's part of a MODE_ROWS call: claim units (direction, slice of rows) layer by layer."""
+    units = cfg.directions * cfg.chunks
+    tiles = cfg.hidden_padded // UNITS
+    for layer in range(cfg.layers):
+        if layer > 0:
+            # every unit of the previous layer has been claimed by a running worker: wait until all are done
+            spins = 0
+            while atomic_load(_sync_line(run, 2 * layer - 1)) < units:
+                spins += 1
+                _back_off(spins)
+        while True:
+            unit = atomic_add(_sync_line(run, 2 * layer), 1)
+            if unit >= units:
+                break
+            d, c = unit // cfg.chunks, unit % cfg.chunks
+            b0, b1 = c * cfg.batch // cfg.chunks, (c + 1) * cfg.batch // cfg.chunks
+            if b1 > b0:
+                lv = _layer(cfg, run, layer, d)
+                _begin(cfg, run, lv, b0, b1, 0, tiles)
+                for s in range(cfg.steps):
+                    _advance(cfg, run, lv, s, b0, b1, 0, tiles)
+            atomic_add(_sync_line(run, 2 * layer + 1), 1)
 
 
 @kernel
@@ -673,31 +527,44 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
     sync[:] = 0
 
 
+@kernel
+def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+            y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
+    """Worker w's whole share of a parallel call.  The records are built here, inside the parallel loop's
+    body: Numba's parfor passes cannot take them into the loop, nor analyse this function inlined there."""
+    cfg, run = _records(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+                        lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
+    if mode == MODE_SPLIT:
+        _run_split(cfg, run, w)
+    else:
+        _run_rows(cfg, run)
+
+
 def _make_forward(parallel, dtype):
     """Build a forward entry point.  One per (serial | parallel, float32 | float64), each compiled on its
     first call only: the float type is fixed here, not passed, which also keeps every argument a plain
-    integer (Numba's dispatcher checks those fastest: about 0.4 us for the 17 arguments)."""
-    loop = prange if parallel else range
+    integer (Numba's dispatcher checks those fastest).  The serial one runs MODE_ROWS with one worker and
+    never compiles MODE_SPLIT."""
     float_type = np.float32 if dtype == np.float32 else np.float64
-    split = parallel  # a bool of the closure (it keys the cache entry stably): the serial entry never splits
 
-    def forward(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-                y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+    def forward_parallel(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+                         y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
         """Run every layer: ``workers`` workers share the call (see the module docstring)."""
-        marker = float_type(0)
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
-        for w in loop(workers):
-            if split:
-                _worker_split(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
-                              h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
-                              block_steps, workers)
-            else:
-                _worker_rows(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
-                             h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
-                             block_steps, workers)
+        for w in prange(workers):
+            _worker(w, float_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
 
-    name = f"forward_{'parallel' if parallel else 'serial'}_{np.dtype(dtype).name}"
-    forward.__name__ = forward.__qualname__ = name
+    def forward_serial(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+                       y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
+        """Run every layer in this thread (``mode`` is MODE_ROWS, ``chunks`` and ``workers`` 1)."""
+        _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
+        cfg, run = _records(float_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
+                            h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
+        _run_rows(cfg, run)
+
+    forward = forward_parallel if parallel else forward_serial
+    forward.__name__ = forward.__qualname__ = f"{forward.__name__}_{np.dtype(dtype).name}"
     return njit(**(PARALLEL_JIT if parallel else JIT))(forward)
 
 

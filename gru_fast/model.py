@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import kernels
+from . import _layout, kernels
 from ._config import parallel_threads
 from ._memory import address
 from ._validate import as_float_array, as_in_place_array, as_lengths, check_no_overlap, check_out_array
@@ -194,75 +194,12 @@ def _as_dtype(dtype) -> np.dtype:
     return resolved
 
 
-def _pack_into(dst, m, hidden):
-    """Write ``m`` (3H, K) -- ONNX's gate-blocked rows z | r | n: ``W[d]``, ``R[d]`` or a bias as one
-    column -- into ``dst`` (zeroed, Hp/16 * K * 48 elements) in the kernels' layout: one contiguous
-    (K, 48) group per unit tile, whose 48 columns are z, r and n of hidden units 16u..16u+15 (zero for
-    padded units).  A group is one weight stream (see gru_fast._tiles), a unit tile one share of a step
-    (see gru_fast.kernels).  Written straight from ``m``: no temporary of the packed size."""
-    K = m.shape[1]
-    groups = dst.reshape(-1, K, 3, kernels.UNITS)
-    full, rest = divmod(hidden, kernels.UNITS)
-    for q in range(3):
-        gate = m[q * hidden : (q + 1) * hidden]  # (H, K)
-        if full:
-            groups[:full, :, q, :] = gate[: full * kernels.UNITS].reshape(full, kernels.UNITS, K).transpose(0, 2, 1)
-        if rest:
-            groups[full, :, q, :rest] = gate[full * kernels.UNITS :].T
-
-
-_ALIGN = 16  # elements between blocks of params: 64 bytes in float32
-
-
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
-def _params_size(input_size: int, hidden: int, num_layers: int, num_directions: int) -> int:
-    """Elements of the flat ``params`` array of a model of this shape (see GRU._pack)."""
-    Hp = kernels.padded_hidden.py_func(hidden)  # Python ints: sizes read from a file may exceed int64
-    total = 0
-    for layer in range(num_layers):
-        n_in = input_size if layer == 0 else num_directions * hidden
-        total += _padded(n_in * 3 * Hp) + _padded(3 * Hp * hidden) + _padded(3 * Hp) + _padded(Hp)
-    return kernels.PARAM_HEADER + num_directions * total
-
-
 def build_nbytes(input_size: int, hidden_size: int, num_layers: int = 1, num_directions: int = 1,
                  dtype="float32") -> int:
-    """Bytes that building a :class:`GRU` of this shape allocates at its peak, beyond the caller's arrays.
-
-    That is: the weights copied in ``dtype`` (kept: :meth:`GRU.onnx_weights`, pickling), the finiteness
-    mask of the largest array (one byte an element, while it is checked), the flat ``params`` array in
-    the kernels' layout -- hidden units padded to a multiple of 16, so an H=1 model packs 16 units --
-    and its alignment slack.  The packing writes into ``params`` directly, without temporaries of that
-    size.  A loader charges this against its ``max_bytes`` before it reads the weights (see
-    :func:`gru_fast.load`).
-    """
-    itemsize = _as_dtype(dtype).itemsize
-    I, H, L, D = (int(v) for v in (input_size, hidden_size, num_layers, num_directions))
-    if min(I, H, L, D) < 1:
-        raise ValueError(f"sizes must be positive, got input_size={I} hidden_size={H} num_layers={L} "
-                         f"num_directions={D}")
-    largest = 0
-    weights = 0
-    for layer in range(L):
-        n_in = I if layer == 0 else D * H
-        layer_arrays = (D * 3 * H * n_in, D * 3 * H * H, D * 6 * H)
-        weights += sum(layer_arrays)
-        largest = max(largest, *layer_arrays)
-    params = _params_size(I, H, L, D)
-    meta = kernels.meta_size(L, D) * 8
-    small = 16 * H * itemsize + (64 << 10)  # _pack's bias rows; the model's Python objects
-    return (weights + params) * itemsize + largest + 64 + meta + small
-
-
-def _aligned_zeros(n: int, dtype: np.dtype) -> np.ndarray:
-    """A 1-D array of n zeros whose data starts on a 64-byte boundary (a large one is fresh pages from the
-    system, zero without a pass over them)."""
-    raw = np.zeros(n * dtype.itemsize + 64, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64
-    return raw[start : start + n * dtype.itemsize].view(dtype)
+    """Bytes that building a :class:`GRU` of this shape allocates at its peak, beyond the caller's arrays
+    (:func:`gru_fast._layout.build_nbytes`).  A loader charges this against its ``max_bytes`` before it
+    reads the weights (see :func:`gru_fast.load`)."""
+    return _layout.build_nbytes(input_size, hidden_size, num_layers, num_directions, _as_dtype(dtype).itemsize)
 
 
 class GRU:
@@ -387,46 +324,9 @@ class GRU:
         return checked
 
     def _pack(self):
-        """Lay the weights out once for the kernels (see the module docstring)."""
-        D, H, L = self.num_directions, self.hidden_size, self.num_layers
-        Hp = int(kernels.padded_hidden(H))
-        params = _aligned_zeros(_params_size(self.input_size, H, L, D), self.dtype)
-        meta = np.zeros(kernels.meta_size(L, D), dtype=np.int64)
-        meta[kernels.META_LAYERS] = L
-        meta[kernels.META_DIRECTIONS] = D
-        meta[kernels.META_HIDDEN] = H
-        meta[kernels.META_INPUT] = self.input_size
-        meta[kernels.META_LBR] = int(self.linear_before_reset)
-        meta[kernels.META_REVERSE] = int(self.direction == "reverse")
-        params[kernels.PARAM_CLIP] = self.clip or 0.0
-        for d in range(D):
-            f, g = self.activations[2 * d], self.activations[2 * d + 1]
-            meta[kernels.META_CODES + 2 * d : kernels.META_CODES + 2 * d + 2] = (f.code, g.code)
-            params[kernels.PARAM_ACT + 4 * d : kernels.PARAM_ACT + 4 * d + 4] = (f.alpha, f.beta, g.alpha, g.beta)
-        cursor = kernels.PARAM_HEADER
-        for layer, (W, R, B) in enumerate(self._weights):
-            for d in range(D):
-                bias = np.zeros(6 * H, self.dtype) if B is None else B[d]
-                w_bias, r_bias = bias[: 3 * H], bias[3 * H :]
-                b_x = w_bias.copy()
-                b_x[: 2 * H] += r_bias[: 2 * H]  # z and r: both biases add up front
-                if self.linear_before_reset:
-                    b_hn = r_bias[2 * H :]  # stays inside r * (h R_n^T + Rb_n)
-                else:
-                    b_x[2 * H :] += r_bias[2 * H :]
-                    b_hn = np.zeros(H, self.dtype)
-                base = kernels.META_OFFSETS + kernels.OFFSETS_PER_BLOCK * (layer * D + d)
-                for slot, m in ((kernels.OFFSET_W, W[d]), (kernels.OFFSET_R, R[d]), (kernels.OFFSET_BX, b_x[:, None])):
-                    size = 3 * Hp * m.shape[1]  # K rows of 3Hp packed columns
-                    meta[base + slot] = cursor
-                    _pack_into(params[cursor : cursor + size], m, H)
-                    cursor += _padded(size)
-                meta[base + kernels.OFFSET_BHN] = cursor
-                params[cursor : cursor + H] = b_hn
-                cursor += _padded(Hp)
-        params.flags.writeable = False
-        meta.flags.writeable = False
-        return params, meta
+        """Lay the weights out once for the kernels (gru_fast._layout)."""
+        return _layout.pack(self._weights, self.input_size, self.hidden_size, self.linear_before_reset,
+                            self.direction == "reverse", self.clip, self.activations, self.dtype)
 
     # ---- properties ---------------------------------------------------------
 
@@ -493,13 +393,13 @@ class GRU:
         H, D, L = self.hidden_size, self.num_directions, self.num_layers
         per_step = self._macs_per_step // D  # one row, one direction, every layer
         parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
-        mode, chunks, workers = kernels.MODE_ROWS, 1, 1
+        mode, chunks, workers = _layout.MODE_ROWS, 1, 1
         split = (parallel and D == 1 and batch < 4 * threads and batch != threads and self.linear_before_reset
-                 and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > kernels.UNITS)
+                 and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
         if split:
             # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
             # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows
-            mode, chunks = kernels.MODE_SPLIT, min(threads, -(-H // kernels.UNITS))
+            mode, chunks = _layout.MODE_SPLIT, min(threads, -(-H // _layout.UNITS))
             workers = chunks
         elif parallel and D * batch < threads:
             parallel = D > 1  # one unit per direction
@@ -509,11 +409,11 @@ class GRU:
             workers = min(threads, D * chunks)
         if workers < 2:
             parallel, workers = False, 1
-        rows = batch if mode == kernels.MODE_SPLIT else -(-batch // chunks)
-        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * int(kernels.padded_hidden(H)))))
-        end = kernels.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
-        workspace = _aligned_zeros(end, self.dtype)  # zero: padded hidden units start (and stay) finite
-        sync = _aligned_zeros(kernels.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
+        rows = batch if mode == _layout.MODE_SPLIT else -(-batch // chunks)
+        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * _layout.padded_hidden(H))))
+        end = _layout.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
+        workspace = _layout.aligned_zeros(end, self.dtype)  # zero: padded hidden units start (and stay) finite
+        sync = _layout.aligned_zeros(_layout.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
         macs = steps * batch * self._macs_per_step
         return _Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
                      address(workspace), address(sync), workspace.nbytes + sync.nbytes, key)
@@ -673,7 +573,7 @@ class BoundCall:
         self._serial = kernels.FORWARD[model.dtype, False]
         self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
         if self._empty:
-            self._plans = (_Plan(False, True, kernels.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0, None),) * 2
+            self._plans = (_Plan(False, True, _layout.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0, None),) * 2
             return
         if lengths is not None:
             lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's

@@ -262,6 +262,7 @@ class GruFastSequence(Runner):
         self.h0 = np.array(h0, np.float32)
         self.y = _f32((B, T, D * H) if self.batch_first else (T, B, D * H))
         self.h_n = _f32(self.h0.shape)
+        self.model = model  # alive as long as the runner: a BoundCall reads the weights by address only
         self.call = model.bind(self.x, self.h0, out=(self.y, self.h_n))
         self.config = {"call": "model.bind(x, h0, out=(y, h_n))()"}
 

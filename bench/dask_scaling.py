@@ -219,7 +219,7 @@ def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env:
     """
     import gru_fast.dask as gd
     from distributed import futures_of, get_task_stream, wait
-    from gru_fast._cache import kernel_cache_stats
+    from gru_fast import kernel_cache_stats
 
     with _cluster(workers, extra_env) as client, client.as_current():
         x = client.persist(_dask_input(workload))

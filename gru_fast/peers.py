@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "BUSY_SHARE", "ENGINES", "ENGINE_LABELS", "ONNX_OPSET", "THREADS", "CpuMeter", "GruFastSequence",
-    "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream", "Runner", "ThreadPinned",
+    "BUSY_SHARE", "ENGINES", "ENGINE_LABELS", "ENGINE_MODULES", "ONNX_OPSET", "THREADS", "CpuMeter",
+    "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream", "Runner", "ThreadPinned",
     "Timing", "TorchSequence", "TorchStream", "build_runner", "busy_warning", "calibrate", "limit_threads",
     "missing_reason", "onnx_gru", "openvino_config", "ort_session", "ov_compile", "quiet_rounds",
     "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "torch_gru",
@@ -572,7 +572,8 @@ def build_runner(engine: str, x, h0, *, stream: bool = False, model=None, torch_
     if engine == "gru_fast":
         return (GruFastStream if stream else GruFastSequence)(model, x, h0)
     if engine == "pytorch":
-        return (TorchStream if stream else TorchSequence)(torch_gru(model) if torch_module is None else torch_module, x, h0)
+        module = torch_gru(model) if torch_module is None else torch_module
+        return (TorchStream if stream else TorchSequence)(module, x, h0)
     if onnx_file is None:
         onnx_file = onnx_gru(model, 1 if stream else x.shape[0], x.shape[1]).SerializeToString()
     if engine == "onnxruntime":

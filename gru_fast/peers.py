@@ -53,10 +53,10 @@ import numpy as np
 
 __all__ = [
     "BUSY_SHARE", "ENGINES", "ENGINE_LABELS", "ENGINE_MODULES", "ONNX_OPSET", "THREADS", "CpuMeter",
-    "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream", "Runner", "ThreadPinned",
-    "Timing", "TorchSequence", "TorchStream", "build_runner", "busy_warning", "calibrate", "limit_threads",
-    "missing_reason", "onnx_gru", "openvino_config", "ort_session", "ov_compile", "quiet_rounds",
-    "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "torch_gru",
+    "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream",
+    "Runner", "ThreadPinned", "Timing", "TorchSequence", "TorchStream", "build_runner", "busy_warning",
+    "calibrate", "limit_threads", "missing_reason", "onnx_gru", "openvino_config", "ort_session", "ov_compile",
+    "quiet_rounds", "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "torch_gru",
 ]
 
 #: threads per engine unless told otherwise

@@ -279,10 +279,10 @@ def set_num_threads(n: int) -> None:
     (``numba.config.NUMBA_NUM_THREADS``, the threads Numba starts): ValueError outside that range,
     TypeError for anything but an int.  Bindings made before keep the count they were planned with.
 
-    Starting Numba's threading layer here leaves the OpenMP state of this thread as it was (what
-    ``numba.set_num_threads`` alone does not do: it turns OpenMP nesting on, which slows PyTorch's
-    parallel regions run from the same thread; see "OpenMP state of the starting thread" above).
-    In a process forked from one that started GNU OpenMP, calls still run serially (see "fork").
+    Starting Numba's threading layer here leaves the OpenMP state of this thread as it was, which
+    ``numba.set_num_threads`` called first does not do: it turns OpenMP nesting on, and PyTorch's parallel
+    regions run from the same thread then nest a team each (10x slower; README, Reliability).  In a
+    process forked from one that started GNU OpenMP, calls still run serially (README, fork / spawn).
     """
     global _requested_threads
     n = _checked_thread_count(n)

@@ -10,7 +10,6 @@ pools through the environment (values already set are kept) before numpy or torc
 :func:`bench.engines.configure_threads` then enforces the limit at run time.
 """
 
-import importlib.util as _importlib_util
 import os as _os
 
 THREADS = 2
@@ -20,26 +19,7 @@ for _var in THREAD_ENV_VARS:
     _os.environ.setdefault(_var, str(THREADS))
 
 
-#: the extra of pyproject.toml that installs each optional module the harness uses
-EXTRAS = {"dask": "dask", "distributed": "dask", "threadpoolctl": "bench", "matplotlib": "bench",
-          "onnx": "onnx", "onnxruntime": "onnx", "openvino": "bench", "pytest_benchmark": "bench"}
+# the table of which extra installs which optional module is the package's (the CLI's messages use it too)
+from gru_fast.extras import EXTRAS, missing_modules  # noqa: E402  (after the environment above is set)
 
-
-def missing_modules(modules) -> str | None:
-    """None when every module of ``modules`` can be imported, else one line naming every missing one
-    and the extra that brings it, e.g. "dask, distributed (extra [dask]); threadpoolctl (extra [bench]):
-    pip install 'gru_fast[dask,bench]'"."""
-    by_extra: dict = {}
-    for module in modules:
-        try:
-            found = _importlib_util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            by_extra.setdefault(EXTRAS.get(module), []).append(module)
-    if not by_extra:
-        return None
-    parts = [f"{', '.join(names)} (extra [{extra}])" if extra else ", ".join(names)
-             for extra, names in by_extra.items()]
-    extras = ",".join(extra for extra in by_extra if extra)
-    return (f"not installed: {'; '.join(parts)}" + (f": pip install 'gru_fast[{extras}]'" if extras else ""))
+__all__ = ["EXTRAS", "THREADS", "THREAD_ENV_VARS", "missing_modules"]

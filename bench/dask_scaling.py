@@ -9,7 +9,8 @@ generated from its own seed, so every configuration scores the same numbers.
 
 Every engine runs on one thread: Dask workers and plain processes get ``NUMBA_NUM_THREADS=1`` and the
 BLAS / OpenMP variables before they start (Dask's ``distributed.nanny.pre-spawn-environ``), one Dask
-thread each; this process runs under ``numba.set_num_threads(1)`` and a threadpoolctl limit of 1.
+thread each; this process runs under ``gru_fast.peers.thread_limit(1)`` (gru_fast and the threadpoolctl
+pools on one thread).
 
 Configurations, all kept up together and timed in ``repeats`` rounds, each round in a fresh random order
 (a burst of load from elsewhere on this shared machine lands on all of them alike; the figure is the
@@ -120,22 +121,16 @@ def _one_thread_children():
 @contextlib.contextmanager
 def _single_process(model, workload: dict):
     """Yields a runner: the blocks, one engine call each, in this process on one thread; -> seconds."""
-    import numba
-    import threadpoolctl
+    from gru_fast.peers import thread_limit
 
     blocks = [_block(workload, index) for index in range(_block_count(workload))]
-    previous = numba.get_num_threads()
 
     def once() -> float:
-        numba.set_num_threads(1)
-        try:
-            with threadpoolctl.threadpool_limits(1):
-                start = time.perf_counter()
-                for block in blocks:
-                    model(block)
-                return time.perf_counter() - start
-        finally:
-            numba.set_num_threads(previous)
+        with thread_limit(1):  # gru_fast and the BLAS / OpenMP pools (threadpoolctl) on one thread
+            start = time.perf_counter()
+            for block in blocks:
+                model(block)
+            return time.perf_counter() - start
 
     model(blocks[0])  # kernels loaded outside the timing
     yield once
@@ -224,7 +219,7 @@ def _on_cluster(model, workload: dict, workers: int, first_run: dict, extra_env:
     """
     import gru_fast.dask as gd
     from distributed import futures_of, get_task_stream, wait
-    from gru_fast._cache import kernel_cache_stats
+    from gru_fast import kernel_cache_stats
 
     with _cluster(workers, extra_env) as client, client.as_current():
         x = client.persist(_dask_input(workload))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_fast._demo import busy_warning
+from gru_fast.peers import busy_warning
 
 from .cases import PARITY_TOLERANCE
 from . import THREADS

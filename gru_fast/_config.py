@@ -11,6 +11,7 @@ Process-wide decisions live here:
 * the OpenMP state of the thread that starts Numba's omp layer, put back as it
   was (other libraries sharing the OpenMP runtime read it);
 * what a forked child may launch;
+* the thread count a user sets for gru_fast (:func:`set_num_threads`), in every thread;
 * the decorator flags shared by all kernels, caching included
   (:mod:`gru_fast._cache` chooses where, or whether, kernels are cached).
 
@@ -20,6 +21,8 @@ fills in what was left unset.
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import sys
 import warnings
@@ -28,7 +31,8 @@ from numba.core import config as _numba_config
 
 from . import _cache
 
-__all__ = ["JIT", "PARALLEL_JIT", "parallel_threads", "threading_layer"]
+__all__ = ["JIT", "PARALLEL_JIT", "get_num_threads", "parallel_threads", "set_num_threads", "threading_layer",
+           "threads"]
 
 
 def _layer_loads(name: str) -> bool:
@@ -209,27 +213,113 @@ def _start_layer() -> int:
 
 _thread_count = None  # Numba's per-thread count, read straight from the threading layer once it is up
 
+# ---- the thread count a user sets -----------------------------------------------------------------
+# Numba's count is per calling thread: numba.set_num_threads(n) in one thread leaves every other thread on
+# NUMBA_NUM_THREADS.  gru_fast.set_num_threads(n) is process-wide instead, as torch.set_num_threads is:
+# _requested_threads holds n (0: none set), and parallel_threads() -- which every parallel-sized call asks
+# first -- sets Numba's count of the calling thread to n whenever it differs, so a thread's next call runs
+# n workers whichever thread set it.  A binding (GRU.bind, Stream.bind) plans its call when it is made,
+# with the count then in force.
+
+
+_requested_threads = 0
+
 
 def parallel_threads() -> int:
-    """Threads a parallel kernel may use in the calling thread: Numba's count, or 1 where a launch is unsafe.
+    """Threads a parallel kernel may use in the calling thread: the count set by :func:`set_num_threads`,
+    else Numba's count of this thread; 1 where a launch is unsafe.
 
     A launch is unsafe in a process forked from one that started GNU OpenMP (Numba would terminate it).
     ``numba.get_num_threads()`` costs about 0.9 us (it re-checks the layer's start-up under two locks); once
     the layer has started, its C getter answers the same question in about 0.1 us.  The first call starts
-    the layer (:func:`_start_layer`).
+    the layer (:func:`_start_layer`).  With a count set, Numba's count of the calling thread is set to it
+    where it differs (Numba sizes a launch's team by the launching thread's count).
     """
     global _thread_count
     if _FORKED_FROM_GNU_OPENMP:
         return 1
-    if _thread_count is not None:
-        return _thread_count()
-    import numba
-    from numba.np.ufunc import parallel
+    if _thread_count is None:
+        import numba
+        from numba.np.ufunc import parallel
 
-    count = _start_layer()
-    getter = getattr(parallel, "_get_num_threads", None)
-    _thread_count = getter if callable(getter) else numba.get_num_threads
+        _start_layer()
+        getter = getattr(parallel, "_get_num_threads", None)
+        _thread_count = getter if callable(getter) else numba.get_num_threads
+    count = _thread_count()
+    requested = _requested_threads
+    if requested and count != requested:
+        import numba
+
+        numba.set_num_threads(requested)
+        return requested
     return count
+
+
+def _checked_thread_count(n) -> int:
+    if isinstance(n, bool):
+        raise TypeError(f"n must be an int (the number of threads), got {n!r}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n must be an int (the number of threads), got {type(n).__name__} {n!r}") from None
+    limit = _numba_config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(f"n must be between 1 and NUMBA_NUM_THREADS={limit} (the threads Numba starts; set the "
+                         f"NUMBA_NUM_THREADS environment variable before the first import for more), got {n}")
+    return n
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads for gru_fast's parallel calls, in every thread of the process.
+
+    Process-wide, like ``torch.set_num_threads``: the count holds for calls made from any thread, now or
+    later (Numba's own ``numba.set_num_threads`` only changes the calling thread; gru_fast sets Numba's
+    count of each thread that calls a model to ``n``, so a ``numba.set_num_threads`` in that thread no
+    longer changes gru_fast's count).  ``n`` is an int from 1 to ``NUMBA_NUM_THREADS``
+    (``numba.config.NUMBA_NUM_THREADS``, the threads Numba starts): ValueError outside that range,
+    TypeError for anything but an int.  Bindings made before keep the count they were planned with.
+
+    Starting Numba's threading layer here leaves the OpenMP state of this thread as it was, which
+    ``numba.set_num_threads`` called first does not do: it turns OpenMP nesting on, and PyTorch's parallel
+    regions run from the same thread then nest a team each (10x slower; README, Reliability).  In a
+    process forked from one that started GNU OpenMP, calls still run serially (README, fork / spawn).
+    """
+    global _requested_threads
+    n = _checked_thread_count(n)
+    _requested_threads = n
+    if not _FORKED_FROM_GNU_OPENMP:
+        parallel_threads()  # starts the layer with the OpenMP state kept, then sets this thread's count
+
+
+def get_num_threads() -> int:
+    """The threads a parallel gru_fast call made now from the calling thread may use: the count set by
+    :func:`set_num_threads`, else Numba's count of this thread (``NUMBA_NUM_THREADS`` unless changed); 1 in
+    a process forked from one that started GNU OpenMP.  Starts Numba's threading layer as a call would."""
+    if _FORKED_FROM_GNU_OPENMP:
+        return 1
+    return _requested_threads or parallel_threads()
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """``with gru_fast.threads(n):`` -- :func:`set_num_threads` for the block, then the count before it back.
+
+    The count is process-wide, so the block changes it for every thread while it runs: meant for scripts
+    and benchmarks, not for limits per request in a threaded server.  On leaving, Numba's count of the
+    calling thread is put back as well."""
+    global _requested_threads
+    n = _checked_thread_count(n)
+    previous_requested = _requested_threads
+    previous_own = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield n
+    finally:
+        _requested_threads = previous_requested
+        if not _FORKED_FROM_GNU_OPENMP:
+            import numba
+
+            numba.set_num_threads(previous_requested or previous_own)
 
 
 # Cached wherever gru_fast._cache found a place (a cold compile costs about a

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_MISSING, EXIT_CHECK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from .extras import install_hint
 
-_EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "torch": None, "h5py": "keras"}
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_MISSING, EXIT_CHECK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class CliError(Exception):
@@ -64,11 +64,8 @@ def one_line(message: str, limit: int = 600) -> str:
 
 def _missing(exc: ImportError, what: str) -> CliError:
     name = (exc.name or str(exc)).split(".")[0]
-    if name == "torch":
-        hint = "install the CPU build: pip install torch"
-    else:
-        hint = f"pip install 'gru_fast[{_EXTRAS.get(name) or 'onnx'}]'" if name in _EXTRAS else f"pip install {name}"
-    return CliError(f"{what} needs the '{name}' package, which is not installed ({hint})", EXIT_MISSING)
+    return CliError(f"{what} needs the '{name}' package, which is not installed ({install_hint(name)})",
+                    EXIT_MISSING)
 
 
 # --------------------------------------------------------------------------------------------------

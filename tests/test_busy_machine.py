@@ -1,5 +1,5 @@
 """Timing on a busy machine: the demo and the benchmark harness leave out the rounds during which other
-processes used the CPUs (gru_fast._demo.CpuMeter / quiet_rounds, one rule for both), and when too few
+processes used the CPUs (gru_fast.peers.CpuMeter / quiet_rounds, in the harness both use), and when too few
 rounds are quiet they print their figures with a warning -- the demo's table, the report's markdown and
 its charts.  Also the harness's other promises to a user: stale charts are not left beside a new
 report, and a measurement that cannot run names every missing module and the extra that brings it.
@@ -19,7 +19,7 @@ import time
 import pytest
 
 import gru_fast
-from gru_fast import _demo
+from gru_fast import _demo, peers
 
 from conftest import REPO_ROOT
 
@@ -52,20 +52,20 @@ def test_the_meter_sees_other_processes_spinning_on_every_cpu():
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
         time.sleep(0.3)  # the children are up and spinning
-        meter = _demo.CpuMeter()
+        meter = peers.CpuMeter()
         time.sleep(1.0)
         share = meter.share()
     finally:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    assert share > _demo.BUSY_SHARE, share
+    assert share > peers.BUSY_SHARE, share
 
 
 def test_quiet_rounds_leaves_busy_rounds_out_and_says_when_too_few_are_quiet():
-    low, high = _demo.BUSY_SHARE / 2, min(1.0, 2 * _demo.BUSY_SHARE)
-    assert _demo.quiet_rounds([low, high, low, low, high]) == ([0, 2, 3], False)
-    assert _demo.quiet_rounds([high, low, high, low, high]) == ([0, 1, 2, 3, 4], True)
+    low, high = peers.BUSY_SHARE / 2, min(1.0, 2 * peers.BUSY_SHARE)
+    assert peers.quiet_rounds([low, high, low, low, high]) == ([0, 2, 3], False)
+    assert peers.quiet_rounds([high, low, high, low, high]) == ([0, 1, 2, 3, 4], True)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def shipped():
 def test_demo_timing_table_warns_on_a_busy_machine_only(shipped, monkeypatch, machine):
     model, data = shipped
     snapshot = _machine_busy_snapshot if machine == "busy" else _machine_quiet_snapshot
-    monkeypatch.setattr(_demo, "_cpu_snapshot", snapshot)
+    monkeypatch.setattr(peers, "_cpu_snapshot", snapshot)
     lines = []
     _demo._timing_table(model, data, 3, 2, (), lines.append)  # gru_fast alone: no peer to build
     text = "\n".join(lines)
@@ -118,7 +118,7 @@ def test_bench_timing_uses_the_demos_rule(monkeypatch):
         def share(self):
             return next(shares)
 
-    monkeypatch.setattr(engines, "CpuMeter", Meter)
+    monkeypatch.setattr(peers, "CpuMeter", Meter)  # the harness bench times with
     timing = engines.time_interleaved({"a": _Runner()}, 5, 1e-4, gap_seconds=0)["a"]
     assert timing.busy_shares == [0.9, 0.0, 0.9, 0.0, 0.0] and timing.rounds == 3 and not timing.busy
 

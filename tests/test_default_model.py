@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gru_fast
-from gru_fast import _demo
+from gru_fast import _demo, peers
 
 from conftest import REPO_ROOT, assert_matches
 
@@ -171,7 +171,7 @@ def test_rebuilt_pytorch_classifier_reproduces_its_recorded_output(model, head, 
     from torch.nn.utils.rnn import pack_padded_sequence
 
     x, lengths, _, torch_logits = eval_set
-    module = _demo.torch_module(model)
+    module = peers.torch_gru(model)
     linear = torch.nn.Linear(model.hidden_size, head[0].shape[0])
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(head[0]))
@@ -222,10 +222,11 @@ def test_demo_helpers_read_the_files_as_this_test_does(model, head, eval_set):
 
 
 def test_peer_graph_of_the_demo_matches_onnxruntime_on_the_shipped_file(model, eval_set):
-    """The GRU-only graph the demo times ONNX Runtime / OpenVINO on computes what the shipped file does."""
+    """The GRU-only graph the demo times ONNX Runtime / OpenVINO on (gru_fast.peers.onnx_gru) computes what
+    the shipped file does."""
     ort = pytest.importorskip("onnxruntime")
     x = np.ascontiguousarray(eval_set[0][:8, :24])
-    proto = _demo.gru_only_onnx(model, 24, 8)
+    proto = peers.onnx_gru(model, 24, 8)
     h0 = np.zeros((model.num_layers, 8, model.hidden_size), np.float32)
     y, h_n = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.ascontiguousarray(x.transpose(1, 0, 2)), "h0": h0})

@@ -1,29 +1,36 @@
 """GMAC/s per core of the recurrent product ``h @ R^T`` with float32 weights against bfloat16 weights.
 
-    python -m bench.bf16_gemm [--hidden 256 384 512] [--rounds 60] [--batch-ms 20] [--json PATH]
+    python -m bench.bf16_gemm [--hidden 256 384 512] [--rounds 100] [--batch-ms 2] [--json PATH]
                               [--no-experimental]
 
 One thread, K = H, n_groups = H / 16 (3H output columns), 1 and 4 rows, zero start: the kernels
 ``recur1_all`` / ``recur4_all`` (float32 weights, 12 H^2 bytes) against ``recur1_all_bf16`` /
 ``recur4_all_bf16`` (bfloat16 weights widened on load, 6 H^2 bytes) of :mod:`gru_fast._tiles`.  The
 weights are reused call after call, as in a GRU's steps, so they stay in whichever cache holds them.
-A timed call runs the kernel enough times to last about 1 ms; the variants are timed interleaved round
-by round in a shuffled order (:func:`bench.engines.time_interleaved`, which also leaves out rounds
-during which other processes used the CPUs), and a figure is the median over rounds.
+A timed call runs the kernel enough times to last about 0.5 ms; the variants are timed interleaved
+round by round in a shuffled order (:func:`bench.engines.time_interleaved`, which also leaves out
+rounds during which other processes used the CPUs, unless too few are left).  "median" is the median
+over rounds with its interquartile range, "best" the fastest round: on a shared machine the best is
+the steadier estimate of what the kernel can do, the median of what it did.
 
-Two experimental kernels, defined here and used nowhere else, are timed too (``--no-experimental``
-leaves them out).  Both read the weights packed with pairs of k interleaved: per group and pair of rows
-(2p, 2p+1), three tiles of 16 int32 words, word i = (W[2p+1, col i] << 16) | W[2p, col i]:
+Experimental kernels, defined here and used nowhere else, are timed too (``--no-experimental`` leaves
+them out):
 
-* ``pairs``: the same float32 arithmetic as the library's bf16 kernels (row 2p's weights are the word
-  shifted left 16 bits, row 2p+1's the word with its low half cleared: one integer operation per 16
-  weights instead of a zero-extension and a shift), so the same bits;
-* ``dpbf16``: AVX512-BF16's ``vdpbf16ps`` (``llvm.x86.avx512bf16.dpbf16ps.512``), 32 multiply-adds
-  per instruction.  It multiplies bfloat16 by bfloat16, so the activations are rounded to bfloat16
-  as well (done in the timed loop, every call, as a GRU step would have to), and it adds the two
-  products of a pair before the accumulator: its results differ from the fma chain.  Its error against
-  the float64 product of the bfloat16 weights and the unrounded activations is printed next to the
-  error of the widening kernels.  Only on CPUs with avx512_bf16.
+* ``float32 x2``, ``bf16 x2`` (and x4), one row: the library's layout and arithmetic, but 2 (4) groups
+  per pass over k, so 6 (12) independent fma chains instead of 3.  Each column's chain is unchanged, so
+  are the bits (checked against the library kernel and printed).
+* ``pairs`` (and ``pairs x2``, ``pairs x4`` for one row): bfloat16 weights packed with pairs of k
+  interleaved: per group and pair of rows (2p, 2p+1), three tiles of 16 int32 words, word i =
+  (W[2p+1, col i] << 16) | W[2p, col i].  Row 2p's weights are the word shifted left 16 bits, row
+  2p+1's the word with its low half cleared: one integer operation per 16 weights instead of the
+  library's zero-extension and shift (two, one of them on the shuffle port).  Same fma chains, same
+  bits as ``recur*_all_bf16`` (checked).  K must be even.
+* ``dpbf16``: AVX512-BF16's ``vdpbf16ps`` (``llvm.x86.avx512bf16.dpbf16ps.512``) on the k-pair
+  layout, 32 multiply-adds per instruction.  It multiplies bfloat16 by bfloat16, so the activations are
+  rounded to bfloat16 as well (in the timed loop, every call, as a GRU step would have to), and it adds
+  the two products of a pair before the accumulator: its results differ from the fma chain.  Its error
+  against the float64 product of the bfloat16 weights and the unrounded activations is printed next to
+  the error of the widening kernels.  Only on CPUs with avx512_bf16.
 """
 
 from __future__ import annotations
@@ -433,7 +440,7 @@ def _errors(m, a, hidden, outputs):
     return result
 
 
-def run(hiddens=(256, 384, 512), rounds=60, batch_ms=20.0, experimental=True):
+def run(hiddens=(256, 384, 512), rounds=100, batch_ms=2.0, experimental=True):
     have_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
     variants = ["float32", "bf16"]
     if experimental:
@@ -500,8 +507,8 @@ def markdown(report) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 384, 512])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--batch-ms", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--batch-ms", type=float, default=2.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-experimental", action="store_true")
     args = parser.parse_args(argv)

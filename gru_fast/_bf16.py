@@ -24,14 +24,13 @@ def to_bf16(x) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise TypeError(f"x must be a float32 array, got dtype {x.dtype}")
-    u = np.ascontiguousarray(x).view(np.uint32)
+    bits = x.view(np.uint32)  # same item size: a view whatever the strides or shape
     nan = np.isnan(x)
     # no NaN is fed to the sum: only NaN patterns (>= 0xFFFF8000 among them) could overflow uint32
-    u = np.where(nan, np.uint32(0), u)
+    u = np.where(nan, np.uint32(0), bits)
     rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
     if nan.any():
-        top = (np.ascontiguousarray(x).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
-        rounded = np.where(nan, top | _QUIET, rounded)
+        rounded = np.where(nan, (bits >> np.uint32(16)).astype(np.uint16) | _QUIET, rounded)
     return rounded
 
 

@@ -204,6 +204,13 @@ def test_widening_is_exact_and_rounding_a_fixed_point():
     np.testing.assert_array_equal(to_bf16(wide)[finite], bits[finite])
 
 
+def test_rounding_keeps_shape_and_ignores_strides():
+    x = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    np.testing.assert_array_equal(to_bf16(x[:, ::3]), to_bf16(np.ascontiguousarray(x[:, ::3])))
+    scalar = to_bf16(np.array(1.00390625, np.float32))  # 1 + 2^-8: a tie, down to the even 1.0
+    assert scalar.shape == () and scalar == 0x3F80
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="x must be a float32"):
         to_bf16(np.zeros(3))

@@ -43,12 +43,11 @@ def from_bf16(bits) -> np.ndarray:
 
 
 def pack_bf16(m, hidden: int) -> np.ndarray:
-    """``m`` (3H, K) float32 -- ONNX's gate-blocked rows z | r | n, as :func:`gru_fast.model._pack_into`
+    """``m`` (3H, K) float32 -- ONNX's gate-blocked rows z | r | n, as :func:`gru_fast._layout.pack_into`
     takes them -- rounded to bfloat16 and packed in the same group layout: Hp/16 groups of K rows of 48
     values (z, r, n of 16 hidden units, zero for padded units), as a flat uint16 array of Hp/16 * K * 48
     elements, for the ``*_bf16`` kernels of :mod:`gru_fast._tiles`."""
-    from . import kernels
-    from .model import _pack_into
+    from ._layout import GROUP_COLUMNS, UNITS, pack_into, padded_hidden
 
     m = np.asarray(m)
     if m.dtype != np.float32:
@@ -57,8 +56,8 @@ def pack_bf16(m, hidden: int) -> np.ndarray:
         raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
     if m.ndim != 2 or m.shape[0] != 3 * hidden:
         raise ValueError(f"m must have shape (3 * hidden, K) = ({3 * hidden}, K), got {m.shape}")
-    hp = kernels.padded_hidden.py_func(int(hidden))
-    packed = np.zeros(hp // kernels.UNITS * m.shape[1] * kernels.GATES, np.uint16)
+    hp = padded_hidden(int(hidden))
+    packed = np.zeros(hp // UNITS * m.shape[1] * GROUP_COLUMNS, np.uint16)
     if packed.size:  # K == 0 leaves nothing to write (and no (K, 48) shape to reshape to)
-        _pack_into(packed, to_bf16(m), int(hidden))
+        pack_into(packed, to_bf16(m), int(hidden))
     return packed

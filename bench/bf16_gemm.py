@@ -47,7 +47,7 @@ from numba.extending import intrinsic
 
 from gru_fast import _tiles as t
 from gru_fast._bf16 import from_bf16, pack_bf16, to_bf16
-from gru_fast.model import _aligned_zeros, _pack_into
+from gru_fast._layout import aligned_zeros as _aligned_zeros, pack_into as _pack_into
 
 from .engines import Runner, time_interleaved
 from .report import machine_info

@@ -20,7 +20,7 @@ from numba import njit
 
 from gru_fast import _tiles as t
 from gru_fast._bf16 import from_bf16, pack_bf16, to_bf16
-from gru_fast.model import _pack_into
+from gru_fast._layout import pack_into as _pack_into
 
 PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 TILES = {PROJECT: (0, 1, 2), RECUR: (0, 1, 2), RECUR_ZR: (0, 1), RECUR_N: (2,)}  # computed tiles of a group
@@ -101,7 +101,7 @@ def _case(seed):
 
 def _dense(m, hidden):
     """The (K, 48 * groups) matrix the packed columns stand for: column 48g + 16q + j is gate q of unit
-    16g + j (zero for padded units), as gru_fast.model._pack_into documents the layout."""
+    16g + j (zero for padded units), as gru_fast._layout.pack_into documents the layout."""
     n_total = -(-hidden // 16)
     dense = np.zeros((m.shape[1], 48 * n_total), np.float64)
     for q in range(3):

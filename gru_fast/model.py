@@ -463,7 +463,7 @@ def _no_sequences() -> None:
 class BoundCall:
     """A model call whose arrays were checked once (see :meth:`GRU.bind`); ``call()`` returns (y, h_n)."""
 
-    def __init__(self, model: _schedule.KernelModel, call: _Call):
+    def __init__(self, kernel_model: _schedule.KernelModel, call: _Call):
         self.y, self.h_n = call.y, call.h_n
         self._guard = _schedule.Guard()  # calls from several threads take turns
         if call.batch == 0:
@@ -472,7 +472,7 @@ class BoundCall:
         if call.lengths is not None:
             # checked once, so the kernel must not see later edits of the caller's
             call = call._replace(lengths=call.lengths.copy())
-        binding = _schedule.bind(model, [_prepare(call)])
+        binding = _schedule.bind(kernel_model, [_prepare(call)])
         self._kept = (call, binding)  # the arrays and workspaces the kernel reads by address
         (self._launch,) = binding.launches
 

@@ -412,7 +412,7 @@ class GRU:
             y = check_out_array(out[0], "out[0] (y)", y_shape, dtype)
             h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
             inputs = {"x": x_given, "h0": h0_given, "lengths": lengths_given}
-        return _Call(x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs)
+        return _Call(x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs, False)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -440,17 +440,18 @@ class _Call(NamedTuple):
     y: np.ndarray
     h_n: np.ndarray
     inputs: dict | None  # with out=: the caller's own arrays by name, which the outputs must not overlap
+    stream_step: bool  # h0 and h_n are a stream's own state buffers: only y is the caller's
 
 
 def _prepare(call: _Call) -> _schedule.Operands:
     """The kernel's operands of a validated call with at least one sequence.  First, when ``call.inputs``
-    names the caller's arrays, outputs that overlap them (copies or not) are refused.  Every call path
-    comes through here: GRU.__call__ and GRU.bind, Stream.step and Stream.bind."""
+    names the caller's arrays, the caller's outputs that overlap them (copies or not) are refused.  Every
+    call path comes through here: GRU.__call__ and GRU.bind, Stream.step and Stream.bind."""
     x_addr, y_addr, h_n_addr = address(call.x), address(call.y), address(call.h_n)
     h0_addr = 0 if call.h0 is None else address(call.h0)
     if call.inputs is not None:
-        check_no_overlap({"y": (call.y, y_addr), "h_n": (call.h_n, h_n_addr)}, call.inputs,
-                         known={id(call.x): x_addr, id(call.h0): h0_addr})
+        outputs = {"y": (call.y, y_addr)} if call.stream_step else {"y": (call.y, y_addr), "h_n": (call.h_n, h_n_addr)}
+        check_no_overlap(outputs, call.inputs, known={id(call.x): x_addr, id(call.h0): h0_addr})
     lengths_addr = 0 if call.lengths is None else address(call.lengths)
     return _schedule.Operands(x_addr, call.steps, call.batch, int(call.batch_major), h0_addr, lengths_addr, y_addr,
                               h_n_addr)
@@ -496,7 +497,8 @@ class _StreamState(_schedule.Guard):
     def call(self, x_t: np.ndarray, y: np.ndarray, inputs: dict | None, current: int) -> _Call:
         """The one-step call on ``x_t`` from state buffer ``current``."""
         buffers = self.buffers
-        return _Call(x_t, 1, buffers[0].shape[1], False, buffers[current], None, y, buffers[1 - current], inputs)
+        return _Call(x_t, 1, buffers[0].shape[1], False, buffers[current], None, y, buffers[1 - current], inputs,
+                     True)
 
 
 class Stream:

@@ -94,10 +94,13 @@ _MODEL_TOKENS = itertools.count()
 
 
 class KernelModel(NamedTuple):
-    """A model as the forward entry point and the planner see it (built by :func:`kernel_model`)."""
+    """A model as the forward entry point and the planner see it (built by :func:`kernel_model`).  It holds
+    the packed weights, so whatever launches with it keeps them alive, the model itself gone or not."""
 
     dtype: np.dtype
-    params_addr: int  # the packed weights (see gru_fast.kernels); the model keeps the arrays alive
+    params: np.ndarray  # the packed weights (see gru_fast.kernels)
+    meta: np.ndarray
+    params_addr: int
     n_params: int
     meta_addr: int
     hidden: int
@@ -110,11 +113,11 @@ class KernelModel(NamedTuple):
 
 def kernel_model(params: np.ndarray, meta: np.ndarray, input_size: int, hidden: int, directions: int,
                  layers: int, linear_before_reset: bool) -> KernelModel:
-    """The :class:`KernelModel` of packed ``params`` and ``meta``; its owner keeps them alive and calls
-    :func:`drop_plans` with its token when it is gone."""
+    """The :class:`KernelModel` of packed ``params`` and ``meta``; its model calls :func:`drop_plans` with
+    its token when it is gone."""
     H, D = hidden, directions
     macs_per_step = D * 3 * H * ((input_size + H) + (layers - 1) * (D * H + H))
-    return KernelModel(params.dtype, address(params), params.size, address(meta), H, D, layers,
+    return KernelModel(params.dtype, params, meta, address(params), params.size, address(meta), H, D, layers,
                        bool(linear_before_reset), macs_per_step, next(_MODEL_TOKENS))
 
 
@@ -335,10 +338,12 @@ def run(model: KernelModel, operands: Operands) -> None:
 
 
 class Binding(NamedTuple):
-    """Calls prepared once to run again and again (see :func:`bind`)."""
+    """Calls prepared once to run again and again (see :func:`bind`).  The launches read the weights and the
+    workspaces by address: whoever keeps a launch keeps its binding."""
 
     launches: tuple  # one function of no arguments per call given to bind, in order
-    plans: tuple  # the parallel plan (or the serial one) and the serial plan: their workspaces live here
+    model: KernelModel  # its weights
+    plans: tuple  # the parallel plan (or the serial one) and the serial plan: their workspaces
 
 
 def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
@@ -360,7 +365,7 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
             serially = functools.partial(_parallel_if_granted, model.dtype, plan,
                                          kernel_args(model, operands, plan), serially)
         launches.append(serially)
-    return Binding(tuple(launches), (plan, serial))
+    return Binding(tuple(launches), model, (plan, serial))
 
 
 def _parallel_if_granted(dtype: np.dtype, plan: Plan, args: tuple, serially) -> None:

@@ -474,7 +474,7 @@ class BoundCall:
             # checked once, so the kernel must not see later edits of the caller's
             call = call._replace(lengths=call.lengths.copy())
         binding = _schedule.bind(kernel_model, [_prepare(call)])
-        self._kept = (call, binding)  # the arrays and workspaces the kernel reads by address
+        self._kept = (call, binding)  # the arrays, weights and workspaces the kernel reads by address
         (self._launch,) = binding.launches
 
     def __call__(self):
@@ -600,7 +600,7 @@ class BoundStep:
         self.y = y
         self._state = state
         self._launches = binding.launches  # by the state buffer the step reads
-        self._kept = (x_t, binding)  # the arrays and workspaces the kernel reads by address
+        self._kept = (x_t, binding)  # the arrays, weights and workspaces the kernel reads by address
 
     def __call__(self) -> np.ndarray:
         state = self._state

@@ -1,7 +1,7 @@
 """How a model call runs: how many threads share it and how, its workspace, its launch.
 
-* :class:`KernelModel`: a model as the scheduler sees it (its packed weights by address, the sizes a plan
-  is chosen from);
+* :class:`KernelModel`: a model as the scheduler sees it (its packed weights and their addresses, the sizes
+  a plan is chosen from);
 * :class:`Operands`: one call's arrays as the forward entry point reads them (addresses and sizes);
 * :func:`make_plan`: how one (steps, batch, threads) shape is shared between threads -- rows or split
   hidden units (see :mod:`gru_fast.kernels`), chunks, workers, steps per projected block -- with its
@@ -339,7 +339,7 @@ def run(model: KernelModel, operands: Operands) -> None:
 
 class Binding(NamedTuple):
     """Calls prepared once to run again and again (see :func:`bind`).  The launches read the weights and the
-    workspaces by address: whoever keeps a launch keeps its binding."""
+    workspaces by address: the binding must be kept as long as they may run."""
 
     launches: tuple  # one function of no arguments per call given to bind, in order
     model: KernelModel  # its weights
@@ -361,10 +361,8 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
     launches = []
     for operands in calls:
         serially = functools.partial(forward, *kernel_args(model, operands, serial))
-        if plan.parallel:
-            serially = functools.partial(_parallel_if_granted, model.dtype, plan,
-                                         kernel_args(model, operands, plan), serially)
-        launches.append(serially)
+        launches.append(functools.partial(_parallel_if_granted, model.dtype, plan, kernel_args(model, operands, plan),
+                                          serially) if plan.parallel else serially)
     return Binding(tuple(launches), model, (plan, serial))
 
 

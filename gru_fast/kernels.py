@@ -73,7 +73,7 @@ from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_al
                      recur1_n_bf16, recur1_zr, recur1_zr_bf16, recur4_all, recur4_all_bf16, recur4_n, recur4_n_bf16,
                      recur4_zr, recur4_zr_bf16)
 
-__all__ = ["FORWARD", "MODE_ROWS", "MODE_SPLIT"]
+__all__ = ["FORWARD", "WEIGHTS", "MODE_ROWS", "MODE_SPLIT"]
 
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
 
@@ -603,8 +603,8 @@ def _make_forward(parallel, weights):
     return njit(**(PARALLEL_JIT if parallel else JIT))(forward)
 
 
-FORWARD = {(np.dtype(dtype), parallel): _make_forward(parallel, np.dtype(dtype).name)
-           for dtype in (np.float32, np.float64) for parallel in (False, True)}
-"""The forward entry points of float models by (dtype, parallel)."""
-FORWARD_BF16 = {parallel: _make_forward(parallel, "bfloat16") for parallel in (False, True)}
-"""The forward entry points of models with bfloat16 weights (float32 arithmetic) by parallel."""
+WEIGHTS = ("float32", "float64", "bfloat16")
+"""How a model's W and R can be stored: float32 or float64 (the model's dtype), or bfloat16 (float32
+arithmetic)."""
+FORWARD = {(weights, parallel): _make_forward(parallel, weights) for weights in WEIGHTS for parallel in (False, True)}
+"""The forward entry points by (weights, parallel)."""

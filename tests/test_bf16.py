@@ -106,3 +106,19 @@ def test_bad_weights_name_is_refused(bad):
     model = convert_torch(torch_gru(8, 16))
     with pytest.raises((ValueError, TypeError), match="weights"):
         model.with_weights(bad)
+
+
+def test_demo_accuracy_with_bfloat16_weights_within_0_2_points_of_float32():
+    """The issue's accuracy target, on the shipped model and its held-out sequences: labels are the
+    authority, the float32 model's accuracy the reference."""
+    from gru_fast import _demo
+
+    model = gru_fast.load(_demo.MODEL_FILE)
+    head = _demo.load_head()
+    data = _demo.load_eval_set()
+
+    def accuracy(m):
+        return float((_demo.classify(m, head, data.x, data.lengths).argmax(1) == data.labels).mean())
+
+    full, rounded = accuracy(model), accuracy(model.with_weights("bfloat16"))
+    assert abs(full - rounded) <= 0.002, (full, rounded)

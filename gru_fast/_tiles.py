@@ -24,7 +24,7 @@ registers), and machines without AVX-512 get it split into narrower vectors.
 The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights, packed the same
 way as uint16 bit patterns (:func:`gru_fast._bf16.pack_bf16`), and widen each 16 on load (LLVM emits
 ``vpmovzxwd`` + ``vpslld``) into the same fma chains: their results are the float32 kernels' on the
-widened weights, bit for bit.  bench/bf16_gemm.py measures them: the widening costs two vector
+widened weights, bit for bit.  scripts/bf16_gemm.py measures them: the widening costs two vector
 operations per 16 weights, so with the weights in L2 (H=256) they are slower than float32 (one row
 about 28.5 against 31.5 GMAC/s, four rows 43-57 against 77-86); past L2 (H=512: 3 MiB of float32
 weights, 1.5 MiB of bfloat16) one row runs at 20-28 against 7.6-8 GMAC/s, four rows 26-54 against 23-32.

@@ -1,6 +1,6 @@
 """GMAC/s per core of the recurrent product ``h @ R^T`` with float32 weights against bfloat16 weights.
 
-    python -m bench.bf16_gemm [--hidden 256 384 512] [--rounds 100] [--batch-ms 2] [--json PATH]
+    python scripts/bf16_gemm.py [--hidden 256 384 512] [--rounds 100] [--batch-ms 2] [--json PATH]
                               [--no-experimental]
 
 One thread, K = H, n_groups = H / 16 (3H output columns), 1 and 4 rows, zero start: the kernels
@@ -49,8 +49,11 @@ from gru_fast import _tiles as t
 from gru_fast._bf16 import from_bf16, pack_bf16, to_bf16
 from gru_fast._layout import aligned_zeros as _aligned_zeros, pack_into as _pack_into
 
-from .engines import Runner, time_interleaved
-from .report import machine_info
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's bench package
+from bench.engines import Runner, time_interleaved  # noqa: E402
+from bench.report import machine_info  # noqa: E402
 
 TILE, GROUP_COLS = t.TILE, t.GROUP * t.TILE
 SPANS = (2, 4)  # groups per pass of the experimental one-row kernels

@@ -2,16 +2,9 @@
 
 A :class:`GRU` is built from per-layer ``(W, R, B)`` arrays in ONNX layout and
 gate order (z, r, h) — the one canonical form every converter produces.  At
-construction the weights are laid out once for the kernels:
-
-* ``W`` and ``R`` transposed, their columns put in unit-tile order (z, r, n of 16 hidden units at a
-  time, H padded to a multiple of 16) and packed as contiguous (K, 48) groups, the order the
-  micro-kernels of :mod:`gru_fast._tiles` stream them in (see "Layout" in :mod:`gru_fast.kernels`);
-* the input and recurrent biases of z and r pre-summed (and of n when
-  ``linear_before_reset`` is 0; with 1 the recurrent n bias stays separate,
-  inside the reset product);
-* everything in one flat, 64-byte aligned ``params`` array with an int64
-  ``meta`` table of offsets (see :mod:`gru_fast.kernels`).
+construction the weights are laid out once for the kernels (:mod:`gru_fast._layout`: ``W`` and ``R``
+packed in unit tiles of 16 hidden units, biases pre-summed where the equations allow, everything in one
+flat ``params`` array with an int64 ``meta`` table of offsets).
 
 How a call is shared between threads, its workspace and its launch belong to :mod:`gru_fast._schedule`;
 here every call path validates its arguments into a :class:`_Call` and hands :func:`_prepare`'s operands

@@ -176,8 +176,8 @@ def _layer(cfg, run, layer, d):
     params, meta = run.params, run.meta
     o_bx, o_bhn = meta[offsets + OFFSET_BX], meta[offsets + OFFSET_BHN]
     hp = cfg.hidden_padded
-    _, o_mid1, o_dirs, per_direction, _ = workspace_layout(cfg.steps, cfg.batch, cfg.hidden, cfg.directions,
-                                                           cfg.layers, cfg.block_steps)
+    _, _, o_dirs, per_direction, _ = workspace_layout(cfg.steps, cfg.batch, cfg.hidden, cfg.directions,
+                                                      cfg.layers, cfg.block_steps)
     o_xp, o_hr, o_rh, o_state0, o_state1 = direction_offsets(o_dirs + d * per_direction, cfg.block_steps,
                                                              cfg.batch, cfg.hidden)
     ws, batch = run.workspace, cfg.batch

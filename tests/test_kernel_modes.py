@@ -220,7 +220,7 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
 
     package = Path(_cache.__file__).parent
     compiled = {path.name for path in package.glob("*.py")
-                if re.search(r"@(njit|intrinsic|overload|kernel)\b|\bnjit\(", path.read_text())}
+                if re.search(r"@(njit|intrinsic|overload|kernel|register_jitable)\b|\bnjit\(", path.read_text())}
     assert compiled <= set(_cache._KERNEL_SOURCES), compiled - set(_cache._KERNEL_SOURCES)
     first = caching.CacheImpl._locator_classes[0]
     assert first.__name__ == "GruFastCacheLocator", first

@@ -164,7 +164,7 @@ def _mid(run, layer):
     return run.mid0 if layer % 2 == 0 else run.mid1
 
 
-@kernel(inline=True)
+@kernel
 def _layer(cfg, run, layer, d):
     """The Layer record of (layer, direction d)."""
     index = layer * cfg.directions + d
@@ -482,7 +482,7 @@ def _sync_line(run, line):
     return run.sync + 8 * LINE * line
 
 
-@kernel(inline=True)
+@kernel
 def _split_item(cfg, run, item, c):
     """Item (global step ``item``, chunk c) of MODE_SPLIT (one direction); items count the steps of every
     layer."""
@@ -524,7 +524,7 @@ def _run_split(cfg, run, w):
             atomic_add(done, 1)
 
 
-@kernel(inline=True)
+@kernel
 def _run_rows(cfg, run):
     """A worker's part of a MODE_ROWS call: claim units (direction, slice of rows) layer by layer."""
     units = cfg.directions * cfg.chunks

@@ -115,13 +115,17 @@ def verdict(idle: dict, neighbour: dict) -> dict:
 # the busy neighbour
 # ----------------------------------------------------------------------------------------------------
 
+# the loop checks now and then that its parent is alive: a benchmark killed by a signal (no ``finally``
+# runs) must not leave it spinning
 _NEIGHBOUR_SCRIPT = """
 import os, sys
 os.sched_setaffinity(0, {int(sys.argv[1])})
+parent = int(sys.argv[2])
 sys.stdout.write("pinned\\n")
 sys.stdout.flush()
-while True:
-    pass
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
 """
 
 
@@ -137,7 +141,8 @@ def busy_neighbour(core: int | None = None):
     """A child process spinning a pure-Python busy loop on one core for the block: ``with
     busy_neighbour() as n:`` (``n.pid``, ``n.core``).  ``core`` defaults to the last core this process may
     run on.  The child pins itself (``os.sched_setaffinity``) before it reports back, so the block starts
-    with it pinned; it is killed and reaped on leaving, whatever happens in the block."""
+    with it pinned; it is killed and reaped on leaving, whatever happens in the block, and it ends by
+    itself within milliseconds when this process dies without leaving the block (killed by a signal)."""
     if not hasattr(os, "sched_setaffinity"):
         raise RuntimeError("a pinned neighbour needs os.sched_setaffinity (Linux)")
     allowed = sorted(os.sched_getaffinity(0))
@@ -145,8 +150,8 @@ def busy_neighbour(core: int | None = None):
         core = allowed[-1]
     elif core not in allowed:
         raise ValueError(f"core must be one of this process's cores {allowed}, got {core!r}")
-    process = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR_SCRIPT, str(core)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR_SCRIPT, str(core), str(os.getpid())],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = process.stdout.readline()
         if line.strip() != b"pinned":

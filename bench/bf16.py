@@ -106,20 +106,16 @@ def run(engines, quick: bool, rounds: int, batch_seconds: float, gap_seconds: fl
         log(f"  bf16 {name} ({case.shape})")
         artifacts = artifacts_by_case.get(name) or Artifacts(make_problem(case, seed), Path(workdir) / f"bf16-{name}")
         problem = artifacts.problem
-        runners, rows = build_engines(artifacts, [e for e in engines if e != "gru_fast"], log=log)
-        if "gru_fast" in engines:
-            gf_runners, gf_rows = build_engines(artifacts, ["gru_fast"], log=log)
-            runners.update(gf_runners)
-            rows.update(gf_rows)
-            if "gru_fast" in gf_runners:
-                model, reason = bf16_model(artifacts.gru_fast_model)
-                if model is None:
-                    rows[GF_BF16] = {"status": f"unavailable: {reason}"}
-                    result["gru_fast_bf16"] = reason
-                else:
-                    _try(rows, runners, GF_BF16,
-                         lambda: peers.build_runner("gru_fast", problem.x, problem.h0, stream=case.stream,
-                                                    model=model), artifacts, log)
+        runners, rows = build_engines(artifacts, engines, log=log)
+        if "gru_fast" in runners:
+            model, reason = bf16_model(artifacts.gru_fast_model)
+            if model is None:
+                rows[GF_BF16] = {"status": f"unavailable: {reason}"}
+                result["gru_fast_bf16"] = reason
+            else:
+                _try(rows, runners, GF_BF16,
+                     lambda: peers.build_runner("gru_fast", problem.x, problem.h0, stream=case.stream, model=model),
+                     artifacts, log)
         if "openvino" in engines:
             reason = missing_reason("openvino")
             if reason is not None:

@@ -19,13 +19,13 @@ serial path beside the same neighbour.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,7 @@ CONDITIONS = ("idle", "neighbour")
 LABELS = dict(ENGINE_LABELS, **{SERIAL: "gru_fast serial"})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TailSettings:
     """How many calls each engine makes per condition: about ``budget_s`` of calls, at least
     ``min_calls`` (the p99 of 1000 calls rests on its 10 slowest), at most ``max_calls``, and never more
@@ -129,7 +129,7 @@ while os.getppid() == parent:
 """
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Neighbour:
     pid: int
     core: int
@@ -236,7 +236,7 @@ def run(engines, quick: bool, seed: int = 0, workdir=None, artifacts_by_case=Non
     settings = settings or (QUICK if quick else FULL)
     artifacts_by_case = artifacts_by_case or {}
     rng = random.Random(seed)
-    result = {"settings": settings.__dict__, "cases": []}
+    result = {"settings": dataclasses.asdict(settings), "cases": []}
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gru_fast-tails-"))

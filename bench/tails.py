@@ -29,13 +29,13 @@ import time
 
 import numpy as np
 
-from gru_fast.peers import CpuMeter, seconds_per_call
+from gru_fast.peers import CpuMeter
 
 from .cases import CASE_BY_NAME, make_problem
 from .engines import ENGINE_LABELS, Artifacts, build_engines, with_threads
 
 __all__ = ["IDLE_P99_OVER_P50", "NEIGHBOUR_OVER_SERIAL", "PERCENTILES", "TAIL_CASES", "Neighbour", "TailSettings",
-           "busy_neighbour", "markdown", "percentiles", "run", "time_calls", "verdict"]
+           "busy_neighbour", "markdown", "percentiles", "run", "time_calls", "verdict", "warm_up"]
 
 #: the B=1 cases whose tails are measured
 TAIL_CASES = ("stream", "latency", "long_seq")
@@ -58,10 +58,10 @@ class TailSettings:
     The calls are planned from the warm-up's time per call; a block of calls that runs past its share of
     ``cap_s`` (calls stalled by a neighbour) stops there, so fewer calls than planned may be measured."""
 
-    budget_s: float = 1.5
+    budget_s: float = 1.0
     min_calls: int = 1000
     max_calls: int = 20_000
-    cap_s: float = 4.0
+    cap_s: float = 3.0
     rounds: int = 5
     gap_s: float = 0.03
 
@@ -198,6 +198,21 @@ def time_calls(runner, calls: int, max_seconds: float | None = None) -> np.ndarr
     return samples[:done]
 
 
+def warm_up(runner, calls: int = 8, max_seconds: float = 0.5) -> float:
+    """Make ``calls`` untimed first calls (lazy initialisation, a first parallel launch), fewer once
+    ``max_seconds`` have passed (at least two) -> the median seconds of those after the first."""
+    times = []
+    with runner.context():
+        started = time.perf_counter()
+        for i in range(calls):
+            start = time.perf_counter()
+            runner.call()
+            times.append(time.perf_counter() - start)
+            if i >= 1 and time.perf_counter() - started > max_seconds:
+                break
+    return float(np.median(times[1:]))
+
+
 def _condition(runners: dict, calls: dict, settings: TailSettings, rng: random.Random) -> tuple[dict, float]:
     """Every runner's per-call samples over ``settings.rounds`` shuffled rounds -> (name -> statistics,
     share of the CPUs other processes used meanwhile)."""
@@ -245,13 +260,7 @@ def run(engines, quick: bool, seed: int = 0, workdir=None, artifacts_by_case=Non
             log(f"  tails {name} ({case.shape})")
             artifacts = artifacts_by_case.get(name) or Artifacts(make_problem(case, seed), f"{workdir}/tails-{name}")
             runners, status = _runners(artifacts, engines, log)
-            calls = {}
-            for engine, runner in runners.items():
-                with runner.context():
-                    for _ in range(5):  # first calls: lazy initialisation, a first parallel launch
-                        runner.call()
-                per_call = seconds_per_call(runner, 3, warm=False)
-                calls[engine] = settings.calls(per_call)
+            calls = {engine: settings.calls(warm_up(runner)) for engine, runner in runners.items()}
             row = {"name": name, "shape": case.shape, "status": status, "planned_calls": calls, "conditions": {},
                    "others_share": {}}
             for condition in CONDITIONS:

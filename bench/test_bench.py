@@ -158,6 +158,20 @@ def test_time_calls_times_each_call_and_stops_past_its_deadline():
     assert len(tails.time_calls(_Sleeper(0.0), 7)) == 7
 
 
+def test_warm_up_and_the_number_of_calls_planned():
+    runner = _Sleeper(0.01)
+    assert tails.warm_up(runner) >= 0.01 and runner.calls == 8
+    slow = _Sleeper(0.3)
+    tails.warm_up(slow)
+    assert slow.calls == 2  # past max_seconds after two calls
+    settings = tails.TailSettings(budget_s=1.0, min_calls=1000, max_calls=20_000, cap_s=3.0, rounds=5)
+    assert settings.calls(18e-6) == 20_000  # 1 s would be 55,555 calls: capped
+    assert settings.calls(0.5e-3) == 2000  # 1 s of calls
+    assert settings.calls(2e-3) == 1000  # at least 1000 ...
+    assert settings.calls(5e-3) == 600  # ... unless that is over cap_s
+    assert settings.calls(10.0) == 5  # one call per round at least
+
+
 def test_tail_verdict():
     def stats(p50, p99):
         return {"p50_us": p50, "p90_us": p50, "p99_us": p99}

@@ -89,7 +89,7 @@ def markdown(sweep: dict) -> str:
                  f"PyTorch, and timed in {sweep['rounds']} interleaved rounds in one process (engines shuffled each "
                  f"round, batches of ~{1e3 * sweep['batch_seconds']:.0f} ms); a peer that disagrees with PyTorch "
                  f"is left out of the best peer.  Target: >= {sweep['target']:g}x at every point; cells under it "
-                 f"are in bold.  Heat map: `*-sweep.png`.")
+                 f"(before rounding) are in bold.  Heat map: `*-sweep.png`.")
     lines.append("")
     lines.append("| B \\ H | " + " | ".join(str(h) for h in hidden) + " |")
     lines.append("|---|" + "---|" * len(hidden))

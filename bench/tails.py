@@ -55,8 +55,9 @@ class TailSettings:
     """How many calls each engine makes per condition: about ``budget_s`` of calls, at least
     ``min_calls`` (the p99 of 1000 calls rests on its 10 slowest), at most ``max_calls``, and never more
     than ``cap_s`` of calls (a 2 ms call gets ``cap_s / 2 ms``, not ``min_calls``, when that is fewer).
-    The calls are planned from the warm-up's time per call; a block of calls that runs past its share of
-    ``cap_s`` (calls stalled by a neighbour) stops there, so fewer calls than planned may be measured."""
+    The calls are planned from the fastest warm-up call (:func:`warm_up`); a block of calls that runs
+    past its share of ``cap_s`` (slower calls, or calls stalled by a neighbour) stops there, so fewer calls
+    than planned may be measured."""
 
     budget_s: float = 1.0
     min_calls: int = 1000
@@ -64,6 +65,8 @@ class TailSettings:
     cap_s: float = 3.0
     rounds: int = 5
     gap_s: float = 0.03
+    #: the untimed first calls stop after this long (at least two run)
+    warm_s: float = 0.5
 
     def calls(self, seconds_per_call: float) -> int:
         per_call = max(seconds_per_call, 1e-9)
@@ -72,7 +75,7 @@ class TailSettings:
 
 
 FULL = TailSettings()
-QUICK = TailSettings(budget_s=0.2, min_calls=200, max_calls=4000, cap_s=0.5, rounds=3)
+QUICK = TailSettings(budget_s=0.2, min_calls=200, max_calls=4000, cap_s=0.3, rounds=3, warm_s=0.2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,7 +203,9 @@ def time_calls(runner, calls: int, max_seconds: float | None = None) -> np.ndarr
 
 def warm_up(runner, calls: int = 8, max_seconds: float = 0.5) -> float:
     """Make ``calls`` untimed first calls (lazy initialisation, a first parallel launch), fewer once
-    ``max_seconds`` have passed (at least two) -> the median seconds of those after the first."""
+    ``max_seconds`` have passed (at least two) -> the seconds of the fastest after the first.  The fastest,
+    not a median: first calls can be slow for a while, and planning too many calls costs nothing (a block
+    stops at its deadline) where planning too few loses samples."""
     times = []
     with runner.context():
         started = time.perf_counter()
@@ -210,7 +215,7 @@ def warm_up(runner, calls: int = 8, max_seconds: float = 0.5) -> float:
             times.append(time.perf_counter() - start)
             if i >= 1 and time.perf_counter() - started > max_seconds:
                 break
-    return float(np.median(times[1:]))
+    return min(times[1:])
 
 
 def _condition(runners: dict, calls: dict, settings: TailSettings, rng: random.Random) -> tuple[dict, float]:
@@ -260,7 +265,8 @@ def run(engines, quick: bool, seed: int = 0, workdir=None, artifacts_by_case=Non
             log(f"  tails {name} ({case.shape})")
             artifacts = artifacts_by_case.get(name) or Artifacts(make_problem(case, seed), f"{workdir}/tails-{name}")
             runners, status = _runners(artifacts, engines, log)
-            calls = {engine: settings.calls(warm_up(runner)) for engine, runner in runners.items()}
+            calls = {engine: settings.calls(warm_up(runner, max_seconds=settings.warm_s))
+                     for engine, runner in runners.items()}
             row = {"name": name, "shape": case.shape, "status": status, "planned_calls": calls, "conditions": {},
                    "others_share": {}}
             for condition in CONDITIONS:

@@ -222,11 +222,13 @@ def kernel_cache_stats() -> dict:
 
     from numba.core.dispatcher import Dispatcher
 
-    hits = misses = 0
+    dispatchers = {}
     for name, module in list(sys.modules.items()):
         if name == "gru_fast" or name.startswith("gru_fast."):
             for value in vars(module).values():
-                if isinstance(value, Dispatcher):
-                    hits += sum(value.stats.cache_hits.values())
-                    misses += sum(value.stats.cache_misses.values())
+                for candidate in value.values() if isinstance(value, dict) else (value,):  # kernels.FORWARD
+                    if isinstance(candidate, Dispatcher):
+                        dispatchers[id(candidate)] = candidate
+    hits = sum(sum(d.stats.cache_hits.values()) for d in dispatchers.values())
+    misses = sum(sum(d.stats.cache_misses.values()) for d in dispatchers.values())
     return {"cache_hits": hits, "cache_misses": misses}

@@ -1,6 +1,7 @@
 """What a first use compiles, how the user hears about it, and how to do it ahead of time.
 
-The engine has four entry points, (float32 | float64) x (serial | parallel) (:data:`gru_fast.kernels.FORWARD`);
+The engine has six entry points, (float32 | float64 | bfloat16 weights) x (serial | parallel)
+(:data:`gru_fast.kernels.FORWARD`);
 each compiles on its first call in a process with an empty kernel cache, and later processes load it from
 the cache in a fraction of a second.  A compile takes seconds, so:
 
@@ -17,7 +18,6 @@ import sys
 import threading
 from time import perf_counter
 
-import numpy as np
 from numba.core import event, types
 
 from . import kernels
@@ -25,17 +25,18 @@ from . import kernels
 __all__ = ["warmup", "ENTRY_SECONDS"]
 
 # About how long each entry point takes to compile on an empty cache, measured on the project's 2-core
-# machine with `NUMBA_CACHE_DIR=$(mktemp -d)`: (dtype, parallel) -> seconds.  Only for the notice.
-ENTRY_SECONDS = {(np.dtype(np.float32), False): 14, (np.dtype(np.float64), False): 12,
-                 (np.dtype(np.float32), True): 12, (np.dtype(np.float64), True): 11}
+# machine with `NUMBA_CACHE_DIR=$(mktemp -d)`: (weights, parallel) -> seconds.  Only for the notice.
+ENTRY_SECONDS = {("float32", False): 14, ("float64", False): 12, ("bfloat16", False): 14,
+                 ("float32", True): 12, ("float64", True): 11, ("bfloat16", True): 12}
 
 _ENTRY_SIGNATURE = (types.int64,) * 17  # every argument of an entry point is an int (see kernels)
 _ENTRIES = {id(dispatcher): key for key, dispatcher in kernels.FORWARD.items()}
 
 
 def _describe(key) -> str:
-    dtype, parallel = key
-    return f"{dtype.name} {'parallel' if parallel else 'serial'}"
+    weights, parallel = key
+    kind = "bfloat16-weight" if weights == "bfloat16" else weights
+    return f"{kind} {'parallel' if parallel else 'serial'}"
 
 
 class _CompileNotice(event.Listener):
@@ -60,31 +61,32 @@ _LOCK = threading.Lock()
 
 
 def warmup(model=None, *, parallel: bool | None = None) -> list[dict]:
-    """Compile (or load from the kernel cache) the entry points ``model`` needs, or all four.
+    """Compile (or load from the kernel cache) the entry points ``model`` needs, or all six.
 
     Parameters
     ----------
     model : gru_fast.GRU, optional
-        Compile for this model's dtype only; without it, for float32 and float64.
+        Compile for how this model stores its weights only (``model.weights``); without it, for float32,
+        float64 and bfloat16 weights.
     parallel : bool, optional
         Only the serial (False) or parallel (True) entry points; both by default.
 
-    Returns one dict per entry point: ``dtype``, ``parallel``, ``seconds`` and ``source`` ("compiled",
+    Returns one dict per entry point: ``weights``, ``parallel``, ``seconds`` and ``source`` ("compiled",
     "cache" or "memory": already loaded in this process).  Nothing runs: the kernels are compiled for
     their (all-integer) signature.
     """
-    dtypes = [np.dtype(np.float32), np.dtype(np.float64)] if model is None else [model.dtype]
+    kinds = list(kernels.WEIGHTS) if model is None else [model.weights]
     modes = [False, True] if parallel is None else [bool(parallel)]
     done = []
     with _LOCK:
-        for dtype in dtypes:
+        for weights in kinds:
             for mode in modes:
-                dispatcher = kernels.FORWARD[dtype, mode]
+                dispatcher = kernels.FORWARD[weights, mode]
                 loaded = _ENTRY_SIGNATURE in dispatcher.overloads
                 misses = sum(dispatcher.stats.cache_misses.values())
                 start = perf_counter()
                 dispatcher.compile(_ENTRY_SIGNATURE)
                 compiled = sum(dispatcher.stats.cache_misses.values()) > misses
                 source = "memory" if loaded else "compiled" if compiled else "cache"
-                done.append(dict(dtype=dtype.name, parallel=mode, seconds=perf_counter() - start, source=source))
+                done.append(dict(weights=weights, parallel=mode, seconds=perf_counter() - start, source=source))
     return done

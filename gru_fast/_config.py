@@ -5,7 +5,7 @@ Process-wide decisions live here:
 * the threading layer: GNU OpenMP when it loads, TBB otherwise.  Numba's
   fallback, ``workqueue``, aborts the process when two Python threads launch
   parallel kernels at once; gru_fast never does that itself whatever the layer
-  (:mod:`gru_fast.model` runs one parallel call at a time, others serially),
+  (:mod:`gru_fast._schedule` runs one parallel call at a time, others serially),
   but it cannot stop the application's own parallel Numba code from doing it,
   so it warns once when it finds workqueue in use;
 * the OpenMP state of the thread that starts Numba's omp layer, put back as it

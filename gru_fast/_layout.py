@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
+from ._bf16 import to_bf16
 from ._tiles import GROUP, TILE
 
 __all__ = ["UNITS", "GROUP_COLUMNS", "ALIGN", "padded", "padded_hidden", "meta_size", "params_size", "pack",
@@ -81,14 +82,21 @@ def meta_size(num_layers: int, num_directions: int) -> int:
     return META_OFFSETS + OFFSETS_PER_BLOCK * num_layers * num_directions
 
 
-def params_size(input_size: int, hidden: int, num_layers: int, num_directions: int) -> int:
-    """Elements of the flat ``params`` array of a model of this shape (Python ints: sizes read from a file
-    may exceed int64)."""
+def _matrix_elements(rows, columns, bf16):
+    """Elements of ``params`` a packed W or R of rows x columns values takes: bfloat16 values go two to a
+    float32 element (``columns`` is 3Hp, even)."""
+    return rows * columns // 2 if bf16 else rows * columns
+
+
+def params_size(input_size: int, hidden: int, num_layers: int, num_directions: int, bf16: bool = False) -> int:
+    """Elements of the flat ``params`` array of a model of this shape, W and R stored as bfloat16 with
+    ``bf16`` (Python ints: sizes read from a file may exceed int64)."""
     hp = padded_hidden(hidden)
     total = 0
     for layer in range(num_layers):
         n_in = input_size if layer == 0 else num_directions * hidden
-        total += padded(n_in * 3 * hp) + padded(3 * hp * hidden) + padded(3 * hp) + padded(hp)
+        total += (padded(_matrix_elements(n_in, 3 * hp, bf16)) + padded(_matrix_elements(hidden, 3 * hp, bf16))
+                  + padded(3 * hp) + padded(hp))
     return PARAM_HEADER + num_directions * total
 
 
@@ -117,8 +125,12 @@ def pack_into(dst, m, hidden):
             groups[full, :, q, :rest] = gate[full * UNITS :].T
 
 
-def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activations, dtype):
+def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activations, dtype, bf16=False):
     """``(params, meta)``, read-only, for ONNX-layout ``weights`` [(W, R, B or None) per layer].
+
+    With ``bf16`` (float32 only), packed W and R hold bfloat16 values (uint16 bit patterns, two to a
+    float32 element of ``params``, rounded to nearest even: :func:`gru_fast._bf16.to_bf16`); the header
+    and biases stay float32.
 
     The biases are summed where the equations allow: b_x = Wb + Rb for z and r (and for n when
     linear_before_reset=0, where r multiplies h before the product); with linear_before_reset=1 the
@@ -127,7 +139,7 @@ def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activa
     L = len(weights)
     H = hidden
     hp = padded_hidden(H)
-    params = aligned_zeros(params_size(input_size, H, L, D), dtype)
+    params = aligned_zeros(params_size(input_size, H, L, D, bf16), dtype)
     meta = np.zeros(meta_size(L, D), dtype=np.int64)
     meta[META_LAYERS], meta[META_DIRECTIONS], meta[META_HIDDEN], meta[META_INPUT] = L, D, H, input_size
     meta[META_LBR] = int(linear_before_reset)
@@ -150,11 +162,17 @@ def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activa
                 b_x[2 * H :] += r_bias[2 * H :]
                 b_hn = np.zeros(H, dtype)
             base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * D + d)
-            for slot, m in ((OFFSET_W, W[d]), (OFFSET_R, R[d]), (OFFSET_BX, b_x[:, None])):
-                size = 3 * hp * m.shape[1]  # K rows of 3Hp packed columns
+            for slot, m in ((OFFSET_W, W[d]), (OFFSET_R, R[d])):
+                size = _matrix_elements(m.shape[1], 3 * hp, bf16)  # K rows of 3Hp packed columns
                 meta[base + slot] = cursor
-                pack_into(params[cursor : cursor + size], m, H)
+                if bf16:
+                    pack_into(params[cursor : cursor + size].view(np.uint16), to_bf16(m), H)
+                else:
+                    pack_into(params[cursor : cursor + size], m, H)
                 cursor += padded(size)
+            meta[base + OFFSET_BX] = cursor
+            pack_into(params[cursor : cursor + 3 * hp], b_x[:, None], H)
+            cursor += padded(3 * hp)
             meta[base + OFFSET_BHN] = cursor
             params[cursor : cursor + H] = b_hn
             cursor += padded(hp)
@@ -163,7 +181,8 @@ def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activa
     return params, meta
 
 
-def build_nbytes(input_size: int, hidden_size: int, num_layers: int, num_directions: int, itemsize: int) -> int:
+def build_nbytes(input_size: int, hidden_size: int, num_layers: int, num_directions: int, itemsize: int,
+                 bf16: bool = False) -> int:
     """Bytes that building a model of this shape allocates at its peak, beyond the caller's arrays, for
     floats of ``itemsize`` bytes (see :func:`gru_fast.model.build_nbytes`).
 
@@ -183,8 +202,10 @@ def build_nbytes(input_size: int, hidden_size: int, num_layers: int, num_directi
         layer_arrays = (D * 3 * H * n_in, D * 3 * H * H, D * 6 * H)
         weights += sum(layer_arrays)
         largest = max(largest, *layer_arrays)
-    params = params_size(I, H, L, D)
+    params = params_size(I, H, L, D, bf16)
     meta = meta_size(L, D) * 8
+    if bf16:  # to_bf16's rounded copy of the largest matrix and its temporaries, while it is packed
+        largest += 4 * largest * itemsize
     small = 16 * H * itemsize + (64 << 10)  # pack's bias rows; the model's Python objects
     return (weights + params) * itemsize + largest + 64 + meta + small
 

@@ -20,6 +20,14 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 Four rows reach about 57 GMAC/s on one core here (the FMA peak), one row 24-29 GMAC/s (the rate the
 L2 cache delivers weights).  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
 registers), and machines without AVX-512 get it split into narrower vectors.
+
+The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights, packed the same
+way as uint16 bit patterns (:func:`gru_fast._bf16.pack_bf16`), and widen each 16 on load (LLVM emits
+``vpmovzxwd`` + ``vpslld``) into the same fma chains: their results are the float32 kernels' on the
+widened weights, bit for bit.  scripts/bf16_gemm.py measures them: the widening costs two vector
+operations per 16 weights, so with the weights in L2 (H=256) they are slower than float32 (one row
+about 28.5 against 31.5 GMAC/s, four rows 43-57 against 77-86); past L2 (H=512: 3 MiB of float32
+weights, 1.5 MiB of bfloat16) one row runs at 20-28 against 7.6-8 GMAC/s, four rows 26-54 against 23-32.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from numba import types
 from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
-           "recur1_n", "recur4_n"]
+           "recur1_n", "recur4_n", "project1_bf16", "project4_bf16", "recur1_all_bf16", "recur4_all_bf16",
+           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16"]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -39,7 +48,7 @@ def _float_ir(marker):
     return ir.FloatType() if marker.bitwidth == 32 else ir.DoubleType()
 
 
-def _make_gemm(rows, first, ntiles, start):
+def _make_gemm(rows, first, ntiles, start, weights="float"):
     """A kernel computing, for groups g < n_groups and tiles i of [first, first + ntiles) in each group,
     ``c_m[48g + 16i : 48g + 16i + 16] = s + a_m @ W[:, 48g + 16i : ...]`` for ``rows`` rows m, where s
     is 0 (``start="zero"``) or the same columns of a bias row (``start="bias"``): starting the
@@ -49,7 +58,16 @@ def _make_gemm(rows, first, ntiles, start):
     (output rows, positioned at the first group's column 0), a_0..a_{rows-1} (input rows of K values),
     w (packed weights, positioned at the first group's first tile), bias (positioned like c; unused
     with "zero"), K, n_groups, marker.  Columns of other tiles are left as they are.
+
+    ``weights="bf16"``: w points at bfloat16 weights stored as uint16 bit patterns (packed as above,
+    :func:`gru_fast._bf16.pack_bf16`), everything else float32 (the marker must be float32).  Each
+    ``<16 x i16>`` load is widened exactly to ``<16 x float>`` (zero-extend, shift left 16, bitcast)
+    and fed to the same fma chain, so the result equals the float32 kernel's on the widened weights.
+    w and the offsets are still in elements of the weight array: half the bytes of float32.
     """
+    bf16 = weights == "bf16"
+    if weights not in ("float", "bf16"):
+        raise ValueError(f"weights must be 'float' or 'bf16', got {weights!r}")
 
     def typer(args):
         if len(args) != 2 * rows + 5 or not isinstance(args[-1], types.Float):
@@ -57,6 +75,8 @@ def _make_gemm(rows, first, ntiles, start):
         if not all(isinstance(a, types.Integer) for a in args[:-1]):
             return None
         marker = args[-1]
+        if bf16 and marker.bitwidth != 32:
+            return None
         sig = types.none(*args)
 
         def codegen(context, builder, signature, llargs):
@@ -68,7 +88,13 @@ def _make_gemm(rows, first, ntiles, start):
                                                                   name)
             c_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[:rows]]
             a_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[rows : 2 * rows]]
-            w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
+            if bf16:
+                i32v = ir.VectorType(ir.IntType(32), TILE)
+                wty = ir.VectorType(ir.IntType(16), TILE)  # 16 bfloat16 bit patterns
+                w_ptr = builder.inttoptr(llargs[2 * rows], ir.IntType(16).as_pointer())
+                shift = ir.Constant(i32v, [16] * TILE)
+            else:
+                w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
             bias_ptr = builder.inttoptr(llargs[2 * rows + 1], fty.as_pointer())
             k_n, n_groups = llargs[2 * rows + 2], llargs[2 * rows + 3]
             zero64 = ir.Constant(i64, 0)
@@ -120,7 +146,12 @@ def _make_gemm(rows, first, ntiles, start):
                 for q in range(len(slots)):
                     acc[m][q].add_incoming(init[m][q], loaded)
             k_off = builder.mul(k, ir.Constant(i64, GROUP * TILE))
-            weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
+            if bf16:  # bfloat16 is the top half of a float32: widening is exact
+                bits = [builder.load(builder.bitcast(builder.gep(w_ptr, [builder.add(offset, k_off)]),
+                                                     wty.as_pointer()), align=2) for offset in w_offsets]
+                weights = [builder.bitcast(builder.shl(builder.zext(b, i32v), shift), vty) for b in bits]
+            else:
+                weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
             new = []
             for m in range(rows):
                 x = builder.load(builder.gep(a_ptrs[m], [k]))
@@ -152,7 +183,7 @@ def _make_gemm(rows, first, ntiles, start):
         return sig, codegen
 
     # Numba's intrinsics take fixed parameters (a *args one would arrive packed as a tuple)
-    name = f"gemm_{rows}_{first}_{ntiles}_{start}"
+    name = f"gemm_{rows}_{first}_{ntiles}_{start}" + ("_bf16" if bf16 else "")
     names = [f"c{m}" for m in range(rows)] + [f"a{m}" for m in range(rows)] + ["w", "bias", "k", "n_groups",
                                                                                  "marker"]
     namespace = {"typer": typer}
@@ -167,3 +198,9 @@ project1, project4 = _make_gemm(1, *GEMM_ALL, "bias"), _make_gemm(4, *GEMM_ALL, 
 recur1_all, recur4_all = _make_gemm(1, *GEMM_ALL, "zero"), _make_gemm(4, *GEMM_ALL, "zero")  # h R^T
 recur1_zr, recur4_zr = _make_gemm(1, *GEMM_ZR, "zero"), _make_gemm(4, *GEMM_ZR, "zero")  # lbr=0: h R_zr^T
 recur1_n, recur4_n = _make_gemm(1, *GEMM_N, "zero"), _make_gemm(4, *GEMM_N, "zero")  # lbr=0: (r*h) R_n^T
+
+# the same products with bfloat16 weights (uint16 bit patterns) and float32 everything else
+project1_bf16, project4_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16"), _make_gemm(4, *GEMM_ALL, "bias", "bf16")
+recur1_all_bf16, recur4_all_bf16 = _make_gemm(1, *GEMM_ALL, "zero", "bf16"), _make_gemm(4, *GEMM_ALL, "zero", "bf16")
+recur1_zr_bf16, recur4_zr_bf16 = _make_gemm(1, *GEMM_ZR, "zero", "bf16"), _make_gemm(4, *GEMM_ZR, "zero", "bf16")
+recur1_n_bf16, recur4_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16"), _make_gemm(4, *GEMM_N, "zero", "bf16")

@@ -36,6 +36,8 @@ _CONFIG_KEYS = {
     "activation_alpha", "activation_beta", "clip", "batch_first", "dtype", "has_bias", "provenance",
 }
 
+_OPTIONAL_KEYS = {"weights"}  # written only for a model with bfloat16 weights (GRU.with_weights)
+
 _READ_CHUNK = 1 << 20  # bytes decompressed at a time into an array being read
 
 _BOOL_KEYS = ("linear_before_reset", "batch_first", "has_bias")
@@ -149,8 +151,9 @@ def _check_config(config) -> dict:
     version = config.get("version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise ValueError(f"unsupported gru_fast file version {version!r} (this is {FORMAT_VERSION})")
-    if set(config) != _CONFIG_KEYS:
-        raise ValueError(f"gru_fast file config has keys {sorted(config)}, expected {sorted(_CONFIG_KEYS)}")
+    if set(config) - _OPTIONAL_KEYS != _CONFIG_KEYS:
+        raise ValueError(f"gru_fast file config has keys {sorted(config)}, expected {sorted(_CONFIG_KEYS)} "
+                         f"and optionally {sorted(_OPTIONAL_KEYS)}")
     num_layers = config["num_layers"]
     if type(num_layers) is not int or not 1 <= num_layers <= 1024:
         raise ValueError(f"gru_fast file declares num_layers={num_layers!r}")
@@ -183,6 +186,8 @@ def _check_config(config) -> dict:
         fail("clip", "a finite number or null")
     if type(config["provenance"]) is not dict:
         fail("provenance", "an object")
+    if "weights" in config and config["weights"] != "bfloat16":
+        fail("weights", "'bfloat16' when present")
     return config
 
 
@@ -228,7 +233,8 @@ def load(path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GRU:
     except ZIP_ERRORS as exc:
         raise ValueError(f"{path} is not a readable gru_fast model file (a damaged or truncated .npz): "
                          f"{type(exc).__name__}: {exc}") from None
-    options = {k: config[k] for k in _CONFIG_KEYS - {"format", "version", "num_layers", "has_bias"}}
+    options = {k: config[k] for k in (_CONFIG_KEYS | _OPTIONAL_KEYS) - {"format", "version", "num_layers", "has_bias"}
+               if k in config}
     try:
         return GRU(layers, **options)
     except TypeError as exc:

@@ -58,7 +58,8 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import overload
 
 from ._config import JIT, PARALLEL_JIT
 from ._jit import kernel
@@ -68,9 +69,11 @@ from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HID
                       direction_offsets, padded_hidden, sync_slots, workspace_layout)
 from ._math import activate, clip_range, like
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
-from ._tiles import project1, project4, recur1_all, recur1_n, recur1_zr, recur4_all, recur4_n, recur4_zr
+from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_all, recur1_all_bf16, recur1_n,
+                     recur1_n_bf16, recur1_zr, recur1_zr_bf16, recur4_all, recur4_all_bf16, recur4_n, recur4_n_bf16,
+                     recur4_zr, recur4_zr_bf16)
 
-__all__ = ["FORWARD", "MODE_ROWS", "MODE_SPLIT"]
+__all__ = ["FORWARD", "WEIGHTS", "MODE_ROWS", "MODE_SPLIT"]
 
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
 
@@ -83,6 +86,7 @@ Config = namedtuple("Config", [
     "step_stride", "row_stride",  # rows of x and y between steps, between sequences
     "has_h0", "has_lengths",
     "mode", "chunks", "block_steps",
+    "weights",  # a zero of the type W and R are stored in: the float type, or uint16 for bfloat16
 ])
 """Sizes and choices of one call, fixed for its duration."""
 
@@ -127,23 +131,27 @@ def _matrix(base, start, rows, cols):
 
 
 @kernel(inline=True)
-def _records(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+def _records(markers, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
              y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
-    """The entry point's integers as (Config, Run): the one place raw addresses become views."""
+    """The entry point's integers as (Config, Run): the one place raw addresses become views.  ``markers``:
+    zeros of the float type and of the weights' storage type."""
+    marker, weights = markers
     head = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))
     layers, directions, hidden = head[META_LAYERS], head[META_DIRECTIONS], head[META_HIDDEN]
     meta = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
     params = carray(pointer(params_addr, marker), (n_params,))
     cfg = Config(layers, directions, hidden, padded_hidden(hidden), meta[META_INPUT], meta[META_LBR] != 0,
                  meta[META_REVERSE] != 0, params[PARAM_CLIP], steps, batch, 1 if batch_major else batch,
-                 steps if batch_major else 1, h0_addr != 0, lengths_addr != 0, mode, chunks, block_steps)
+                 steps if batch_major else 1, h0_addr != 0, lengths_addr != 0, mode, chunks, block_steps,
+                 weights)
     o_mid0, o_mid1, _, _, end = workspace_layout(steps, batch, hidden, directions, layers, block_steps)
     workspace = carray(pointer(ws_addr, marker), (end,))
     rows, width = steps * batch, directions * hidden
     state_shape = (layers * directions, batch, hidden)
     run = Run(carray(pointer(x_addr, marker), (rows, cfg.input_size)), carray(pointer(y_addr, marker), (rows, width)),
               _matrix(workspace, o_mid0, rows if layers > 1 else 0, width),
-              _matrix(workspace, o_mid1, rows if layers > 2 else 0, width), carray(pointer(h0_addr, marker), state_shape if h0_addr != 0 else (0, batch, hidden)),
+              _matrix(workspace, o_mid1, rows if layers > 2 else 0, width),
+              carray(pointer(h0_addr, marker), state_shape if h0_addr != 0 else (0, batch, hidden)),
               carray(pointer(h_n_addr, marker), state_shape),
               carray(pointer(lengths_addr, np.int64(0)), (batch if lengths_addr != 0 else 0,)),
               params, meta, workspace, sync_addr)
@@ -220,36 +228,60 @@ def _addr(row, col):
     return row.ctypes.data + col * row.itemsize
 
 
+def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
+    """The micro-kernel of ``kind`` for ``rows`` rows (gru_fast._tiles), for weights stored as ``weights``'
+    type, ``w_offset`` elements past address ``w``.  Typed by ``weights``: float and bfloat16 models
+    each compile only their own kernels."""
+    raise NotImplementedError("call from a Numba kernel")
+
+
+@overload(_micro, jit_options=dict(JIT, inline="always"))
+def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
+    if isinstance(weights, types.Float):
+        itemsize = weights.bitwidth // 8
+        p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1, project4, recur1_all, recur4_all, recur1_zr, recur4_zr,
+                                                recur1_n, recur4_n)
+    elif weights == types.uint16:
+        itemsize = 2
+        p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1_bf16, project4_bf16, recur1_all_bf16, recur4_all_bf16,
+                                                recur1_zr_bf16, recur4_zr_bf16, recur1_n_bf16, recur4_n_bf16)
+    else:
+        return None
+
+    def micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
+        at = w + w_offset * itemsize
+        if rows == 4:
+            if kind == PROJECT:
+                p4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
+            elif kind == RECUR:
+                all4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
+            elif kind == RECUR_ZR:
+                zr4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
+            else:
+                n4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
+        elif kind == PROJECT:
+            p1(c0, a0, at, bias, k, n, marker)
+        elif kind == RECUR:
+            all1(c0, a0, at, bias, k, n, marker)
+        elif kind == RECUR_ZR:
+            zr1(c0, a0, at, bias, k, n, marker)
+        else:
+            n1(c0, a0, at, bias, k, n, marker)
+
+    return micro
+
+
 @kernel
-def _gemm(kind, rows, c, a, w, bias, k, u0, u1):
+def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights):
     """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1 or 4)
-    of the four (c, a) pairs."""
+    of the four (c, a) pairs; W stored as ``weights``' type."""
     n = u1 - u0
     if n <= 0:
         return
     col = GROUP_COLUMNS * u0
-    marker = c[0][0]  # the float type
-    w_at = w + GROUP_COLUMNS * u0 * k * c[0].itemsize  # group u0: K rows of 48
-    b_at = _addr(bias, col)
-    c0, c1, c2, c3 = _addr(c[0], col), _addr(c[1], col), _addr(c[2], col), _addr(c[3], col)
-    a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
-    if rows == 4:
-        if kind == PROJECT:
-            project4(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
-        elif kind == RECUR:
-            recur4_all(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
-        elif kind == RECUR_ZR:
-            recur4_zr(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
-        else:
-            recur4_n(c0, c1, c2, c3, a0, a1, a2, a3, w_at, b_at, k, n, marker)
-    elif kind == PROJECT:
-        project1(c0, a0, w_at, b_at, k, n, marker)
-    elif kind == RECUR:
-        recur1_all(c0, a0, w_at, b_at, k, n, marker)
-    elif kind == RECUR_ZR:
-        recur1_zr(c0, a0, w_at, b_at, k, n, marker)
-    else:
-        recur1_n(c0, a0, w_at, b_at, k, n, marker)
+    _micro(kind, rows, _addr(c[0], col), _addr(c[1], col), _addr(c[2], col), _addr(c[3], col), a[0].ctypes.data,
+           a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data, w, GROUP_COLUMNS * u0 * k, _addr(bias, col), k, n,
+           c[0][0], weights)  # group u0 starts after u0 groups of K rows of 48; c[0][0]: the float type
 
 
 @kernel(inline=True)
@@ -275,7 +307,7 @@ def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
              lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
         a = (_input_row(cfg, run, lv, i0, block_start, b0, rows), _input_row(cfg, run, lv, i1, block_start, b0, rows),
              _input_row(cfg, run, lv, i2, block_start, b0, rows), _input_row(cfg, run, lv, i3, block_start, b0, rows))
-        _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, u0, u1)
+        _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, u0, u1, cfg.weights)
         i += 4
 
 
@@ -294,7 +326,7 @@ def _input_row(cfg, run, lv, i, block_start, b0, rows):
 
 
 @kernel
-def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1):
+def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
     """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
     b = b0
@@ -303,7 +335,7 @@ def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1):
         i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
         r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
         _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]), (rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3]),
-              w, hr[r0], k, u0, u1)
+              w, hr[r0], k, u0, u1, weights)
         b += 4
 
 
@@ -392,7 +424,7 @@ def _advance(cfg, run, lv, s, b0, b1, u0, u1):
         hr[b0:b1, GROUP_COLUMNS * u0 : GROUP_COLUMNS * u1] = like(cfg.clip, 0.0)
     else:
         _products(RECUR if cfg.lbr else RECUR_ZR, hr, run.h0[lv.index] if s == 0 else prev, b0, b1, lv.w_h,
-                  cfg.hidden, u0, u1)
+                  cfg.hidden, u0, u1, cfg.weights)
     base = (s - block_start) * cfg.batch
     tiles = u1 - u0
     for b in range(b0, b1):
@@ -404,7 +436,7 @@ def _advance(cfg, run, lv, s, b0, b1, u0, u1):
                 for j in range(UNITS):
                     rh3[u, 0, j] = hr3[u, 1, j] * h_prev3[u, 0, j]
     if not cfg.lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
-        _products(RECUR_N, hr, lv.rh, b0, b1, lv.w_h, cfg.hidden, u0, u1)
+        _products(RECUR_N, hr, lv.rh, b0, b1, lv.w_h, cfg.hidden, u0, u1, cfg.weights)
     b_hn3 = _unit_tiles(lv.b_hn, u0, u1, 1)
     for b in range(b0, b1):
         n_valid = _length(cfg, run, b)
@@ -528,11 +560,11 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
 
 
 @kernel
-def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
+def _worker(w, marker, weights, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
             y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
     """Worker w's whole share of a parallel call.  The records are built here, inside the parallel loop's
     body: Numba's parfor passes cannot take them into the loop, nor analyse this function inlined there."""
-    cfg, run = _records(marker, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+    cfg, run = _records((marker, weights), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
                         lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
     if mode == MODE_SPLIT:
         _run_split(cfg, run, w)
@@ -540,34 +572,39 @@ def _worker(w, marker, params_addr, n_params, meta_addr, x_addr, steps, batch, b
         _run_rows(cfg, run)
 
 
-def _make_forward(parallel, dtype):
-    """Build a forward entry point.  One per (serial | parallel, float32 | float64), each compiled on its
-    first call only: the float type is fixed here, not passed, which also keeps every argument a plain
-    integer (Numba's dispatcher checks those fastest).  The serial one runs MODE_ROWS with one worker and
-    never compiles MODE_SPLIT."""
-    float_type = np.float32 if dtype == np.float32 else np.float64
+def _make_forward(parallel, weights):
+    """Build a forward entry point.  One per (serial | parallel) and weights (float32, float64, or
+    bfloat16 with float32 arithmetic), each compiled on its first call only: the types are fixed here,
+    not passed, which also keeps every argument a plain integer (Numba's dispatcher checks those
+    fastest).  The serial one runs MODE_ROWS with one worker and never compiles MODE_SPLIT."""
+    float_type = np.float64 if weights == "float64" else np.float32
+    weight_type = np.uint16 if weights == "bfloat16" else float_type
 
     def forward_parallel(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
                          y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
         """Run every layer: ``workers`` workers share the call (see the module docstring)."""
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
         for w in prange(workers):
-            _worker(w, float_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                    lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
+            _worker(w, float_type(0), weight_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch,
+                    batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                    block_steps)
 
     def forward_serial(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
                        y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
         """Run every layer in this thread (``mode`` is MODE_ROWS, ``chunks`` and ``workers`` 1)."""
         _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
-        cfg, run = _records(float_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major,
-                            h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
+        cfg, run = _records((float_type(0), weight_type(0)), params_addr, n_params, meta_addr, x_addr, steps, batch,
+                            batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
+                            block_steps)
         _run_rows(cfg, run)
 
     forward = forward_parallel if parallel else forward_serial
-    forward.__name__ = forward.__qualname__ = f"{forward.__name__}_{np.dtype(dtype).name}"
+    forward.__name__ = forward.__qualname__ = f"{forward.__name__}_{weights}"
     return njit(**(PARALLEL_JIT if parallel else JIT))(forward)
 
 
-FORWARD = {(np.dtype(dtype), parallel): _make_forward(parallel, dtype)
-           for dtype in (np.float32, np.float64) for parallel in (False, True)}
-"""The forward entry points by (dtype, parallel)."""
+WEIGHTS = ("float32", "float64", "bfloat16")
+"""How a model's W and R can be stored: float32 or float64 (the model's dtype), or bfloat16 (float32
+arithmetic)."""
+FORWARD = {(weights, parallel): _make_forward(parallel, weights) for weights in WEIGHTS for parallel in (False, True)}
+"""The forward entry points by (weights, parallel)."""

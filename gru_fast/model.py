@@ -2,31 +2,24 @@
 
 A :class:`GRU` is built from per-layer ``(W, R, B)`` arrays in ONNX layout and
 gate order (z, r, h) — the one canonical form every converter produces.  At
-construction the weights are laid out once for the kernels:
+construction the weights are laid out once for the kernels (:mod:`gru_fast._layout`: ``W`` and ``R``
+packed in unit tiles of 16 hidden units, biases pre-summed where the equations allow, everything in one
+flat ``params`` array with an int64 ``meta`` table of offsets).
 
-* ``W`` and ``R`` transposed, their columns put in unit-tile order (z, r, n of 16 hidden units at a
-  time, H padded to a multiple of 16) and packed as contiguous (K, 48) groups, the order the
-  micro-kernels of :mod:`gru_fast._tiles` stream them in (see "Layout" in :mod:`gru_fast.kernels`);
-* the input and recurrent biases of z and r pre-summed (and of n when
-  ``linear_before_reset`` is 0; with 1 the recurrent n bias stays separate,
-  inside the reset product);
-* everything in one flat, 64-byte aligned ``params`` array with an int64
-  ``meta`` table of offsets (see :mod:`gru_fast.kernels`).
+How a call is shared between threads, its workspace and its launch belong to :mod:`gru_fast._schedule`;
+here every call path validates its arguments into a :class:`_Call` and hands :func:`_prepare`'s operands
+to the scheduler.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
 import weakref
-from time import perf_counter
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import _layout, kernels
-from ._config import parallel_threads
+from . import _layout, _schedule
+from ._bf16 import from_bf16, to_bf16
 from ._memory import address
 from ._validate import as_float_array, as_in_place_array, as_lengths, check_no_overlap, check_out_array
 from .activations import Activation, parse_activations
@@ -35,153 +28,7 @@ __all__ = ["GRU", "Stream", "BoundCall", "BoundStep"]
 
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
-
-# Below this much work (multiply-adds per call) a parallel region costs more than it saves: a launch
-# is about 1.5 us with the workers awake, 40-70 us when they have gone to sleep.
-_PARALLEL_MIN_MACS = 1 << 18
-# Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
-# layer and step (about 0.3 us): worth it from this many multiply-adds per row, layer and step.  Measured
-# here, T=1000 I=40, one row, 2 threads: H=128 (64.5K) split 1,940 us vs serial 2,640 us; H=96 (39K) split
-# 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.  With exactly one row per thread, rows beat
-# a split (B=2: H=96 2,685 vs 4,559 us; H=128 2,764 vs 3,343; H=256 even); from 3 rows the split wins.
-_SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
-# Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
-# many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
-_BLOCK_FLOATS = 1 << 15
-# A call shorter than this many multiply-adds (~0.1 ms) runs in parallel only while calls come back to
-# back: a parallel launch costs ~1.5 us while the workers still spin after the previous one, 40-70 us
-# once they have gone to sleep (a few ms here), more than such a call saves.
-_BRIEF_MACS = 1 << 22
-_BACK_TO_BACK_S = 0.002
-class _ParallelPolicy:
-    """Whether a call whose plan is parallel may launch the parallel kernel now.
-
-    Serial and parallel runs give bit-identical results, so this only decides speed:
-
-    * one parallel call at a time in the process: a call arriving meanwhile runs serially, so concurrent
-      callers never put more spinning workers than cores on the machine (and under Numba's workqueue
-      layer, which aborts on concurrent launches, gru_fast's own launches never overlap);
-    * a brief call goes parallel only when the previous parallel-sized call ended within
-      _BACK_TO_BACK_S (the workers are still awake).
-
-    A thread that is late anyway (a busy machine) is handled inside the kernel: the other worker takes
-    over its share of each step until it catches up (see gru_fast.kernels, MODE_SPLIT).
-    """
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.last_end = 0.0
-
-    def acquire(self, plan) -> bool:
-        now = perf_counter()
-        recent = now - self.last_end <= _BACK_TO_BACK_S
-        self.last_end = now
-        if plan.brief and not recent:
-            return False
-        return self.lock.acquire(blocking=False)
-
-    def release(self, plan) -> None:
-        self.last_end = perf_counter()
-        self.lock.release()
-
-
-_PARALLEL = _ParallelPolicy()
-
-# What the engine keeps between calls: idle plans (workspaces), shared by every thread and model.  A call
-# takes a plan of its shape from the pool (or makes one) and gives it back after the kernel ran; at most
-# _PLAN_CACHE_BYTES stay idle in the process, least recently used given up first, and a plan larger than
-# _PLAN_KEEP_MAX_BYTES is freed after its call (allocating it costs little next to the call that needs it:
-# its workspace holds the sequences of the layers between the first and the last, 2 * T*B*D*H values).
-_PLAN_CACHE_BYTES = 64 << 20
-_PLAN_KEEP_MAX_BYTES = 16 << 20
-
-
-class _PlanPool:
-    """Idle plans by (model token, steps, batch, threads); see _PLAN_CACHE_BYTES.  ``idle`` is a plain dict
-    kept in least-recently-used order: a key is removed when taken and inserted again (at the end) when
-    given back, which a steady loop does on every call for the cost of two dict operations."""
-
-    def __init__(self, limit: int, keep_max: int):
-        self.lock = threading.Lock()
-        self.idle: dict = {}  # key -> non-empty list of plans
-        self.nbytes = 0
-        self.limit = limit
-        self.keep_max = keep_max
-
-    def take(self, key):
-        with self.lock:
-            plans = self.idle.pop(key, None)
-            if plans is None:
-                return None
-            plan = plans.pop()
-            if plans:
-                self.idle[key] = plans
-            self.nbytes -= plan.nbytes
-        return plan
-
-    def give(self, plan) -> None:
-        if plan.nbytes > self.keep_max:
-            return  # freed with its last reference
-        with self.lock:
-            plans = self.idle.pop(plan.key, None)
-            if plans is None:
-                plans = [plan]
-            else:
-                plans.append(plan)
-            self.idle[plan.key] = plans
-            self.nbytes += plan.nbytes
-            while self.nbytes > self.limit:
-                key = next(iter(self.idle))
-                oldest = self.idle[key]
-                self.nbytes -= oldest.pop(0).nbytes
-                if not oldest:
-                    del self.idle[key]
-
-    def drop(self, token) -> None:
-        """Free the idle plans of a model that is gone."""
-        with self.lock:
-            for key in [key for key in self.idle if key[0] == token]:
-                self.nbytes -= sum(plan.nbytes for plan in self.idle.pop(key))
-
-
-_PLANS = _PlanPool(_PLAN_CACHE_BYTES, _PLAN_KEEP_MAX_BYTES)
-_MODEL_TOKENS = itertools.count()
-
-# Streams and bound calls, whose locks a forked child must renew (see _renew_locks_in_child).
-_LOCK_OWNERS: weakref.WeakSet = weakref.WeakSet()
-
-
-def _renew_locks_in_child() -> None:
-    """In a child forked while another thread held one of gru_fast's locks (stepping a shared stream,
-    running a bound call, a parallel launch, the plan pool), that lock would stay held forever: the
-    thread holding it does not exist in the child.  Every lock gru_fast owns is replaced by a free one.
-    A stream forked in the middle of a step keeps the state from before that step (a step writes the
-    other state buffer and switches to it only when it is done)."""
-    _PARALLEL.lock = threading.Lock()
-    _PLANS.lock = threading.Lock()
-    for owner in list(_LOCK_OWNERS):
-        owner._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_locks_in_child)
-
-
-class _Plan(NamedTuple):
-    """How one (steps, batch, threads) shape runs, with its workspace (see gru_fast.kernels)."""
-
-    parallel: bool
-    brief: bool  # under _BRIEF_MACS multiply-adds
-    mode: int
-    chunks: int
-    block_steps: int
-    workers: int
-    workspace: np.ndarray
-    sync: np.ndarray
-    workspace_addr: int
-    sync_addr: int
-    nbytes: int  # of workspace and sync
-    key: tuple | None  # where the plan pool files it; None for a bound call's own plans
+_WEIGHTS = ("float32", "float64", "bfloat16")  # how W and R can be stored (GRU.with_weights)
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -192,6 +39,16 @@ def _as_dtype(dtype) -> np.dtype:
     if resolved is None or resolved.name not in _DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return resolved
+
+
+def _as_weights(weights, dtype: np.dtype) -> str:
+    if weights is None or (isinstance(weights, str) and weights == dtype.name):
+        return dtype.name
+    if not isinstance(weights, str) or weights != "bfloat16":
+        raise ValueError(f"weights must be None, 'bfloat16' or the dtype's name {dtype.name!r}, got {weights!r}")
+    if dtype != np.float32:
+        raise ValueError(f"weights='bfloat16' computes in float32: dtype must be float32, got {dtype.name}")
+    return weights
 
 
 def build_nbytes(input_size: int, hidden_size: int, num_layers: int = 1, num_directions: int = 1,
@@ -224,6 +81,10 @@ class GRU:
         Whether x and y are (B, T, ...) instead of (T, B, ...).
     dtype : {"float32", "float64"}, optional
         Compute precision; float64 when W is float64, else float32.
+    weights : {"bfloat16"}, optional
+        Store W and R rounded to bfloat16 (nearest, ties to even, as ``torch.bfloat16``); biases, state and
+        arithmetic stay float32 (``dtype`` must be float32).  Half the bytes a step streams; see
+        :meth:`with_weights`.  By default W and R are stored in ``dtype``.
     provenance : dict, optional
         JSON-able facts about where the weights came from; kept by :func:`gru_fast.save`.
     """
@@ -240,6 +101,7 @@ class GRU:
         clip: float | None = None,
         batch_first: bool = False,
         dtype=None,
+        weights: str | None = None,
         provenance: dict | None = None,
     ):
         if direction not in _DIRECTIONS:
@@ -254,6 +116,7 @@ class GRU:
         if dtype is None:
             dtype = np.float64 if first_w.dtype == np.float64 else np.float32
         self.dtype = _as_dtype(dtype)
+        self.weights = _as_weights(weights, self.dtype)
         self.direction = direction
         self.num_directions = num_directions
         self.linear_before_reset = bool(linear_before_reset)
@@ -273,13 +136,10 @@ class GRU:
         self.input_size = self._weights[0][0].shape[2]
         self.has_bias = self._weights[0][2] is not None
         self._params, self._meta = self._pack()
-        self._params_addr = address(self._params)
-        self._meta_addr = address(self._meta)
-        self._token = next(_MODEL_TOKENS)  # its plans' key in the plan pool, freed with the model
-        weakref.finalize(self, _PLANS.drop, self._token)
-        H, D = self.hidden_size, self.num_directions
-        # multiply-adds of one time step of one sequence, every layer and direction
-        self._macs_per_step = D * 3 * H * ((self.input_size + H) + (self.num_layers - 1) * (D * H + H))
+        self._kernel_model = _schedule.kernel_model(self._params, self._meta, self.input_size, self.hidden_size,
+                                                    self.num_directions, self.num_layers, self.linear_before_reset,
+                                                    self.weights)
+        weakref.finalize(self, _schedule.drop_plans, self._kernel_model.token)  # its idle plans go with it
 
     # ---- construction -------------------------------------------------------
 
@@ -320,13 +180,17 @@ class GRU:
                 if arr is not None and not np.all(np.isfinite(arr)):
                     raise ValueError(f"layers[{index}].{name} holds NaN or infinity")
             cast = lambda a: None if a is None else np.array(a, dtype=self.dtype, copy=True)  # noqa: E731
-            checked.append((cast(W), cast(R), cast(B)))
+            W, R, B = cast(W), cast(R), cast(B)
+            if self.weights == "bfloat16":  # the model is its rounded weights: kept, saved and pickled as such
+                W, R = from_bf16(to_bf16(W)), from_bf16(to_bf16(R))
+            checked.append((W, R, B))
         return checked
 
     def _pack(self):
         """Lay the weights out once for the kernels (gru_fast._layout)."""
         return _layout.pack(self._weights, self.input_size, self.hidden_size, self.linear_before_reset,
-                            self.direction == "reverse", self.clip, self.activations, self.dtype)
+                            self.direction == "reverse", self.clip, self.activations, self.dtype,
+                            bf16=self.weights == "bfloat16")
 
     # ---- properties ---------------------------------------------------------
 
@@ -349,11 +213,22 @@ class GRU:
             batch_first=self.batch_first,
             dtype=self.dtype.name,
             provenance=self.provenance,
+            **({"weights": self.weights} if self.weights == "bfloat16" else {}),
         )
 
     def astype(self, dtype) -> "GRU":
         """A copy computing in another precision."""
         return GRU(self._weights, **dict(self._config(), dtype=_as_dtype(dtype)))
+
+    def with_weights(self, weights: str) -> "GRU":
+        """A new model whose W and R are stored as ``weights``: "bfloat16" (float32 arithmetic, see the
+        class's ``weights``), or "float32" / "float64" (W and R in that dtype, which the model then
+        computes in).  A model made from a bfloat16 one keeps the rounded values: rounding is not undone."""
+        if not isinstance(weights, str) or weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(map(repr, _WEIGHTS))}, got {weights!r}")
+        config = dict(self._config(), dtype="float32" if weights == "bfloat16" else weights)
+        config.pop("weights", None)
+        return GRU(self._weights, **config, weights="bfloat16" if weights == "bfloat16" else None)
 
     def __reduce__(self):
         # Pickle by weights and configuration: no kernel objects travel.
@@ -369,54 +244,11 @@ class GRU:
             extra += f", activations={[a.name for a in self.activations]}"
         return (
             f"GRU(input_size={self.input_size}, hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
-            f"direction={self.direction!r}{extra}, bias={self.has_bias}, dtype={self.dtype.name})"
+            f"direction={self.direction!r}{extra}, bias={self.has_bias}, dtype={self.dtype.name}"
+            f"{', weights=' + repr(self.weights) if self.weights == 'bfloat16' else ''})"
         )
 
     # ---- running ------------------------------------------------------------
-
-    def _plan(self, steps: int, batch: int, threads: int | None = None) -> _Plan:
-        """A plan for this shape, taken from the plan pool (or made); give it back with ``_PLANS.give``."""
-        if threads is None:  # the count only matters for calls large enough to run in parallel
-            threads = 1 if steps * batch * self._macs_per_step < _PARALLEL_MIN_MACS else parallel_threads()
-        key = (self._token, steps, batch, threads)
-        return _PLANS.take(key) or self._make_plan(steps, batch, threads, key)
-
-    def _make_plan(self, steps: int, batch: int, threads: int, key: tuple | None = None) -> _Plan:
-        """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
-
-        * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
-        * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful,
-          but not exactly one row per thread) when a row's layer-step is large enough to pay for a
-          handshake: the threads share each step's hidden units, and every product stays a four-row pass;
-        * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
-        """
-        H, D, L = self.hidden_size, self.num_directions, self.num_layers
-        per_step = self._macs_per_step // D  # one row, one direction, every layer
-        parallel = threads > 1 and steps * batch * self._macs_per_step >= _PARALLEL_MIN_MACS
-        mode, chunks, workers = _layout.MODE_ROWS, 1, 1
-        split = (parallel and D == 1 and batch < 4 * threads and batch != threads and self.linear_before_reset
-                 and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
-        if split:
-            # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
-            # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows
-            mode, chunks = _layout.MODE_SPLIT, min(threads, -(-H // _layout.UNITS))
-            workers = chunks
-        elif parallel and D * batch < threads:
-            parallel = D > 1  # one unit per direction
-            chunks, workers = 1, D
-        elif parallel:
-            chunks = min(batch, -(-threads // D))
-            workers = min(threads, D * chunks)
-        if workers < 2:
-            parallel, workers = False, 1
-        rows = batch if mode == _layout.MODE_SPLIT else -(-batch // chunks)
-        block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * _layout.padded_hidden(H))))
-        end = _layout.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
-        workspace = _layout.aligned_zeros(end, self.dtype)  # zero: padded hidden units start (and stay) finite
-        sync = _layout.aligned_zeros(_layout.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
-        macs = steps * batch * self._macs_per_step
-        return _Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
-                     address(workspace), address(sync), workspace.nbytes + sync.nbytes, key)
 
     def __call__(self, x, h0=None, lengths=None, out=None):
         """Run the model over whole sequences.
@@ -445,8 +277,9 @@ class GRU:
         and models together, and one over 16 MiB is freed after its call.
         """
         call = self._checked(x, h0, lengths, out)
-        self._run(*call)
-        return call[6], call[7]
+        if call.batch:  # no sequences: y and h_n are empty
+            _schedule.run(self._kernel_model, _prepare(call))
+        return call.y, call.h_n
 
     def bind(self, x, h0=None, lengths=None, out=None) -> "BoundCall":
         """Check a call's arrays once; the returned :class:`BoundCall` runs it on their current contents.
@@ -462,12 +295,10 @@ class GRU:
         x = as_in_place_array(x, "x", self.dtype)
         if h0 is not None:
             h0 = as_in_place_array(h0, "h0", self.dtype)
-        return BoundCall(self, *self._checked(x, h0, lengths, out))
+        return BoundCall(self._kernel_model, self._checked(x, h0, lengths, out))
 
-    def _checked(self, x, h0, lengths, out):
-        """Validate a call's arguments: (x, steps, batch, batch_major, h0, lengths, y, h_n, inputs), every
-        array C-contiguous in the model's dtype; ``inputs`` names the caller's arrays when ``out`` is given
-        (outputs must not overlap them, copies or not), else None."""
+    def _checked(self, x, h0, lengths, out) -> "_Call":
+        """Validate a call's arguments (see _Call)."""
         dtype = self.dtype
         x_given, h0_given, lengths_given = x, h0, lengths
         x = as_float_array(x, "x", dtype)
@@ -509,35 +340,7 @@ class GRU:
             y = check_out_array(out[0], "out[0] (y)", y_shape, dtype)
             h_n = check_out_array(out[1], "out[1] (h_n)", state_shape, dtype)
             inputs = {"x": x_given, "h0": h0_given, "lengths": lengths_given}
-        return x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs
-
-    def _kernel_args(self, x_addr, steps, batch, batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, plan):
-        return (
-            self._params_addr, self._params.size, self._meta_addr, x_addr, steps, batch, int(batch_major), h0_addr,
-            lengths_addr, y_addr, h_n_addr, plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks,
-            plan.block_steps, plan.workers,
-        )
-
-    def _run(self, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs=None):
-        """Run the forward kernel on validated arrays (``x``, ``y``, ``h_n`` C-contiguous, right dtype).
-
-        With ``inputs`` (the caller's own arrays, by name), first refuse outputs that overlap them.
-        """
-        if batch == 0:
-            return  # no sequences: y and h_n are empty
-        x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
-        h0_addr = 0 if h0 is None else address(h0)
-        if inputs is not None:
-            check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
-                             known={id(x): x_addr, id(h0): h0_addr})
-        plan = self._plan(steps, batch)
-        if plan.parallel and not _PARALLEL.acquire(plan):
-            _PLANS.give(plan)
-            plan = self._plan(steps, batch, 1)  # same results, serially
-        args = self._kernel_args(x_addr, steps, batch, batch_major, h0_addr,
-                                 0 if lengths is None else address(lengths), y_addr, h_n_addr, plan)
-        _launch(self.dtype, plan, args)
-        _PLANS.give(plan)
+        return _Call(x, steps, batch, self.batch_first and len(shape) == 3, h0, lengths, y, h_n, inputs, False)
 
     def stream(self, batch_size: int | None = 1, h0=None) -> "Stream":
         """A streaming session that advances every layer one time step per :meth:`Stream.step`.
@@ -552,55 +355,78 @@ def _rebuild(weights, config):
     return GRU(weights, **config)
 
 
-def _launch(dtype, plan, args):
-    """Run ``plan``'s forward entry point; a parallel plan was granted by _PARALLEL and is handed back."""
-    if plan.parallel:
-        try:
-            kernels.FORWARD[dtype, True](*args)
-        finally:
-            _PARALLEL.release(plan)
-    else:
-        kernels.FORWARD[dtype, False](*args)
+class _Call(NamedTuple):
+    """A call's arguments, validated (GRU._checked; a stream step: its x_t and y, and the stream's state
+    buffers as h0 and h_n).  Every array is C-contiguous in the model's dtype."""
+
+    x: np.ndarray
+    steps: int
+    batch: int
+    batch_major: bool  # x and y are (B, T, ...)
+    h0: np.ndarray | None
+    lengths: np.ndarray | None  # int64
+    y: np.ndarray
+    h_n: np.ndarray
+    inputs: dict | None  # with out=: the caller's own arrays by name, which the outputs must not overlap
+    stream_step: bool  # h0 and h_n are a stream's own state buffers: only y is the caller's
+
+
+def _prepare(call: _Call) -> _schedule.Operands:
+    """The kernel's operands of a validated call with at least one sequence.  First, when ``call.inputs``
+    names the caller's arrays, the caller's outputs that overlap them (copies or not) are refused.  Every
+    call path comes through here: GRU.__call__ and GRU.bind, Stream.step and Stream.bind."""
+    x_addr, y_addr, h_n_addr = address(call.x), address(call.y), address(call.h_n)
+    h0_addr = 0 if call.h0 is None else address(call.h0)
+    if call.inputs is not None:
+        outputs = {"y": (call.y, y_addr)} if call.stream_step else {"y": (call.y, y_addr), "h_n": (call.h_n, h_n_addr)}
+        check_no_overlap(outputs, call.inputs, known={id(call.x): x_addr, id(call.h0): h0_addr})
+    lengths_addr = 0 if call.lengths is None else address(call.lengths)
+    return _schedule.Operands(x_addr, call.steps, call.batch, int(call.batch_major), h0_addr, lengths_addr, y_addr,
+                              h_n_addr)
+
+
+def _no_sequences() -> None:
+    """A bound call of batch 0: nothing to run, y and h_n stay empty."""
 
 
 class BoundCall:
     """A model call whose arrays were checked once (see :meth:`GRU.bind`); ``call()`` returns (y, h_n)."""
 
-    def __init__(self, model, x, steps, batch, batch_major, h0, lengths, y, h_n, inputs):
-        self.y, self.h_n = y, h_n
-        self._lock = threading.Lock()
-        _LOCK_OWNERS.add(self)
-        self._serial = kernels.FORWARD[model.dtype, False]
-        self._empty = batch == 0  # no sequences: nothing to run, y and h_n stay empty
-        if self._empty:
-            self._plans = (_Plan(False, True, _layout.MODE_ROWS, 1, 1, 1, None, None, 0, 0, 0, None),) * 2
+    def __init__(self, kernel_model: _schedule.KernelModel, call: _Call):
+        self.y, self.h_n = call.y, call.h_n
+        self._guard = _schedule.Guard()  # calls from several threads take turns
+        if call.batch == 0:
+            self._launch = _no_sequences
             return
-        if lengths is not None:
-            lengths = lengths.copy()  # checked once, so the kernel must not see later edits of the caller's
-        x_addr, y_addr, h_n_addr = address(x), address(y), address(h_n)
-        h0_addr = 0 if h0 is None else address(h0)
-        if inputs is not None:
-            check_no_overlap({"y": (y, y_addr), "h_n": (h_n, h_n_addr)}, inputs,
-                             known={id(x): x_addr, id(h0): h0_addr})
-        self._arrays = (x, h0, lengths)  # alive as long as the binding: the kernel reads them by address
-        self._dtype = model.dtype
-        head = (x_addr, steps, batch, batch_major, h0_addr, 0 if lengths is None else address(lengths), y_addr,
-                h_n_addr)
-        threads = parallel_threads() if steps * batch * model._macs_per_step >= _PARALLEL_MIN_MACS else 1
-        plan = model._make_plan(steps, batch, threads)  # its own workspace: a binding is not thread-local
-        serial = model._make_plan(steps, batch, 1) if plan.parallel else plan
-        self._parallel_args = model._kernel_args(*head, plan) if plan.parallel else None
-        self._serial_args = model._kernel_args(*head, serial)
-        self._plans = (plan, serial)
+        if call.lengths is not None:
+            # checked once, so the kernel must not see later edits of the caller's
+            call = call._replace(lengths=call.lengths.copy())
+        binding = _schedule.bind(kernel_model, [_prepare(call)])
+        self._kept = (call, binding)  # the arrays, weights and workspaces the kernel reads by address
+        (self._launch,) = binding.launches
 
     def __call__(self):
-        plan = self._plans[0]
-        with self._lock:
-            if plan.parallel and _PARALLEL.acquire(plan):
-                _launch(self._dtype, plan, self._parallel_args)
-            elif not self._empty:
-                self._serial(*self._serial_args)  # _launch, inlined: the fast path of a small model
+        with self._guard.lock:
+            self._launch()
         return self.y, self.h_n
+
+
+class _StreamState(_schedule.Guard):
+    """A stream's state in two buffers (L, B, H): a step reads ``buffers[current]`` as h0, writes the other
+    as h_n, then switches ``current``, all under ``lock`` (steps, resets and reads take turns)."""
+
+    __slots__ = ("buffers", "current")
+
+    def __init__(self, shape: tuple, dtype: np.dtype):
+        super().__init__()
+        self.buffers = (np.zeros(shape, dtype), np.zeros(shape, dtype))
+        self.current = 0
+
+    def call(self, x_t: np.ndarray, y: np.ndarray, inputs: dict | None, current: int) -> _Call:
+        """The one-step call on ``x_t`` from state buffer ``current``."""
+        buffers = self.buffers
+        return _Call(x_t, 1, buffers[0].shape[1], False, buffers[current], None, y, buffers[1 - current], inputs,
+                     True)
 
 
 class Stream:
@@ -624,61 +450,62 @@ class Stream:
         self.model = model
         self.batch_size = int(batch)
         H, L = model.hidden_size, model.num_layers
-        # The state alternates between two buffers: a step reads one as h0 and writes the other as h_n.
-        self._states = (np.zeros((L, self.batch_size, H), model.dtype), np.zeros((L, self.batch_size, H), model.dtype))
-        self._current = 0
+        self._kernel_model = model._kernel_model
+        self._state = _StreamState((L, self.batch_size, H), model.dtype)
         self._h0 = None
         self._x_shape = (model.input_size,) if self.unbatched else (self.batch_size, model.input_size)
         self._y_shape = (H,) if self.unbatched else (self.batch_size, H)
-        self._lock = threading.Lock()  # one state: steps, resets and reads of it take turns
-        _LOCK_OWNERS.add(self)
         self.reset(h0)
 
     @property
     def state(self) -> np.ndarray:
         """A copy of the current state, (L, B, H) — (L, H) for an unbatched stream."""
-        with self._lock:
-            state = self._states[self._current].copy()
-        return state[:, 0] if self.unbatched else state
+        state = self._state
+        with state.lock:
+            copy = state.buffers[state.current].copy()
+        return copy[:, 0] if self.unbatched else copy
 
     def reset(self, h0=None) -> None:
         """Return to ``h0`` (or zeros; or the h0 the stream was created with when omitted)."""
+        state = self._state
         if h0 is not None:
-            L, B, H = self._states[0].shape
+            L, B, H = state.buffers[0].shape
             expected = (L, H) if self.unbatched else (L, B, H)
             h0 = as_float_array(h0, "h0", self.model.dtype)
             if h0.shape != expected:
                 axes = "num_layers, hidden" if self.unbatched else "num_layers, batch, hidden"
                 raise ValueError(f"h0 must have shape {expected} ({axes}), got {h0.shape}")
             h0 = h0.reshape((L, B, H)).copy()
-        with self._lock:
+        with state.lock:
             if h0 is not None:
                 self._h0 = h0
-            state = self._states[self._current]
+            current = state.buffers[state.current]
             if self._h0 is None:
-                state[...] = 0
+                current[...] = 0
             else:
-                state[...] = self._h0
+                current[...] = self._h0
 
     def step(self, x_t, out=None) -> np.ndarray:
         """Advance one time step; returns the last layer's output (B, H), or (H,) unbatched."""
         x_t, y, inputs = self._checked(x_t, out)
-        with self._lock:  # one stream, one state: steps from several threads take turns
-            current = self._current
-            self.model._run(x_t, 1, self.batch_size, False, self._states[current], None, y,
-                            self._states[1 - current], inputs)
-            self._current = 1 - current
+        state = self._state
+        with state.lock:  # one stream, one state: steps from several threads take turns
+            current = state.current
+            _schedule.run(self._kernel_model, _prepare(state.call(x_t, y, inputs, current)))
+            state.current = 1 - current
         return y
 
     def bind(self, x_t, out=None) -> "BoundStep":
         """Check a step's arrays once; the returned :class:`BoundStep` advances the stream on ``x_t``'s
         current contents (see :meth:`GRU.bind`).  ``x_t`` must be a C-contiguous array of the model's
         dtype; without ``out`` the output is allocated once and overwritten by every step."""
-        x_t = as_in_place_array(x_t, "x_t", self.model.dtype)
-        return BoundStep(self, *self._checked(x_t, out))
+        x_t, y, inputs = self._checked(as_in_place_array(x_t, "x_t", self.model.dtype), out)
+        state = self._state
+        binding = _schedule.bind(self._kernel_model, [_prepare(state.call(x_t, y, inputs, c)) for c in (0, 1)])
+        return BoundStep(state, binding, x_t, y)
 
     def _checked(self, x_t, out):
-        """Validate a step's arguments: (x_t, y, inputs) as for GRU._checked."""
+        """Validate a step's arguments: (x_t, y, inputs) as in _Call."""
         model = self.model
         x_given = x_t
         x_t = as_float_array(x_t, "x_t", model.dtype)
@@ -697,37 +524,16 @@ class Stream:
 class BoundStep:
     """A stream step whose arrays were checked once (see :meth:`Stream.bind`); ``step()`` returns y."""
 
-    def __init__(self, stream: Stream, x_t, y, inputs):
-        model = stream.model
-        x_addr, y_addr = address(x_t), address(y)
-        if inputs is not None:
-            check_no_overlap({"y": (y, y_addr)}, inputs, known={id(x_t): x_addr})
+    def __init__(self, state: _StreamState, binding: _schedule.Binding, x_t, y):
         self.y = y
-        self._stream = stream
-        self._dtype = model.dtype
-        self._x_t = x_t  # alive as long as the binding: the kernel reads it by address
-        batch = stream.batch_size
-        threads = parallel_threads() if batch * model._macs_per_step >= _PARALLEL_MIN_MACS else 1
-        plan = model._make_plan(1, batch, threads)
-        serial = model._make_plan(1, batch, 1) if plan.parallel else plan
-        self._plans = (plan, serial)
-        states = [address(state) for state in stream._states]
-
-        def args(current, chosen):  # the stream's state alternates: read states[current], write the other
-            return model._kernel_args(x_addr, 1, batch, False, states[current], 0, y_addr, states[1 - current],
-                                      chosen)
-
-        self._parallel_args = (args(0, plan), args(1, plan)) if plan.parallel else None
-        self._serial_args = (args(0, serial), args(1, serial))
+        self._state = state
+        self._launches = binding.launches  # by the state buffer the step reads
+        self._kept = (x_t, binding)  # the arrays, weights and workspaces the kernel reads by address
 
     def __call__(self) -> np.ndarray:
-        stream = self._stream
-        plan, serial = self._plans
-        with stream._lock:
-            current = stream._current
-            if plan.parallel and _PARALLEL.acquire(plan):
-                _launch(self._dtype, plan, self._parallel_args[current])
-            else:
-                _launch(self._dtype, serial, self._serial_args[current])
-            stream._current = 1 - current
+        state = self._state
+        with state.lock:
+            current = state.current
+            self._launches[current]()
+            state.current = 1 - current
         return self.y

@@ -7,10 +7,12 @@ binding must refuse.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pytest
 
-from conftest import assert_matches, convert_torch, run_torch, torch_gru
+from conftest import assert_matches, convert_torch, last_json_line, run_python, run_torch, torch_gru
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -105,3 +107,35 @@ def test_stream_bind_refuses_other_dtypes_and_shapes(rng):
     x_t = np.zeros((2, 4), np.float32)
     with pytest.raises(ValueError, match="out"):
         stream.bind(x_t, out=np.zeros((2, 5), np.float32))
+
+
+KEEP_ALIVE_CHILD = textwrap.dedent(
+    """
+    import gc, json
+    import numpy as np
+    import torch
+    from converters.from_torch import convert
+
+    torch.manual_seed(26)
+    I, H = 64, 512  # 3.5 MB of packed weights: glibc maps them apart and unmaps them when they are freed
+    module = torch.nn.GRU(I, H).eval()
+    x = np.random.default_rng(0).standard_normal((3, 1, I)).astype(np.float32)
+    with torch.no_grad():
+        y_ref, h_ref = (t.numpy() for t in module(torch.from_numpy(x)))
+    call = convert(module).bind(x)  # each binding from a model of its own, which is gone at once
+    step = convert(module).stream(batch_size=1).bind(np.ascontiguousarray(x[0]))
+    gc.collect()
+    y, h_n = call()
+    y_0 = step()
+    print(json.dumps({"call_y": float(np.max(np.abs(y - y_ref))), "call_h_n": float(np.max(np.abs(h_n - h_ref))),
+                      "step_y": float(np.max(np.abs(y_0 - y_ref[0])))}))
+    """
+)
+
+
+def test_bindings_keep_the_model_weights_alive():
+    """A binding outlives the model it came from: ``call = GRU(...).bind(x)`` (or a stream's bind) with the
+    model itself gone still reads the model's packed weights, not freed memory (unmapped or reused: a child
+    process, so a crash fails this test only).  Authority: torch.nn.GRU on the same weights, in the child."""
+    errors = last_json_line(run_python(KEEP_ALIVE_CHILD, timeout=300))
+    assert all(error <= 1e-5 for error in errors.values()), errors

@@ -287,6 +287,28 @@ def test_convert_engine_file_to_float64(tmp_path):
         assert all(np.array_equal(p.astype(np.float64), q) for p, q in zip(a, b))
 
 
+def test_convert_with_bfloat16_weights_matches_pytorch_with_rounded_weights(files, tmp_path):
+    """--weights bfloat16: the written model reads back as bfloat16 and runs as PyTorch does with its weight
+    matrices rounded by torch.bfloat16."""
+    torch = __import__("torch")
+    out = tmp_path / "bf16.npz"
+    ok(cli("convert", files["dir"] / "two.pt", "--prefix", "encoder.gru", "-o", out, "--weights", "bfloat16"))
+    model = gru_fast.load(out)
+    assert model.weights == "bfloat16" and model.dtype == np.float32
+    rounded = copy.deepcopy(files["encoder"])
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name.startswith("weight"):
+                p.copy_(p.to(torch.bfloat16).float())
+    x = np.random.default_rng(4).standard_normal((9, 3, 5)).astype(np.float32)
+    y_ref, h_ref = run_torch(rounded, x)
+    y, h_n = model(x)
+    assert_matches(y, y_ref, authority="PyTorch (bfloat16-rounded weights)", dtype=np.float32, what="y")
+    assert_matches(h_n, h_ref, authority="PyTorch (bfloat16-rounded weights)", dtype=np.float32, what="h_n")
+    user_error(cli("convert", files["dir"] / "two.pt", "--prefix", "encoder.gru", "-o", tmp_path / "x.npz",
+                   "--weights", "bfloat16", "--dtype", "float64"), 2, "--weights bfloat16", "float64")
+
+
 @pytest.mark.parametrize("case", [
     "missing", "unknown_node", "wrong_prefix", "not_a_model", "garbage_onnx", "unsupported_suffix",
     "output_not_npz", "output_dir_missing", "node_on_checkpoint", "pickled_module",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_matches, convert_torch, run_torch, torch_gru
-from gru_fast import kernels
+from gru_fast import _schedule, kernels
 
 THREADS = numba.config.NUMBA_NUM_THREADS
 needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels need 2+ Numba threads")
@@ -25,11 +25,9 @@ needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels
 @pytest.fixture(autouse=True)
 def parallel_launches(monkeypatch):
     """Count launches of the parallel entry points, and let brief calls go parallel even when they do not
-    come back to back (the engine's speed policy, gru_fast.model._ParallelPolicy, would otherwise run
+    come back to back (the engine's speed policy, gru_fast._schedule._ParallelPolicy, would otherwise run
     them serially: same results, but the parallel kernel untested)."""
-    from gru_fast import model as model_module
-
-    monkeypatch.setattr(model_module, "_BACK_TO_BACK_S", float("inf"))
+    monkeypatch.setattr(_schedule, "_BACK_TO_BACK_S", float("inf"))
     launches = []
     for key in [key for key in kernels.FORWARD if key[1]]:
         forward = kernels.FORWARD[key]
@@ -46,6 +44,11 @@ def numba_threads(n):
         yield
     finally:
         numba.set_num_threads(before)
+
+
+def _plan(model, steps, batch):
+    """The plan a call of this shape gets in the calling thread (the mode a test exercises)."""
+    return _schedule.take_plan(model._kernel_model, steps, batch)
 
 
 def _x(rng, shape, dtype):
@@ -75,7 +78,7 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, par
     model = convert_torch(module)
     T = 37
     with numba_threads(2):
-        assert model._plan(T, 1).mode == kernels.MODE_SPLIT
+        assert _plan(model, T, 1).mode == kernels.MODE_SPLIT
     x = _x(rng, (T, 64) if unbatched else (T, 1, 64), dtype)
     h0 = _x(rng, (num_layers, 128) if unbatched else (num_layers, 1, 128), dtype)
     lengths = 29 if unbatched else np.array([29])
@@ -95,7 +98,7 @@ def test_a_few_rows_split_hidden_units(batch, rng, parallel_launches):
     model = convert_torch(module)
     T = 21
     with numba_threads(2):
-        assert model._plan(T, batch).mode == kernels.MODE_SPLIT
+        assert _plan(model, T, batch).mode == kernels.MODE_SPLIT
     x = _x(rng, (T, batch, 40), np.float32)
     lengths = rng.integers(1, T + 1, size=batch)
     _check_serial_and_parallel(model, x, run_torch(module, x, None, lengths), authority="torch.nn.GRU (packed)",
@@ -116,7 +119,7 @@ def test_split_reverse_direction_starts_at_each_sequence_end(rng, parallel_launc
     reverse = gru_fast.GRU([(W[1:], R[1:], B[1:])], direction="reverse")
     T = 23
     with numba_threads(2):
-        assert reverse._plan(T, 1).mode == kernels.MODE_SPLIT
+        assert _plan(reverse, T, 1).mode == kernels.MODE_SPLIT
     x = _x(rng, (T, 1, 64), np.float32)
     lengths = np.array([17])
     y_ref, h_ref = run_torch(module, x, None, lengths)
@@ -136,7 +139,7 @@ def test_rows_are_shared_between_threads(batch, bidirectional, hidden, rng, para
     model = convert_torch(module)
     T = 19
     with numba_threads(2):
-        plan = model._plan(T, batch)
+        plan = _plan(model, T, batch)
     assert plan.mode == kernels.MODE_ROWS and plan.parallel and plan.workers == 2
     x = _x(rng, (T, batch, 48), np.float32)
     lengths = rng.integers(1, T + 1, size=batch)
@@ -153,7 +156,7 @@ def test_stream_step_split_between_threads(num_layers, rng, parallel_launches):
     module = torch_gru(128, 256, num_layers, seed=14)
     model = convert_torch(module)
     with numba_threads(2):
-        assert model._plan(1, 1).mode == kernels.MODE_SPLIT
+        assert _plan(model, 1, 1).mode == kernels.MODE_SPLIT
     x = _x(rng, (6, 1, 128), np.float32)
     h0 = 0.5 * _x(rng, (num_layers, 1, 256), np.float32)
     y_ref, h_ref = run_torch(module, x, h0, None)
@@ -173,7 +176,7 @@ def test_stream_step_split_between_threads(num_layers, rng, parallel_launches):
 def test_small_calls_stay_serial(rng, parallel_launches):
     """Below the work threshold no parallel region is launched (it would cost more than the call)."""
     model = convert_torch(torch_gru(10, 10, 1, bidirectional=True, seed=15))
-    assert not model._plan(3, 1).parallel
+    assert not _plan(model, 3, 1).parallel
     model(rng.standard_normal((3, 1, 10)).astype(np.float32))
     assert parallel_launches == []
 
@@ -187,15 +190,16 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
     model = convert_torch(module)
     T = 9
     with numba_threads(2):
-        plan = model._plan(T, 1)
+        plan = _plan(model, T, 1)
     assert plan.mode == kernels.MODE_SPLIT and plan.workers == 2
     x = _x(rng, (T, 1, 64), np.float32)
     y, h_n = np.empty((T, 1, 128), np.float32), np.empty((2, 1, 128), np.float32)
     from gru_fast._memory import address
 
-    args = model._kernel_args(address(x), T, 1, False, 0, 0, address(y), address(h_n), plan)
+    operands = _schedule.Operands(address(x), T, 1, 0, 0, 0, address(y), address(h_n))
+    args = _schedule.kernel_args(model._kernel_model, operands, plan)
     with numba_threads(1):
-        kernels.FORWARD[np.dtype(np.float32), True](*args)
+        kernels.FORWARD["float32", True](*args)
     assert plan.sync[kernels.LINE * kernels.SYNC_STOLEN] == 2 * T  # both layers' T steps of chunk 1
     y_ref, h_ref = run_torch(module, x, None, None)
     assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")
@@ -221,7 +225,7 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
     first = caching.CacheImpl._locator_classes[0]
     assert first.__name__ == "GruFastCacheLocator", first
     stamp = _cache._kernel_sources_stamp()
-    locator = first.from_function(kernels.FORWARD[np.dtype(np.float32), False].py_func, kernels.__file__)
+    locator = first.from_function(kernels.FORWARD["float32", False].py_func, kernels.__file__)
     assert locator is not None and locator.get_source_stamp() == stamp
     assert locator.get_cache_path() == _cache.kernel_cache_dir()
     assert first.from_function(test_kernel_cache_stamp_covers_every_compiled_module, __file__) is None

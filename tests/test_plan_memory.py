@@ -1,6 +1,6 @@
 """What the engine keeps between calls: idle workspaces, bounded by bytes across all threads and models.
 
-Documented bound (README, gru_fast.model): at most ``_PLAN_CACHE_BYTES`` (64 MiB) of idle plans stay in
+Documented bound (README, gru_fast._schedule): at most ``_PLAN_CACHE_BYTES`` (64 MiB) of idle plans stay in
 the process, and a workspace over ``_PLAN_KEEP_MAX_BYTES`` (16 MiB) is freed after its call.
 
 Authorities: ``tracemalloc`` (numpy reports every array allocation to it) for the bytes numpy still holds
@@ -19,7 +19,7 @@ CHILD = textwrap.dedent(
     import gc, json, threading, tracemalloc
     import numpy as np
     import gru_fast
-    from gru_fast import model as engine
+    from gru_fast import _schedule as engine
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(
     big, wide = gru(64), gru(128)
     for m in (big, wide):  # kernels loaded, serial and parallel, before anything is measured
         m(np.ones((2, 1, I), np.float32)), m(np.ones((300, 64, I), np.float32))
-    engine._PLANS.drop(big._token), engine._PLANS.drop(wide._token)
+    engine.drop_plans(big._kernel_model.token), engine.drop_plans(wide._kernel_model.token)
     gc.collect()
     tracemalloc.start()
 
@@ -62,13 +62,13 @@ CHILD = textwrap.dedent(
         t.start()
     ready.wait()
     gc.collect()
-    report["idle_threads"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine._PLANS.nbytes}
+    report["idle_threads"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine.PLANS.nbytes}
     release.set()
     for t in threads:
         t.join()
     del wide, m
     gc.collect()
-    report["model_gone"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine._PLANS.nbytes}
+    report["model_gone"] = {"traced": tracemalloc.get_traced_memory()[0] - traced, "pool": engine.PLANS.nbytes}
     print(json.dumps(report))
     """
 )

@@ -62,7 +62,7 @@ WORKER_SCRIPT = textwrap.dedent(
             return forward(*args)
         return counting_forward_parallel
 
-    for key in [key for key in kernels.FORWARD if key[1]]:  # (dtype, parallel) entry points
+    for key in [key for key in kernels.FORWARD if key[1]]:  # (weights, parallel) entry points
         kernels.FORWARD[key] = counting(kernels.FORWARD[key])
 
     def weights(seed, L, D, I, H):

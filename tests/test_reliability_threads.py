@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
             return forward(*args)
         return counting_forward_parallel
 
-    for key in [key for key in kernels.FORWARD if key[1]]:  # (dtype, parallel) entry points
+    for key in [key for key in kernels.FORWARD if key[1]]:  # (weights, parallel) entry points
         kernels.FORWARD[key] = counting(kernels.FORWARD[key])  # model.py looks them up on each call
 
     rng = np.random.default_rng(0)

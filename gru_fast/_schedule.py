@@ -1,0 +1,373 @@
+"""How a model call runs: how many threads share it and how, its workspace, its launch.
+
+* :class:`KernelModel`: a model as the scheduler sees it (its packed weights and their addresses, the sizes
+  a plan is chosen from);
+* :class:`Operands`: one call's arrays as the forward entry point reads them (addresses and sizes);
+* :func:`make_plan`: how one (steps, batch, threads) shape is shared between threads -- rows or split
+  hidden units (see :mod:`gru_fast.kernels`), chunks, workers, steps per projected block -- with its
+  workspace and synchronisation arrays;
+* the plan pool (:data:`PLANS`): idle plans kept between calls, bounded in bytes;
+* the parallel policy (:data:`PARALLEL`): whether a parallel plan may launch now;
+* :func:`run` (one call) and :func:`bind` (a call run again and again on the same arrays): the only places
+  that launch ``kernels.FORWARD``;
+* :class:`Guard`: every lock gru_fast owns, renewed in a forked child.
+
+Serial and parallel runs give bit-identical results, so everything here decides speed and memory only.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import threading
+import weakref
+from time import perf_counter
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from . import _layout, kernels
+from ._config import parallel_threads
+from ._memory import address
+
+# Below this much work (multiply-adds per call) a parallel region costs more than it saves: a launch
+# is about 1.5 us with the workers awake, 40-70 us when they have gone to sleep.
+_PARALLEL_MIN_MACS = 1 << 18
+# Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
+# layer and step (about 0.3 us): worth it from this many multiply-adds per row, layer and step.  Measured
+# here, T=1000 I=40, one row, 2 threads: H=128 (64.5K) split 1,940 us vs serial 2,640 us; H=96 (39K) split
+# 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.  With exactly one row per thread, rows beat
+# a split (B=2: H=96 2,685 vs 4,559 us; H=128 2,764 vs 3,343; H=256 even); from 3 rows the split wins.
+_SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
+# Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
+# many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
+_BLOCK_FLOATS = 1 << 15
+# A call shorter than this many multiply-adds (~0.1 ms) runs in parallel only while calls come back to
+# back: a parallel launch costs ~1.5 us while the workers still spin after the previous one, 40-70 us
+# once they have gone to sleep (a few ms here), more than such a call saves.
+_BRIEF_MACS = 1 << 22
+_BACK_TO_BACK_S = 0.002
+# What the engine keeps between calls: idle plans (workspaces), shared by every thread and model.  A call
+# takes a plan of its shape from the pool (or makes one) and gives it back after the kernel ran; at most
+# _PLAN_CACHE_BYTES stay idle in the process, least recently used given up first, and a plan larger than
+# _PLAN_KEEP_MAX_BYTES is freed after its call (allocating it costs little next to the call that needs it:
+# its workspace holds the sequences of the layers between the first and the last, 2 * T*B*D*H values).
+_PLAN_CACHE_BYTES = 64 << 20
+_PLAN_KEEP_MAX_BYTES = 16 << 20
+
+
+# ---- locks -------------------------------------------------------------------------------------------
+
+_GUARDS: weakref.WeakSet = weakref.WeakSet()
+
+
+class Guard:
+    """Owner of one of gru_fast's locks (``with guard.lock:``), which a forked child gets back free.
+
+    In a child forked while another thread held the lock (stepping a shared stream, running a bound call,
+    a parallel launch, the plan pool), it would stay held forever: the thread holding it does not exist
+    in the child.  So every guard's lock is replaced by a free one in the child.  A stream forked in the
+    middle of a step keeps the state from before that step (a step writes the other state buffer and
+    switches to it only when it is done).
+    """
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        _GUARDS.add(self)
+
+
+def _renew_locks_in_child() -> None:
+    for guard in list(_GUARDS):
+        guard.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks_in_child)
+
+
+# ---- what a plan is made of --------------------------------------------------------------------------
+
+_MODEL_TOKENS = itertools.count()
+
+
+class KernelModel(NamedTuple):
+    """A model as the forward entry point and the planner see it (built by :func:`kernel_model`).  It holds
+    the packed weights, so whatever launches with it keeps them alive, the model itself gone or not."""
+
+    dtype: np.dtype  # of the arithmetic, inputs, outputs and workspace
+    weights: str  # how W and R are stored: its forward entry points' key in kernels.FORWARD
+    params: np.ndarray  # the packed weights (see gru_fast._layout)
+    meta: np.ndarray
+    params_addr: int
+    n_params: int
+    meta_addr: int
+    hidden: int
+    directions: int
+    layers: int
+    linear_before_reset: bool
+    macs_per_step: int  # multiply-adds of one time step of one sequence, every layer and direction
+    token: int  # its plans' key in the plan pool
+
+
+def kernel_model(params: np.ndarray, meta: np.ndarray, input_size: int, hidden: int, directions: int,
+                 layers: int, linear_before_reset: bool, weights: str) -> KernelModel:
+    """The :class:`KernelModel` of packed ``params`` and ``meta``; its model calls :func:`drop_plans` with
+    its token when it is gone."""
+    H, D = hidden, directions
+    macs_per_step = D * 3 * H * ((input_size + H) + (layers - 1) * (D * H + H))
+    return KernelModel(params.dtype, weights, params, meta, address(params), params.size, address(meta), H, D, layers,
+                       bool(linear_before_reset), macs_per_step, next(_MODEL_TOKENS))
+
+
+class Operands(NamedTuple):
+    """One call's arrays as the forward entry point reads them.  The fields are its per-call arguments,
+    in its order (see :func:`kernel_args`); an absent h0 or lengths has address 0."""
+
+    x: int
+    steps: int
+    batch: int
+    batch_major: int  # 0 or 1: (B, T, I) x and y
+    h0: int
+    lengths: int
+    y: int
+    h_n: int
+
+
+class Plan(NamedTuple):
+    """How one (steps, batch, threads) shape runs, with its workspace (see gru_fast.kernels)."""
+
+    parallel: bool
+    brief: bool  # under _BRIEF_MACS multiply-adds
+    mode: int
+    chunks: int
+    block_steps: int
+    workers: int
+    workspace: np.ndarray
+    sync: np.ndarray
+    workspace_addr: int
+    sync_addr: int
+    nbytes: int  # of workspace and sync
+    key: tuple | None  # where the plan pool files it; None for a bound call's own plans
+
+
+def _threads(model: KernelModel, steps: int, batch: int) -> int:
+    """Threads for a call of this shape: the count only matters for calls large enough to run in parallel."""
+    return 1 if steps * batch * model.macs_per_step < _PARALLEL_MIN_MACS else parallel_threads()
+
+
+def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tuple | None = None) -> Plan:
+    """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
+
+    * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
+    * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful,
+      but not exactly one row per thread) when a row's layer-step is large enough to pay for a
+      handshake: the threads share each step's hidden units, and every product stays a four-row pass;
+    * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
+    """
+    H, D, L = model.hidden, model.directions, model.layers
+    per_step = model.macs_per_step // D  # one row, one direction, every layer
+    macs = steps * batch * model.macs_per_step
+    parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS
+    mode, chunks, workers = _layout.MODE_ROWS, 1, 1
+    split = (parallel and D == 1 and batch < 4 * threads and batch != threads and model.linear_before_reset
+             and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
+    if split:
+        # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
+        # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows
+        mode, chunks = _layout.MODE_SPLIT, min(threads, -(-H // _layout.UNITS))
+        workers = chunks
+    elif parallel and D * batch < threads:
+        parallel = D > 1  # one unit per direction
+        chunks, workers = 1, D
+    elif parallel:
+        chunks = min(batch, -(-threads // D))
+        workers = min(threads, D * chunks)
+    if workers < 2:
+        parallel, workers = False, 1
+    rows = batch if mode == _layout.MODE_SPLIT else -(-batch // chunks)
+    block_steps = max(1, min(steps, _BLOCK_FLOATS // (rows * 3 * _layout.padded_hidden(H))))
+    end = _layout.workspace_layout(steps, batch, H, D, L, block_steps)[-1]
+
+    workspace = _layout.aligned_zeros(end, model.dtype)  # zero: padded hidden units start (and stay) finite
+    sync = _layout.aligned_zeros(_layout.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
+    return Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
+                address(workspace), address(sync), workspace.nbytes + sync.nbytes, key)
+
+
+def kernel_args(model: KernelModel, operands: Operands, plan: Plan) -> tuple:
+    """The forward entry point's arguments, every one a plain integer (see gru_fast.kernels.FORWARD)."""
+    return (model.params_addr, model.n_params, model.meta_addr, *operands, plan.workspace_addr, plan.sync_addr,
+            plan.mode, plan.chunks, plan.block_steps, plan.workers)
+
+
+# ---- the plan pool -----------------------------------------------------------------------------------
+
+
+class _PlanPool(Guard):
+    """Idle plans by (model token, steps, batch, threads); see _PLAN_CACHE_BYTES.  ``idle`` is a plain dict
+    kept in least-recently-used order: a key is removed when taken and inserted again (at the end) when
+    given back, which a steady loop does on every call for the cost of two dict operations."""
+
+    __slots__ = ("idle", "nbytes", "limit", "keep_max")
+
+    def __init__(self, limit: int, keep_max: int):
+        super().__init__()
+        self.idle: dict = {}  # key -> non-empty list of plans
+        self.nbytes = 0
+        self.limit = limit
+        self.keep_max = keep_max
+
+    def take(self, key):
+        with self.lock:
+            plans = self.idle.pop(key, None)
+            if plans is None:
+                return None
+            plan = plans.pop()
+            if plans:
+                self.idle[key] = plans
+            self.nbytes -= plan.nbytes
+        return plan
+
+    def give(self, plan) -> None:
+        if plan.nbytes > self.keep_max:
+            return  # freed with its last reference
+        with self.lock:
+            plans = self.idle.pop(plan.key, None)
+            if plans is None:
+                plans = [plan]
+            else:
+                plans.append(plan)
+            self.idle[plan.key] = plans
+            self.nbytes += plan.nbytes
+            while self.nbytes > self.limit:
+                key = next(iter(self.idle))
+                oldest = self.idle[key]
+                self.nbytes -= oldest.pop(0).nbytes
+                if not oldest:
+                    del self.idle[key]
+
+    def drop(self, token) -> None:
+        """Free the idle plans of a model that is gone."""
+        with self.lock:
+            for key in [key for key in self.idle if key[0] == token]:
+                self.nbytes -= sum(plan.nbytes for plan in self.idle.pop(key))
+
+
+PLANS = _PlanPool(_PLAN_CACHE_BYTES, _PLAN_KEEP_MAX_BYTES)
+
+
+def take_plan(model: KernelModel, steps: int, batch: int, threads: int | None = None) -> Plan:
+    """A plan for this shape (with the calling thread's thread count unless ``threads`` is given), taken
+    from the plan pool or made; give it back with ``PLANS.give``."""
+    if threads is None:
+        threads = _threads(model, steps, batch)
+    key = (model.token, steps, batch, threads)
+    return PLANS.take(key) or make_plan(model, steps, batch, threads, key)
+
+
+def drop_plans(token: int) -> None:
+    """Free the idle plans of the model with this token (it is gone)."""
+    PLANS.drop(token)
+
+
+# ---- launching ---------------------------------------------------------------------------------------
+
+
+class _ParallelPolicy(Guard):
+    """Whether a call whose plan is parallel may launch the parallel kernel now.
+
+    Serial and parallel runs give bit-identical results, so this only decides speed:
+
+    * one parallel call at a time in the process: a call arriving meanwhile runs serially, so concurrent
+      callers never put more spinning workers than cores on the machine (and under Numba's workqueue
+      layer, which aborts on concurrent launches, gru_fast's own launches never overlap);
+    * a brief call goes parallel only when the previous parallel-sized call ended within
+      _BACK_TO_BACK_S (the workers are still awake).
+
+    A thread that is late anyway (a busy machine) is handled inside the kernel: the other worker takes
+    over its share of each step until it catches up (see gru_fast.kernels, MODE_SPLIT).
+    """
+
+    __slots__ = ("last_end",)
+
+    def __init__(self):
+        super().__init__()
+        self.last_end = 0.0
+
+    def acquire(self, plan) -> bool:
+        now = perf_counter()
+        recent = now - self.last_end <= _BACK_TO_BACK_S
+        self.last_end = now
+        if plan.brief and not recent:
+            return False
+        return self.lock.acquire(blocking=False)
+
+    def release(self, plan) -> None:
+        self.last_end = perf_counter()
+        self.lock.release()
+
+
+PARALLEL = _ParallelPolicy()
+
+
+def launch(weights: str, plan: Plan, args: tuple) -> None:
+    """Run ``plan``'s forward entry point; a parallel plan was granted by PARALLEL and is handed back.
+    The entry point is looked up in ``kernels.FORWARD`` at every launch."""
+    if plan.parallel:
+        try:
+            kernels.FORWARD[weights, True](*args)
+        finally:
+            PARALLEL.release(plan)
+    else:
+        kernels.FORWARD[weights, False](*args)
+
+
+def run(model: KernelModel, operands: Operands) -> None:
+    """Run one call in a plan from the pool: in parallel when its plan is and PARALLEL grants it, else
+    serially (same results)."""
+    steps, batch = operands.steps, operands.batch
+    plan = take_plan(model, steps, batch)
+    if plan.parallel and not PARALLEL.acquire(plan):
+        PLANS.give(plan)
+        plan = take_plan(model, steps, batch, 1)
+    launch(model.weights, plan, kernel_args(model, operands, plan))
+    PLANS.give(plan)
+
+
+class Binding(NamedTuple):
+    """Calls prepared once to run again and again (see :func:`bind`).  The launches read the weights and the
+    workspaces by address: the binding must be kept as long as they may run."""
+
+    launches: tuple  # one function of no arguments per call given to bind, in order
+    model: KernelModel  # its weights
+    plans: tuple  # the parallel plan (or the serial one) and the serial plan: their workspaces
+
+
+def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
+    """Prepare ``calls`` (one shape: same steps and batch) to run again and again on the same arrays.
+
+    The thread count is read now.  The plans are the binding's own, not the pool's (a bound call may run
+    from any thread, one at a time), and every kernel argument is built here: a launch of a serial plan is
+    the entry point's call and nothing else (a ``functools.partial``), the fast path of a small model.  The
+    serial entry point is looked up now; the parallel one at every launch (see :func:`launch`).
+    """
+    steps, batch = calls[0].steps, calls[0].batch
+    plan = make_plan(model, steps, batch, _threads(model, steps, batch))
+    serial = make_plan(model, steps, batch, 1) if plan.parallel else plan
+    forward = kernels.FORWARD[model.weights, False]
+    launches = []
+    for operands in calls:
+        serially = functools.partial(forward, *kernel_args(model, operands, serial))
+        launches.append(functools.partial(_parallel_if_granted, model.weights, plan, kernel_args(model, operands, plan),
+                                          serially) if plan.parallel else serially)
+    return Binding(tuple(launches), model, (plan, serial))
+
+
+def _parallel_if_granted(weights: str, plan: Plan, args: tuple, serially) -> None:
+    if PARALLEL.acquire(plan):
+        launch(weights, plan, args)
+    else:
+        serially()

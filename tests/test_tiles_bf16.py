@@ -1,0 +1,224 @@
+"""The bfloat16-weight product kernels of gru_fast._tiles and the bfloat16 rounding of gru_fast._bf16.
+
+* Rounding: :func:`gru_fast._bf16.to_bf16` against PyTorch's ``tensor.to(torch.bfloat16)``, bit for bit,
+  over random bit patterns of every exponent, ties (even and odd kept bit), subnormals, the largest
+  finite values (which round to infinity), infinities and zeros; NaN stays NaN.
+* Kernels: every ``*_bf16`` kernel, with 1 and 4 rows, bias or zero start, random K (0 included) and
+  group counts, starting at a later group, against the float64 numpy product of the rounded weights
+  (``from_bf16`` widens exactly), within the error bound of a chain of K float32 fused multiply-adds:
+  ``(K + 1) * 2**-24 * (|s| + sum_k |a_k w_k|)`` per element.  The columns a kernel does not compute
+  (n for the ``_zr`` kernels, z and r for the ``_n`` kernels) are left as they were.
+* Bit for bit: 4-row results equal 1-row results row by row, and the bf16 kernels equal the float32
+  kernels run on the widened weights (the widening is exact and the fma chain the same).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from gru_fast import _tiles as t
+from gru_fast._bf16 import from_bf16, pack_bf16, to_bf16
+from gru_fast._layout import pack_into as _pack_into
+
+PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
+TILES = {PROJECT: (0, 1, 2), RECUR: (0, 1, 2), RECUR_ZR: (0, 1), RECUR_N: (2,)}  # computed tiles of a group
+GROUP_COLS = 48
+
+
+@njit(cache=False)
+def _run_bf16(kind, rows, c, a, w, w_at, bias, k, n_groups):
+    """The bf16 kernel ``kind`` on ``rows`` (1 or 4) rows of c and a; w_at: weight element of the first group."""
+    m = np.float32(0)
+    wp = w.ctypes.data + w_at * w.itemsize
+    bp = bias.ctypes.data
+    if rows == 1:
+        c0, a0 = c[0].ctypes.data, a[0].ctypes.data
+        if kind == 0:
+            t.project1_bf16(c0, a0, wp, bp, k, n_groups, m)
+        elif kind == 1:
+            t.recur1_all_bf16(c0, a0, wp, bp, k, n_groups, m)
+        elif kind == 2:
+            t.recur1_zr_bf16(c0, a0, wp, bp, k, n_groups, m)
+        else:
+            t.recur1_n_bf16(c0, a0, wp, bp, k, n_groups, m)
+    else:
+        c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
+        a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
+        if kind == 0:
+            t.project4_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        elif kind == 1:
+            t.recur4_all_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        elif kind == 2:
+            t.recur4_zr_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        else:
+            t.recur4_n_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+
+
+@njit(cache=False)
+def _run_float32(kind, rows, c, a, w, w_at, bias, k, n_groups):
+    """The float32 kernel ``kind``, arguments as :func:`_run_bf16` (w float32)."""
+    m = np.float32(0)
+    wp = w.ctypes.data + w_at * w.itemsize
+    bp = bias.ctypes.data
+    if rows == 1:
+        c0, a0 = c[0].ctypes.data, a[0].ctypes.data
+        if kind == 0:
+            t.project1(c0, a0, wp, bp, k, n_groups, m)
+        elif kind == 1:
+            t.recur1_all(c0, a0, wp, bp, k, n_groups, m)
+        elif kind == 2:
+            t.recur1_zr(c0, a0, wp, bp, k, n_groups, m)
+        else:
+            t.recur1_n(c0, a0, wp, bp, k, n_groups, m)
+    else:
+        c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
+        a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
+        if kind == 0:
+            t.project4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        elif kind == 1:
+            t.recur4_all(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        elif kind == 2:
+            t.recur4_zr(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+        else:
+            t.recur4_n(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+
+
+def _case(seed):
+    """Random weights (3H, K) in ONNX gate order, 4 input rows, a bias row, a starting group."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.choice([0, 1, 2, 7, 16, 33, 100, 257]))
+    hidden = int(rng.integers(1, 80))  # padded to whole groups of 16 units
+    m = rng.standard_normal((3 * hidden, k)).astype(np.float32) * np.float32(rng.choice([1e-3, 1.0, 30.0]))
+    a = rng.standard_normal((4, k)).astype(np.float32)
+    n_total = -(-hidden // 16)
+    u0 = int(rng.integers(0, n_total))
+    n_groups = int(rng.integers(1, n_total - u0 + 1))
+    bias = rng.standard_normal(48 * n_total).astype(np.float32)
+    return m, a, bias, hidden, u0, n_groups
+
+
+def _dense(m, hidden):
+    """The (K, 48 * groups) matrix the packed columns stand for: column 48g + 16q + j is gate q of unit
+    16g + j (zero for padded units), as gru_fast._layout.pack_into documents the layout."""
+    n_total = -(-hidden // 16)
+    dense = np.zeros((m.shape[1], 48 * n_total), np.float64)
+    for q in range(3):
+        for unit in range(hidden):
+            g, j = divmod(unit, 16)
+            dense[:, 48 * g + 16 * q + j] = m[q * hidden + unit]
+    return dense
+
+
+SENTINEL = np.float32(-12345.5)
+
+
+def _call(run, kind, rows, a, w, bias, k, u0, n_groups):
+    c = np.full((rows, bias.size), SENTINEL, np.float32)
+    # outputs and bias positioned at group u0, as gru_fast.kernels._gemm positions them
+    run(kind, rows, c[:, 48 * u0 :], a[:rows], w, 48 * u0 * k, bias[48 * u0 :], k, n_groups)
+    return c
+
+
+@pytest.mark.parametrize("kind", [PROJECT, RECUR, RECUR_ZR, RECUR_N], ids=["project", "all", "zr", "n"])
+@pytest.mark.parametrize("seed", range(6))
+def test_bf16_kernels_match_float64_product_of_rounded_weights(kind, seed):
+    m, a, bias, hidden, u0, n_groups = _case(seed * 10 + kind)
+    k = m.shape[1]
+    w = pack_bf16(m, hidden)
+    wide = _dense(from_bf16(to_bf16(m)).astype(np.float64), hidden)
+    s = bias.astype(np.float64) if kind == PROJECT else np.zeros(bias.size)
+    a64 = a.astype(np.float64)
+    exact = s + a64 @ wide
+    bound = (k + 1) * 2.0**-24 * (np.abs(s) + np.abs(a64) @ np.abs(wide))
+
+    cols = np.zeros(bias.size, bool)  # the columns this call computes
+    for g in range(u0, u0 + n_groups):
+        for q in TILES[kind]:
+            cols[48 * g + 16 * q : 48 * g + 16 * q + 16] = True
+
+    four = _call(_run_bf16, kind, 4, a, w, bias, k, u0, n_groups)
+    assert np.all(four[:, ~cols] == SENTINEL)  # other tiles and groups untouched
+    assert np.all(np.abs(four[:, cols] - exact[:, cols]) <= bound[:, cols])
+    for row in range(4):  # one row at a time: the same bits
+        one = _call(_run_bf16, kind, 1, a[row : row + 1], w, bias, k, u0, n_groups)
+        np.testing.assert_array_equal(one[0], four[row])
+
+    # the float32 kernels on the widened weights: the same bits
+    w32 = np.zeros(w.size, np.float32)
+    if k:
+        _pack_into(w32, from_bf16(to_bf16(m)), hidden)
+    np.testing.assert_array_equal(_call(_run_float32, kind, 4, a, w32, bias, k, u0, n_groups), four)
+
+
+def test_bf16_kernels_refuse_float64_state():
+    from numba.core.errors import TypingError
+
+    @njit(cache=False)
+    def call(c, a, w, b):
+        t.recur1_all_bf16(c.ctypes.data, a.ctypes.data, w.ctypes.data, b.ctypes.data, 1, 1, np.float64(0))
+
+    with pytest.raises(TypingError):
+        call(np.zeros(48), np.zeros(1), np.zeros(48, np.uint16), np.zeros(48))
+
+
+def _torch_bf16_bits(x):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def test_rounding_matches_torch_bit_for_bit():
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)]
+    kept = rng.integers(0, 2**16, 4096, dtype=np.uint64).astype(np.uint32) << np.uint32(16)
+    for low in (0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF, 0x0001):  # ties, just below / above, exact
+        patterns.append(kept | np.uint32(low))
+    special = [0x00000000, 0x80000000,  # zeros
+               0x00000001, 0x00008000, 0x00018000, 0x007F8000, 0x007FFFFF, 0x807FFFFF, 0x80008000,  # subnormals
+               0x00800000, 0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000,  # ties to even: down, up
+               0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x7F7E8000,  # largest finite: to inf, or not
+               0x7F800000, 0xFF800000]  # infinities
+    patterns.append(np.array(special, np.uint32))
+    x = np.concatenate(patterns).view(np.float32)
+    x = x[~np.isnan(x)]
+    ours, theirs = to_bf16(x), _torch_bf16_bits(x)
+    assert np.isinf(from_bf16(ours[np.isin(x.view(np.uint32), [0x7F7FFFFF, 0xFF7FFFFF])])).all()
+    mismatch = np.flatnonzero(ours != theirs)
+    assert mismatch.size == 0, [(hex(x.view(np.uint32)[i]), hex(ours[i]), hex(theirs[i])) for i in mismatch[:5]]
+
+
+def test_nan_stays_nan_with_its_sign():
+    bits = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000], np.uint32)
+    x = bits.view(np.float32)
+    ours = from_bf16(to_bf16(x))
+    assert np.isnan(ours).all() and np.isnan(from_bf16(_torch_bf16_bits(x))).all()
+    np.testing.assert_array_equal(np.signbit(ours), np.signbit(x))
+
+
+def test_widening_is_exact_and_rounding_a_fixed_point():
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    wide = from_bf16(bits)
+    finite = ~np.isnan(wide)
+    np.testing.assert_array_equal(wide.view(np.uint32)[finite] >> 16, bits[finite])
+    np.testing.assert_array_equal(to_bf16(wide)[finite], bits[finite])
+
+
+def test_rounding_keeps_shape_and_ignores_strides():
+    x = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    np.testing.assert_array_equal(to_bf16(x[:, ::3]), to_bf16(np.ascontiguousarray(x[:, ::3])))
+    scalar = to_bf16(np.array(1.00390625, np.float32))  # 1 + 2^-8: a tie, down to the even 1.0
+    assert scalar.shape == () and scalar == 0x3F80
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="x must be a float32"):
+        to_bf16(np.zeros(3))
+    with pytest.raises(TypeError, match="bits must be a uint16"):
+        from_bf16(np.zeros(3, np.int16))
+    with pytest.raises(TypeError, match="m must be a float32"):
+        pack_bf16(np.zeros((3, 2)), 1)
+    with pytest.raises(ValueError, match=r"m must have shape"):
+        pack_bf16(np.zeros((4, 2), np.float32), 1)
+    with pytest.raises(ValueError, match="hidden must be a positive integer"):
+        pack_bf16(np.zeros((0, 2), np.float32), 0)

@@ -344,3 +344,19 @@ def test_report_markdown_shows_the_latency_rows():
     assert ("| stream | B=1 T=1 I=256 H=256 | >= 2.5x | 10.0 (9.0-12.0) | ONNX Runtime 30.0 (28.0-31.0) | 3.00x "
             "| yes |") in text
     assert "*Alone*: not run in this report" in text
+
+
+def test_bf16_model_of_a_gru_fast_model_is_close_to_the_float32_reference(tmp_path):
+    from bench.cases import make_problem
+    from bench.engines import Artifacts, check_parity
+    from gru_fast import peers
+
+    for case in (Case("small", "small", 2, 5, 16, 32), Case("step", "step", 1, 1, 16, 32, stream=True)):
+        artifacts = Artifacts(make_problem(case), tmp_path / case.name)
+        model, reason = bf16.bf16_model(artifacts.gru_fast_model)
+        if model is None:
+            pytest.skip(f"gru_fast bf16 unavailable: {reason}")
+        p = artifacts.problem
+        runner = peers.build_runner("gru_fast", p.x, p.h0, stream=case.stream, model=model)
+        err = check_parity(runner, artifacts)
+        assert 0 < err <= bf16.ERROR_TARGET  # rounded weights (not float32's 1e-7), within the bf16 bar

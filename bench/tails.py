@@ -174,15 +174,16 @@ def busy_neighbour(core: int | None = None):
 # timing
 # ----------------------------------------------------------------------------------------------------
 
-def time_calls(runner, calls: int, max_seconds: float | None = None) -> np.ndarray:
-    """Nanoseconds of each of ``calls`` calls of ``runner`` (one untimed call first wakes its thread
-    pool; the garbage collector is off meanwhile) -> int64 array.  With ``max_seconds``, the calls stop
-    after the first one that ends past that long: the array is then shorter."""
+def time_calls(runner, calls: int, max_seconds: float | None = None, warm: bool = True) -> np.ndarray:
+    """Nanoseconds of each of ``calls`` calls of ``runner`` (with ``warm``, one untimed call first wakes its
+    thread pool; the garbage collector is off meanwhile) -> int64 array.  With ``max_seconds``, the calls
+    stop after the first one that ends past that long: the array is then shorter."""
     call, clock = runner.call, time.perf_counter_ns
     samples = np.empty(calls, np.int64)
     done = calls
     with runner.context():
-        call()
+        if warm:
+            call()
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -229,8 +230,9 @@ def _condition(runners: dict, calls: dict, settings: TailSettings, rng: random.R
         for name in order:
             time.sleep(settings.gap_s)
             block = calls[name] // settings.rounds + (round_ < calls[name] % settings.rounds)
-            if block:
-                samples[name].append(time_calls(runners[name], block, settings.cap_s / settings.rounds))
+            if block:  # a call too slow for more than one a block is not woken first (as in time_interleaved)
+                samples[name].append(time_calls(runners[name], block, settings.cap_s / settings.rounds,
+                                                warm=block > 1))
     others = meter.share()
     return {name: percentiles(np.concatenate(parts)) for name, parts in samples.items()}, others
 

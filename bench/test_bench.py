@@ -156,6 +156,8 @@ def test_time_calls_times_each_call_and_stops_past_its_deadline():
     assert 1 <= len(samples) < 20 and runner.calls == len(samples) + 1  # one untimed wake-up call
     assert np.all(samples >= 10_000_000)  # time.sleep(0.01) lasts at least 10 ms
     assert len(tails.time_calls(_Sleeper(0.0), 7)) == 7
+    cold = _Sleeper(0.0)
+    assert len(tails.time_calls(cold, 1, warm=False)) == 1 and cold.calls == 1
 
 
 def test_warm_up_and_the_number_of_calls_planned():

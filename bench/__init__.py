@@ -5,9 +5,12 @@
 
 Modules: :mod:`bench.cases` (the case table, weights, inputs, FLOP formula), :mod:`bench.engines` (how each
 engine is built and timed, parity, cold start), :mod:`bench.report` (machine info, sgemm, markdown / JSON
-/ PNG output).  Every engine runs on ``THREADS`` threads.  Importing this package caps the OpenMP / BLAS
-pools through the environment (values already set are kept) before numpy or torch load their runtimes;
-:func:`bench.engines.configure_threads` then enforces the limit at run time.
+/ PNG output), and the stages of issue 13: :mod:`bench.sweep` (best peer / gru_fast over B x H, a heat
+map), :mod:`bench.tails` (per-call p50 / p90 / p99, idle and beside a pinned busy loop), :mod:`bench.bf16`
+(bfloat16 weights against OpenVINO's bf16 hint).  Every engine runs on ``THREADS`` threads.  Importing
+this package caps the OpenMP / BLAS pools through the environment (values already set are kept) before
+numpy or torch load their runtimes; :func:`bench.engines.configure_threads` then enforces the limit at
+run time.
 """
 
 import os as _os

@@ -5,16 +5,20 @@
 Per case: build every installed engine from the same weights, check each against PyTorch (max abs
 error, flagged above 1e-4), then time them interleaved round by round (see bench.engines).  Then:
 gru_fast on 1 vs 2 threads, scaling in T / B / H, cold start and peak memory of a fresh process, and
-sequences per second on 1 vs 2 Dask workers (bench.dask_scaling).
-Writes ``report.md``, ``report.json``, ``report-ratios.png`` and ``report-scaling.png`` to the output
-directory (``report-quick.*`` with ``--quick``; charts of an earlier run under that name are removed
-first, so none is left beside a report it does not belong to) and prints the markdown.
+sequences per second on 1 vs 2 Dask workers (bench.dask_scaling).  The latency rows of issue 13: the
+B=1..8 cases interleaved and alone in a process side by side; the B x H sweep (bench.sweep, a heat map);
+per-call p50 / p90 / p99 of the B=1 cases, idle and beside a pinned busy loop (bench.tails); and the
+bfloat16 table (bench.bf16).
+Writes ``report.md``, ``report.json``, ``report-ratios.png``, ``report-scaling.png`` and
+``report-sweep.png`` to the output directory (``report-quick.*`` with ``--quick``; charts of an earlier
+run under that name are removed first, so none is left beside a report it does not belong to) and
+prints the markdown.
 
-``--quick`` is a smoke test, under a minute on a quiet 2-core machine: 3 rounds of 2 ms batches, a
-short scaling sweep, every case but the largest (``FULL_RUN_ONLY_CASES``, unless ``--cases`` names
-it), and none of the slow measurements -- the table of each engine alone in a child process, and the
-rows that start from an empty kernel cache (cold start, a Dask worker), which compile every kernel.
-Those are the full run's.
+``--quick`` is a smoke test, a minute or two on a quiet 2-core machine: 3 rounds of 2 ms batches, a
+short scaling sweep, a 2 x 2 corner of the B x H sweep, a few hundred calls per engine for the tails,
+every case but the largest (``FULL_RUN_ONLY_CASES``, unless ``--cases`` names it), and none of the slow
+measurements -- the table of each engine alone in a child process, and the rows that start from an
+empty kernel cache (cold start, a Dask worker), which compile every kernel.  Those are the full run's.
 """
 
 from __future__ import annotations
@@ -25,15 +29,14 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 from . import THREADS, missing_modules
 from .cases import CASE_BY_NAME, CASES, make_problem, scaling_cases
-from .engines import (ENGINES, Artifacts, build_runner, check_parity, cold_start, configure_threads,
-                      missing_reason, parity_ok, threadpool_summary, time_interleaved, with_threads)
-from .report import (machine_info, markdown, measure_sgemm, plot_ratios, plot_scaling, summarize_case,
-                     write_json)
+from .engines import (ENGINES, Artifacts, build_engines, cold_start, configure_threads, missing_reason,
+                      threadpool_summary, time_interleaved, with_threads)
+from .report import (isolated_entry, machine_info, markdown, measure_sgemm, plot_ratios, plot_scaling,
+                     summarize_case, write_json)
 
 THREAD_CASES = ("small_batch", "throughput_64")
 #: cases --quick leaves out unless --cases names them: B=256 calls take ~0.2 s each per engine here
@@ -71,6 +74,13 @@ def _parse(argv):
                         help="engines to time (default: all): " + ", ".join(ENGINES))
     parser.add_argument("--no-isolated", action="store_true",
                         help="skip the table of each engine timed alone in a process of its own")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the B x H sweep of best peer / gru_fast (bench.sweep; a 2 x 2 corner with --quick)")
+    parser.add_argument("--no-tails", action="store_true",
+                        help="skip the per-call p50 / p90 / p99 of the B=1 cases, idle and beside a busy neighbour "
+                             "(bench.tails)")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bfloat16 table (gru_fast bf16 weights, OpenVINO's bf16 hint; bench.bf16)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -79,25 +89,7 @@ def _parse(argv):
 
 def _build_all(artifacts: Artifacts, engines) -> tuple[dict, dict]:
     """-> (runners of the engines that built and passed or failed parity, per-engine result rows)."""
-    runners, rows = {}, {}
-    for engine in engines:
-        reason = missing_reason(engine)
-        if reason is not None:
-            rows[engine] = {"status": reason}
-            continue
-        try:
-            runner = build_runner(engine, artifacts)
-            err = check_parity(runner, artifacts)
-        except Exception as exc:  # noqa: BLE001 - an engine failing is a result, not a crash
-            rows[engine] = {"status": f"error: {type(exc).__name__}: {exc}"}
-            _log(f"    {engine}: {type(exc).__name__}: {exc}")
-            if engine == "gru_fast":
-                _log(traceback.format_exc())
-            continue
-        runners[engine] = runner
-        rows[engine] = {"status": "ok", "parity_err": err, "parity_ok": parity_ok(err),
-                        "config": runner.config}
-    return runners, rows
+    return build_engines(artifacts, engines, log=_log)
 
 
 def run_case(case, settings, workdir) -> tuple[dict, Artifacts]:
@@ -116,7 +108,9 @@ def run_case(case, settings, workdir) -> tuple[dict, Artifacts]:
 
 
 def run_isolated(settings, workdir) -> dict:
-    """Each engine timed alone, in a child process of its own (``--engines E``), on the same cases.
+    """Each engine timed alone, in a child process of its own (``--engines E``), on the same cases:
+    case -> engine -> {"median_us", "min_us", "max_us" (over the rounds kept), "rounds", "busy",
+    "parity_ok"}; engine -> {"error"} for a child that failed.
 
     Engines share a process badly: a thread pool that lingers after its engine's batch (ONNX Runtime's
     intra-op threads keep waking for a few seconds here) slows the next engine's threads, the more so
@@ -134,7 +128,8 @@ def run_isolated(settings, workdir) -> dict:
         command = [sys.executable, "-m", "bench", "--engines", engine, "--cases", *settings["cases"],
                    "--rounds", str(settings["rounds"]), "--batch-ms", str(1e3 * settings["batch_seconds"]),
                    "--gap-ms", str(1e3 * settings["gap_seconds"]), "--out-dir", str(out), "--no-scaling",
-                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated", "--no-accelerate"]
+                   "--no-cold-start", "--no-threads", "--no-dask", "--no-isolated", "--no-accelerate", "--no-sweep",
+                   "--no-tails", "--no-bf16"]
         if settings["quick"]:
             command.append("--quick")
         _log(f"  {engine} alone ...")
@@ -146,7 +141,7 @@ def run_isolated(settings, workdir) -> dict:
         for row in json.loads(reports[0].read_text())["cases"]:
             timing = row["engines"].get(engine, {})
             if "median_us" in timing:
-                medians.setdefault(row["name"], {})[engine] = timing["median_us"]
+                medians.setdefault(row["name"], {})[engine] = isolated_entry(timing)
     return medians
 
 
@@ -198,8 +193,11 @@ def write_files(report: dict, text: str, out_dir: Path, stem: str) -> dict:
     The charts of an earlier report under the same name are removed first: a chart this run does not
     draw (no peer installed, no scaling sweep) must not be left beside a report it does not belong to."""
     files = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
+    from . import sweep
+
     charts = {"ratios_png": (plot_ratios, out_dir / f"{stem}-ratios.png"),
-              "scaling_png": (plot_scaling, out_dir / f"{stem}-scaling.png")}
+              "scaling_png": (plot_scaling, out_dir / f"{stem}-scaling.png"),
+              "sweep_png": (sweep.plot, out_dir / f"{stem}-sweep.png")}
     for _, path in charts.values():
         path.unlink(missing_ok=True)
     files["markdown"].write_text(text)
@@ -278,6 +276,21 @@ def main(argv=None) -> int:
             _log("each engine alone in a process ...")
             with stage("isolated"):
                 report["isolated"] = run_isolated(settings, workdir)
+        if not args.no_tails:
+            from . import tails
+
+            _log("per-call tails of the B=1 cases, idle and beside a busy neighbour ...")
+            with stage("tails"):
+                report["tails"] = tails.run(settings["engines"], quick, settings["seed"], workdir / "tails",
+                                            artifacts_by_case, log=_log)
+        if not args.no_bf16:
+            from . import bf16
+
+            _log("bfloat16 table ...")
+            with stage("bf16"):
+                report["bf16"] = bf16.run(settings["engines"], quick, settings["rounds"], settings["batch_seconds"],
+                                          settings["gap_seconds"], settings["case_budget_seconds"], workdir,
+                                          settings["seed"], artifacts_by_case, log=_log)
         if not args.no_threads and "gru_fast" in settings["engines"]:
             _log("gru_fast 1 vs 2 threads ...")
             with stage("threads"):
@@ -287,6 +300,14 @@ def main(argv=None) -> int:
             _log("scaling ...")
             with stage("scaling"):
                 report["scaling"] = run_scaling(settings, workdir)
+        if not args.no_sweep:
+            from . import sweep
+
+            _log("B x H sweep ...")
+            with stage("sweep"):
+                report["sweep"] = sweep.run(settings["engines"], quick, max(3, settings["rounds"] // 3),
+                                            settings["batch_seconds"], settings["gap_seconds"],
+                                            settings["case_budget_seconds"] / 4, workdir, settings["seed"], log=_log)
         if not args.no_cold_start:
             _log("cold start ...")
             with stage("cold start"):
@@ -316,6 +337,12 @@ def main(argv=None) -> int:
     report["threadpools_at_end"] = threadpool_summary()
     report["elapsed_s"] = time.perf_counter() - started
     text = markdown(report)
+    if "sweep" in report:
+        text += "\n" + sweep.markdown(report["sweep"])
+    if "tails" in report:
+        text += "\n" + tails.markdown(report["tails"])
+    if "bf16" in report:
+        text += "\n" + bf16.markdown(report["bf16"])
     if "dask_scaling" in report:
         text += "\n" + (dask_scaling.markdown(report["dask_scaling"]) if "error" not in report["dask_scaling"]
                         else f"## Dask scaling\n\n{report['dask_scaling']['error']}\n")

@@ -11,6 +11,7 @@ OpenVINO tensors, crossed state buffers for one-step calls), :func:`~gru_fast.pe
   dynamo=False)`` writes from the module (one GRU node run with ``initial_h``; without torch
   :func:`gru_fast.peers.onnx_gru` writes the same graph), and the parity reference;
 - :func:`build_runner` / :func:`with_threads`: a harness runner of one engine on a case's inputs;
+  :func:`build_engines`: every engine of a case, built and checked;
 - :func:`check_parity`: a runner's outputs against PyTorch (or the float64 equations without torch);
 - :func:`cold_start`: a fresh process importing an engine, loading a saved model, first output, peak memory.
 
@@ -44,7 +45,8 @@ from . import THREAD_ENV_VARS, THREADS
 from .cases import PARITY_TOLERANCE, Case, Problem, make_problem, reference_gru
 
 __all__ = [
-    "ENGINES", "ENGINE_LABELS", "THREADS", "Artifacts", "Runner", "Timing", "build_runner", "check_parity",
+    "ENGINES", "ENGINE_LABELS", "THREADS", "Artifacts", "Runner", "Timing", "build_engines", "build_runner",
+    "check_parity",
     "cold_start", "configure_threads", "missing_reason", "parity_ok", "threadpool_summary", "time_interleaved",
     "with_threads",
 ]
@@ -169,6 +171,33 @@ def with_threads(engine: str, artifacts: Artifacts, threads: int) -> Runner:
     it is made, so the runner is built under the limit too)."""
     with peers.thread_limit(threads):
         return peers.ThreadPinned(build_runner(engine, artifacts), threads)
+
+
+def build_engines(artifacts: Artifacts, engines, log=None) -> tuple[dict, dict]:
+    """Every engine of ``engines`` built on ``artifacts`` and checked for parity -> (runners of the engines
+    that built, passed or failed parity, per-engine result rows: ``status``, ``parity_err``, ``parity_ok``,
+    ``config``).  An engine that is missing or fails to build is a row with the reason, not an exception;
+    ``log`` (a callable taking a line) hears about failures."""
+    runners, rows = {}, {}
+    for engine in engines:
+        reason = missing_reason(engine)
+        if reason is not None:
+            rows[engine] = {"status": reason}
+            continue
+        try:
+            runner = build_runner(engine, artifacts)
+            err = check_parity(runner, artifacts)
+        except Exception as exc:  # noqa: BLE001 - an engine failing is a result, not a crash
+            rows[engine] = {"status": f"error: {type(exc).__name__}: {exc}"}
+            if log is not None:
+                log(f"    {engine}: {type(exc).__name__}: {exc}")
+                if engine == "gru_fast":
+                    import traceback
+                    log(traceback.format_exc())
+            continue
+        runners[engine] = runner
+        rows[engine] = {"status": "ok", "parity_err": err, "parity_ok": parity_ok(err), "config": runner.config}
+    return runners, rows
 
 
 # ----------------------------------------------------------------------------------------------------

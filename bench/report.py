@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gru_fast.peers import busy_warning
+from gru_fast.peers import busy_warning, quiet_rounds
 
-from .cases import PARITY_TOLERANCE
+from .cases import LATENCY_CASES, PARITY_TOLERANCE
 from . import THREADS
 from .engines import ENGINE_LABELS, ENGINES
 
-__all__ = ["busy_summary", "machine_info", "measure_sgemm", "markdown", "write_json", "plot_ratios",
-           "plot_scaling", "summarize_case"]
+__all__ = ["busy_summary", "isolated_entry", "latency_rows", "machine_info", "measure_sgemm", "markdown",
+           "round_spread", "write_json", "plot_ratios", "plot_scaling", "summarize_case"]
 
 _VERSIONED = ("numpy", "numba", "scipy", "torch", "onnx", "onnxruntime", "openvino", "threadpoolctl",
               "gru_fast", "matplotlib", "pytest-benchmark")
@@ -142,6 +142,66 @@ def summarize_case(case, engines: dict, sgemm_gflops: float | None) -> dict:
     return summary
 
 
+def round_spread(timing: dict) -> tuple[float, float] | None:
+    """(lowest, highest) per-call time of the rounds a timing's median is taken over (the quiet rounds,
+    or every round when too few were quiet: :func:`gru_fast.peers.quiet_rounds`); None without samples."""
+    samples = timing.get("samples_us") or []
+    if not samples:
+        return None
+    shares = timing.get("busy_shares") or []
+    keep = quiet_rounds(shares)[0] if len(shares) == len(samples) else range(len(samples))
+    kept = [samples[i] for i in keep] or samples
+    return min(kept), max(kept)
+
+
+def isolated_entry(timing: dict) -> dict:
+    """What the report keeps of one engine's timing in a child process of its own (``run_isolated``)."""
+    spread = round_spread(timing)
+    return {"median_us": timing["median_us"], "min_us": spread[0] if spread else None,
+            "max_us": spread[1] if spread else None, "rounds": timing.get("rounds"), "busy": timing.get("busy"),
+            "parity_ok": timing.get("parity_ok"), "parity_err": timing.get("parity_err")}
+
+
+def _best(times: dict) -> tuple[str | None, dict | None]:
+    """The fastest peer of ``times`` (engine -> {"median_us", "parity_ok", ...}) that agrees with the
+    reference."""
+    peers = {e: t for e, t in times.items() if e != "gru_fast" and isinstance(t, dict)
+             and t.get("median_us") is not None and t.get("parity_ok")}
+    if not peers:
+        return None, None
+    best = min(peers, key=lambda e: peers[e]["median_us"])
+    return best, peers[best]
+
+
+def latency_rows(report: dict) -> list[dict]:
+    """Issue 13's latency rows: per case of :data:`bench.cases.LATENCY_CASES` in the report, gru_fast and
+    the best peer interleaved in this process (the main table) and each alone in a process of its own
+    (``report["isolated"]``, when run): median, the spread between rounds, ratio, target met."""
+    rows = []
+    isolated = report.get("isolated")
+    for case in report.get("cases", []):
+        if case["name"] not in LATENCY_CASES:
+            continue
+        row = {"name": case["name"], "shape": case["shape"], "target": case["target"]}
+        interleaved = {}
+        for engine, timing in case["engines"].items():
+            if timing.get("median_us") is not None:
+                spread = round_spread(timing)
+                interleaved[engine] = dict(timing, min_us=spread[0], max_us=spread[1]) if spread else timing
+        for mode, times in (("interleaved", interleaved),
+                            ("alone", None if isolated is None else isolated.get(case["name"], {}))):
+            if times is None:
+                row[mode] = None
+                continue
+            gf = times.get("gru_fast")
+            best, peer = _best(times)
+            ratio = peer["median_us"] / gf["median_us"] if gf and peer else None
+            met = None if ratio is None else (ratio >= case["target"] and bool(gf.get("parity_ok")))
+            row[mode] = {"gru_fast": gf, "best_peer": best, "peer": peer, "ratio": ratio, "met": met}
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # a busy machine
 # ----------------------------------------------------------------------------------------------------
@@ -161,6 +221,8 @@ def busy_summary(report: dict) -> str | None:
             busy.append(f"1 vs 2 threads, {row['name']}")
     for axis, points in (report.get("scaling") or {}).items():
         busy += [f"scaling {p['shape']}" for p in points if p.get("busy")]
+    busy += [f"sweep {p['shape']}" for p in (report.get("sweep") or {}).get("points", []) if p.get("busy")]
+    busy += [f"bf16 {row['name']}" for row in (report.get("bf16") or {}).get("cases", []) if row.get("busy")]
     if not busy:
         return None
     share = sorted(shares)[len(shares) // 2] if shares else 1.0
@@ -280,10 +342,17 @@ def markdown(report: dict) -> str:
         lines.append("|---|" + "---|" * (len(present) + 1))
         for row in report["cases"]:
             times = isolated.get(row["name"], {})
-            peers = [times[e] for e in present if e != "gru_fast" and e in times]
-            ratio = (f"{min(peers) / times['gru_fast']:.2f}x" if peers and times.get("gru_fast") else "")
-            lines.append(f"| {row['name']} ({row['shape']}) | " + " | ".join(_us(times.get(e)) for e in present)
-                         + f" | {ratio} |")
+            _, peer = _best(times)
+            ratio = (f"{peer['median_us'] / times['gru_fast']['median_us']:.2f}x"
+                     if peer and times.get("gru_fast") else "")
+            lines.append(f"| {row['name']} ({row['shape']}) | "
+                         + " | ".join(_us(times.get(e, {}).get("median_us")) for e in present) + f" | {ratio} |")
+        errors = [f"{e}: {v['error']}" for e, v in isolated.items() if isinstance(v, dict) and "error" in v]
+        if errors:
+            lines.append("")
+            lines.extend(f"- child process failed: {e}" for e in errors)
+
+    lines.extend(_latency_markdown(report))
 
     threads = report.get("threads")
     if threads:
@@ -335,6 +404,43 @@ def markdown(report: dict) -> str:
                              + " | ".join(_us(p["us"].get(e)) for e in present) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _timed(t: dict | None) -> str:
+    if not t:
+        return "-"
+    spread = f" ({_us(t['min_us'])}-{_us(t['max_us'])})" if t.get("min_us") is not None else ""
+    return _us(t["median_us"]) + spread + ("" if t.get("parity_ok", True) else " MISMATCH")
+
+
+def _latency_markdown(report: dict) -> list[str]:
+    rows = latency_rows(report)
+    if not rows:
+        return []
+    lines = ["", "## Latency rows (B=1..8): interleaved and each engine alone", ""]
+    lines.append("Ratio = best float32 peer (PyTorch, ONNX Runtime, OpenVINO) / gru_fast; the target must hold in "
+                 "both modes.  *Interleaved*: every engine in this process, shuffled each round (the main table). "
+                 "*Alone*: each engine in a child process of its own, the same rounds.  Times: median us per call, "
+                 "in brackets the spread between rounds (fastest-slowest round of the ones the median uses).")
+    if report.get("isolated") is None:
+        lines.append("")
+        lines.append("*Alone*: not run in this report (`--quick` or `--no-isolated`; the full run's).")
+    lines.append("")
+    lines.append("| case | shape | target | interleaved: gru_fast | best peer | ratio | met? "
+                 "| alone: gru_fast | best peer | ratio | met? |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        cells = [row["name"], row["shape"], f">= {row['target']:g}x"]
+        for mode in ("interleaved", "alone"):
+            m = row[mode]
+            if m is None:
+                cells += ["not run", "", "", ""]
+                continue
+            peer = f"{ENGINE_LABELS[m['best_peer']]} {_timed(m['peer'])}" if m["best_peer"] else "-"
+            cells += [_timed(m["gru_fast"]), peer, "-" if m["ratio"] is None else f"{m['ratio']:.2f}x",
+                      {True: "yes", False: "**no**", None: "-"}[m["met"]]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------

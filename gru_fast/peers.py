@@ -12,7 +12,8 @@ it is built:
   ``h_n``), ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, inputs and outputs bound once to
   numpy buffers with an ``IOBinding`` (measurably faster than ``session.run`` on small calls).
 - ``openvino``: the same graph compiled with ``INFERENCE_NUM_THREADS=threads``,
-  ``INFERENCE_PRECISION_HINT=f32`` (no bf16/f16 down-conversion), one stream, latency hint; one infer
+  ``INFERENCE_PRECISION_HINT=f32`` (no bf16/f16 down-conversion; ``openvino_precision="bf16"`` asks for
+  bfloat16 arithmetic instead, where the CPU has it), one stream, latency hint; one infer
   request reused, its tensors sharing memory with numpy buffers, run with ``start_async(); wait()``
   (``infer()`` builds a result dictionary on every call).
 
@@ -52,8 +53,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "BUSY_SHARE", "ENGINES", "ENGINE_LABELS", "ENGINE_MODULES", "ONNX_OPSET", "THREADS", "CpuMeter",
-    "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream",
+    "BUSY_SHARE", "ENGINES", "ENGINE_LABELS", "ENGINE_MODULES", "ONNX_OPSET", "OPENVINO_PRECISIONS", "THREADS",
+    "CpuMeter", "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream",
     "Runner", "ThreadPinned", "Timing", "TorchSequence", "TorchStream", "build_runner", "busy_warning",
     "calibrate", "limit_threads", "missing_reason", "onnx_gru", "openvino_config", "ort_session", "ov_compile",
     "quiet_rounds", "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "torch_gru",
@@ -456,29 +457,37 @@ class OrtStream(_CrossedStream):
                                "h0 / h_n buffers are crossed (state fed back without a copy)")
 
 
-def openvino_config(threads: int = THREADS) -> dict:
-    """What OpenVINO is compiled with: ``threads`` threads, f32 (no bf16/f16 down-conversion), one
-    stream, latency hint."""
-    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1,
+#: the values of OpenVINO's ``INFERENCE_PRECISION_HINT`` a runner may ask for
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+
+
+def openvino_config(threads: int = THREADS, precision: str = "f32") -> dict:
+    """What OpenVINO is compiled with: ``threads`` threads, ``precision`` (default f32: no bf16/f16
+    down-conversion), one stream, latency hint."""
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}")
+    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY"}
 
 
-def ov_compile(onnx_file, threads: int = THREADS):
+def ov_compile(onnx_file, threads: int = THREADS, precision: str = "f32"):
     """OpenVINO's CPU model of ``onnx_file`` (a path or the serialized model) -> (openvino, compiled model,
-    config for a report); raises if OpenVINO did not keep f32."""
+    config for a report); with ``precision="f32"`` raises if OpenVINO did not keep f32.  Another
+    precision is a hint the CPU plugin may not follow (bf16 without the instructions for it): the
+    precision it compiled with is ``config["INFERENCE_PRECISION_HINT"]``."""
     import openvino as ov
 
     core = ov.Core()
-    requested = openvino_config(threads)
+    requested = openvino_config(threads, precision)
     source = core.read_model(onnx_file, b"") if isinstance(onnx_file, bytes) else str(onnx_file)
     compiled = core.compile_model(source, "CPU", dict(requested))
     config = {"requested": requested}
     for key in requested:
         with contextlib.suppress(Exception):
             config[key] = str(compiled.get_property(key))
-    precision = config.get("INFERENCE_PRECISION_HINT", "")
-    if precision and "32" not in precision:
-        raise RuntimeError(f"OpenVINO compiled with precision {precision}, expected f32")
+    compiled_precision = config.get("INFERENCE_PRECISION_HINT", "")
+    if precision == "f32" and compiled_precision and "32" not in compiled_precision:
+        raise RuntimeError(f"OpenVINO compiled with precision {compiled_precision}, expected f32")
     return ov, compiled, config
 
 
@@ -492,9 +501,9 @@ def _ov_request(ov, compiled, tensors: dict):
 class OpenVinoSequence(Runner):
     engine = "openvino"
 
-    def __init__(self, onnx_file, x, h0, threads: int = THREADS):
+    def __init__(self, onnx_file, x, h0, threads: int = THREADS, precision: str = "f32"):
         super().__init__()
-        ov, compiled, self.config = ov_compile(onnx_file, threads)
+        ov, compiled, self.config = ov_compile(onnx_file, threads, precision)
         self.x, self.h0 = np.array(x, np.float32), np.array(h0, np.float32)
         shapes = {port.get_any_name(): tuple(port.get_shape()) for port in compiled.outputs}
         self.y, self.h_n = _f32(shapes["y"]), _f32(shapes["h_n"])
@@ -515,9 +524,9 @@ class OpenVinoSequence(Runner):
 class OpenVinoStream(_CrossedStream):
     engine = "openvino"
 
-    def __init__(self, onnx_file, x, h0, threads: int = THREADS):
+    def __init__(self, onnx_file, x, h0, threads: int = THREADS, precision: str = "f32"):
         super().__init__()
-        ov, compiled, self.config = ov_compile(onnx_file, threads)
+        ov, compiled, self.config = ov_compile(onnx_file, threads, precision)
         self._buffers(x, h0)
         self.requests = [
             _ov_request(ov, compiled, {"x": self.x, "h0": self.states[src], "y": self.y, "h_n": self.states[dst]})
@@ -556,13 +565,14 @@ class ThreadPinned(Runner):
 
 
 def build_runner(engine: str, x, h0, *, stream: bool = False, model=None, torch_module=None, onnx_file=None,
-                 threads: int = THREADS) -> Runner:
+                 threads: int = THREADS, openvino_precision: str = "f32") -> Runner:
     """``engine`` set up on x (T, B, I) from h0 (L*D, B, H); a stream runner steps through ``x[0]``.
 
     ``model`` (a :class:`gru_fast.GRU`) is what gru_fast runs, and what the peers' models are built from
     when not given: ``torch_module`` (else :func:`torch_gru`), ``onnx_file`` (a path or the serialized
     model; else :func:`onnx_gru`).  ONNX Runtime and OpenVINO run on ``threads`` threads; gru_fast and
-    PyTorch on their process-wide counts (:func:`limit_threads`)."""
+    PyTorch on their process-wide counts (:func:`limit_threads`).  ``openvino_precision``: OpenVINO's
+    ``INFERENCE_PRECISION_HINT`` (:func:`ov_compile`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "gru_fast" or (engine == "pytorch" and torch_module is None) or (
@@ -578,7 +588,7 @@ def build_runner(engine: str, x, h0, *, stream: bool = False, model=None, torch_
         onnx_file = onnx_gru(model, 1 if stream else x.shape[0], x.shape[1]).SerializeToString()
     if engine == "onnxruntime":
         return (OrtStream if stream else OrtSequence)(onnx_file, x, h0, threads)
-    return (OpenVinoStream if stream else OpenVinoSequence)(onnx_file, x, h0, threads)
+    return (OpenVinoStream if stream else OpenVinoSequence)(onnx_file, x, h0, threads, openvino_precision)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Serial and parallel runs give bit-identical results, so everything here decides 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import os
@@ -151,6 +152,71 @@ class Plan(NamedTuple):
     sync_addr: int
     nbytes: int  # of workspace and sync
     key: tuple | None  # where the plan pool files it; None for a bound call's own plans
+    pace: "Pace | None"  # a parallel plan's recent times against its serial path's (None when serial)
+
+
+class Pace:
+    """Whether a parallel plan still beats its own serial path, from the times of recent calls of its shape.
+
+    A parallel call needs every worker on a core: the kernel hands a late worker's share of a step to
+    the other one, but the parallel region itself ends only when each worker thread has run, and on a
+    busy machine (a neighbour spinning on the other core) a thread can wait a whole scheduler time slice,
+    milliseconds, for its core.  Serial and parallel runs give identical results, so the plan runs
+    serially while its parallel calls cost more than its serial ones would:
+
+    * the serial cost is at most ``workers`` x the fastest parallel call (a share of the work cannot run
+      faster than all of it), or the best of the last four serial calls when there were some;
+    * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest one (a
+      lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost; the first call's
+      time (thread start-up, cache loads) is not counted;
+    * while serial it runs one parallel call every ``probe_every`` calls, and turns parallel again once
+      ``PROBES`` probes in a row were all within ``SLOWER`` x its serial calls' time.  A plan that turns
+      serial again soon after (within ``SHORT`` calls) probes half as often, down to one call in
+      ``MAX_PROBE_EVERY``: stalls that come and go cost at most that share of calls.
+    """
+
+    WINDOW, PROBES, SLOWER = 16, 8, 1.1
+    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 32, 1024, 256
+    __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
+                 "probe_every", "since")
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.calls = 0
+        self.fastest = float("inf")  # parallel call
+        self.parallel_times = collections.deque(maxlen=self.WINDOW)
+        self.serial_times = collections.deque(maxlen=4)
+        self.probes = collections.deque(maxlen=self.PROBES)
+        self.serial_mode = False
+        self.probe_every = self.FIRST_PROBE_EVERY
+        self.since = 0  # the call at which the plan last turned parallel
+
+    def wants_parallel(self) -> bool:
+        self.calls += 1
+        return not self.serial_mode or self.calls % self.probe_every == 0
+
+    def record(self, parallel: bool, seconds: float) -> None:
+        if self.calls <= 1:
+            return
+        if not parallel:
+            self.serial_times.append(seconds)
+            return
+        self.fastest = min(self.fastest, seconds)
+        serial = min(self.workers * self.fastest, min(self.serial_times, default=float("inf")))
+        if self.serial_mode:
+            self.probes.append(seconds)
+            if len(self.probes) == self.PROBES and max(self.probes) <= self.SLOWER * serial:
+                self.serial_mode = False
+                self.parallel_times.clear()
+                self.since = self.calls
+            return
+        times = self.parallel_times
+        times.append(seconds)
+        if len(times) >= self.PROBES and (sum(times) - max(times)) / (len(times) - 1) > self.SLOWER * serial:
+            self.serial_mode = True
+            self.probes.clear()
+            short = self.calls - self.since < self.SHORT
+            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY) if short else self.FIRST_PROBE_EVERY
 
 
 def _threads(model: KernelModel, steps: int, batch: int) -> int:
@@ -194,7 +260,8 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     workspace = _layout.aligned_zeros(end, model.dtype)  # zero: padded hidden units start (and stay) finite
     sync = _layout.aligned_zeros(_layout.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
     return Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
-                address(workspace), address(sync), workspace.nbytes + sync.nbytes, key)
+                address(workspace), address(sync), workspace.nbytes + sync.nbytes, key,
+                Pace(workers) if parallel else None)
 
 
 def kernel_args(model: KernelModel, operands: Operands, plan: Plan) -> tuple:
@@ -285,7 +352,9 @@ class _ParallelPolicy(Guard):
       callers never put more spinning workers than cores on the machine (and under Numba's workqueue
       layer, which aborts on concurrent launches, gru_fast's own launches never overlap);
     * a brief call goes parallel only when the previous parallel-sized call ended within
-      _BACK_TO_BACK_S (the workers are still awake).
+      _BACK_TO_BACK_S (the workers are still awake);
+    * a call goes parallel only while its plan's :class:`Pace` finds parallel calls of its shape faster
+      than serial ones.
 
     A thread that is late anyway (a busy machine) is handled inside the kernel: the other worker takes
     over its share of each step until it catches up (see gru_fast.kernels, MODE_SPLIT).
@@ -302,6 +371,8 @@ class _ParallelPolicy(Guard):
         recent = now - self.last_end <= _BACK_TO_BACK_S
         self.last_end = now
         if plan.brief and not recent:
+            return False
+        if not plan.pace.wants_parallel():
             return False
         return self.lock.acquire(blocking=False)
 
@@ -330,10 +401,14 @@ def run(model: KernelModel, operands: Operands) -> None:
     serially (same results)."""
     steps, batch = operands.steps, operands.batch
     plan = take_plan(model, steps, batch)
+    pace = plan.pace
     if plan.parallel and not PARALLEL.acquire(plan):
         PLANS.give(plan)
         plan = take_plan(model, steps, batch, 1)
+    start = perf_counter()
     launch(model.weights, plan, kernel_args(model, operands, plan))
+    if pace is not None:
+        pace.record(plan.parallel, perf_counter() - start)
     PLANS.give(plan)
 
 
@@ -367,7 +442,10 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
 
 
 def _parallel_if_granted(weights: str, plan: Plan, args: tuple, serially) -> None:
-    if PARALLEL.acquire(plan):
+    start = perf_counter()
+    granted = PARALLEL.acquire(plan)
+    if granted:
         launch(weights, plan, args)
     else:
         serially()
+    plan.pace.record(granted, perf_counter() - start)

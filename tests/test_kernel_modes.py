@@ -24,10 +24,12 @@ needs_two_threads = pytest.mark.skipif(THREADS < 2, reason="the parallel kernels
 
 @pytest.fixture(autouse=True)
 def parallel_launches(monkeypatch):
-    """Count launches of the parallel entry points, and let brief calls go parallel even when they do not
-    come back to back (the engine's speed policy, gru_fast._schedule._ParallelPolicy, would otherwise run
-    them serially: same results, but the parallel kernel untested)."""
+    """Count launches of the parallel entry points, and let every call of a parallel plan go parallel: brief
+    calls that do not come back to back, and the calls the pace of a plan runs serially (the engine's speed
+    policy, gru_fast._schedule, would otherwise run them serially: same results, but the parallel kernel
+    untested)."""
     monkeypatch.setattr(_schedule, "_BACK_TO_BACK_S", float("inf"))
+    monkeypatch.setattr(_schedule.Pace, "wants_parallel", lambda self: True)
     launches = []
     for key in [key for key in kernels.FORWARD if key[1]]:
         forward = kernels.FORWARD[key]

@@ -14,6 +14,8 @@ import textwrap
 
 from conftest import last_json_line, run_python
 
+from gru_fast import _schedule
+
 CHILD = textwrap.dedent(
     """
     import gc, json, threading, tracemalloc
@@ -86,3 +88,45 @@ def test_kept_workspaces_stay_under_the_documented_bound():
     assert report["idle_threads"]["pool"] <= report["cache_bytes"], report
     assert report["idle_threads"]["traced"] <= report["cache_bytes"] + MiB, report
     assert report["model_gone"]["pool"] == 0 and report["model_gone"]["traced"] < MiB, report
+
+
+# --------------------------------------------------------------------------------------------------
+# the pace of a parallel plan: serial while parallel calls of its shape are slower
+# --------------------------------------------------------------------------------------------------
+
+def _paced(parallel_seconds, serial_seconds, calls):
+    """Drive a Pace as gru_fast._schedule.run does, with the given times; returns which calls ran parallel."""
+    pace = _schedule.Pace(workers=2)
+    ran = []
+    for _ in range(calls):
+        parallel = pace.wants_parallel()
+        pace.record(parallel, parallel_seconds() if parallel else serial_seconds)
+        ran.append(parallel)
+    return pace, ran
+
+
+def test_pace_keeps_a_parallel_plan_parallel_while_it_is_faster():
+    pace, ran = _paced(lambda: 10e-6, 16e-6, 2000)
+    assert not pace.serial_mode and all(ran)
+
+
+def test_pace_ignores_a_lone_stall_on_an_idle_machine():
+    times = iter([10e-6] * 50 + [8e-3] + [10e-6] * 1000)
+    pace, ran = _paced(lambda: next(times), 16e-6, 1000)
+    assert not pace.serial_mode and all(ran)
+
+
+def test_pace_runs_serially_beside_a_neighbour_and_probes_back():
+    """One parallel call in ten waits a scheduler time slice (8 ms) for its second core: the mean is far
+    over the serial path's, so calls run serially with ever rarer parallel probes; when the machine frees
+    up, the probes bring the plan back to parallel."""
+    count = iter(range(10**6))
+    busy = lambda: 8e-3 if next(count) % 10 == 0 else 10e-6  # noqa: E731
+    pace, ran = _paced(busy, 16e-6, 3000)
+    assert pace.serial_mode and pace.serial_times  # serial calls measured their own time
+    tail = ran[1000:]
+    assert tail.count(True) <= len(tail) // _schedule.Pace.FIRST_PROBE_EVERY  # a stalled call in 300 or fewer
+    for _ in range(3 * _schedule.Pace.PROBES * _schedule.Pace.MAX_PROBE_EVERY):  # the neighbour is gone
+        parallel = pace.wants_parallel()
+        pace.record(parallel, 10e-6 if parallel else 16e-6)
+    assert not pace.serial_mode

@@ -146,29 +146,21 @@ def make_problem(case: Case, seed: int = 0) -> Problem:
 
 
 def reference_gru(state_dict, x, h0):
-    """nn.GRU's forward pass (one layer, gates r, z, n, PyTorch layout) in float64 numpy.
+    """nn.GRU's forward pass (one layer, PyTorch layout, gates r, z, n) by :func:`gru_fast.reference.gru_equations`
+    in float64: the parity reference when torch is not installed.  Returns (y (T, B, D*H), h_n (D, B, H)) as
+    float32."""
+    from gru_fast.reference import gru_equations
 
-    Used as the parity reference only when torch is not installed; it follows the equations of
-    ``torch.nn.GRU``'s documentation term by term.  Returns (y (T, B, D*H), h_n (D, B, H)) as float32.
-    """
-    x = np.asarray(x, np.float64)
-    T = x.shape[0]
     D = 2 if "weight_ih_l0_reverse" in state_dict else 1
-    ys, hs = [], []
-    for d, suffix in enumerate(("_l0", "_l0_reverse")[:D]):
+    W, R, B = [], [], []
+    for suffix in ("_l0", "_l0_reverse")[:D]:
         w_ih, w_hh, b_ih, b_hh = (np.asarray(state_dict[k + suffix], np.float64)
                                   for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         H = w_hh.shape[1]
-        h = np.asarray(h0[d], np.float64)
-        out = np.empty((T, x.shape[1], H))
-        for t in (range(T - 1, -1, -1) if d else range(T)):
-            gi = x[t] @ w_ih.T + b_ih
-            gh = h @ w_hh.T + b_hh
-            r = 1.0 / (1.0 + np.exp(-(gi[:, :H] + gh[:, :H])))
-            z = 1.0 / (1.0 + np.exp(-(gi[:, H:2 * H] + gh[:, H:2 * H])))
-            n = np.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
-            h = (1.0 - z) * n + z * h
-            out[t] = h
-        ys.append(out)
-        hs.append(h)
-    return np.concatenate(ys, axis=-1).astype(np.float32), np.stack(hs).astype(np.float32)
+        zrn = lambda m: np.concatenate([m[H:2 * H], m[:H], m[2 * H:]])  # noqa: E731  (r, z, n -> z, r, n)
+        W.append(zrn(w_ih))
+        R.append(zrn(w_hh))
+        B.append(np.concatenate([zrn(b_ih), zrn(b_hh)]))
+    y, h_n = gru_equations(x, [(np.stack(W), np.stack(R), np.stack(B))],
+                           direction="bidirectional" if D == 2 else "forward", h0=h0)
+    return y.astype(np.float32), h_n.astype(np.float32)

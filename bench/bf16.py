@@ -23,7 +23,7 @@ from gru_fast import peers
 
 from . import THREADS
 from .cases import CASE_BY_NAME, PARITY_STEPS, make_problem
-from .engines import Artifacts, build_engines, check_parity, missing_reason, parity_ok, time_interleaved
+from .engines import Artifacts, build_engines, check_parity, missing_reason, parity_ok, time_rows
 
 __all__ = ["BF16_CASES", "COLUMNS", "ERROR_TARGET", "LABELS", "bf16_model", "markdown", "run", "summarize"]
 
@@ -127,16 +127,10 @@ def run(engines, quick: bool, rounds: int, batch_seconds: float, gap_seconds: fl
                                                 openvino_precision="bf16"), artifacts, log)
                 if OV_BF16 in runners:
                     rows[OV_BF16]["compiled_precision"] = runners[OV_BF16].config.get("INFERENCE_PRECISION_HINT")
-        if runners:
-            timings = time_interleaved(runners, rounds, batch_seconds, seed, gap_seconds=gap_seconds,
-                                       budget_seconds=budget_seconds)
-            for engine, timing in timings.items():
-                rows[engine].update(timing.as_dict())
-        for row in rows.values():
-            row.pop("config", None)
+        busy = time_rows(runners, rows, rounds, batch_seconds, seed, gap_seconds=gap_seconds,
+                         budget_seconds=budget_seconds)
         result["cases"].append({"name": name, "shape": case.shape, "reference": artifacts.reference[2],
-                                "engines": rows, "summary": summarize(rows, target),
-                                "busy": any(r.get("busy") for r in rows.values())})
+                                "engines": rows, "summary": summarize(rows, target), "busy": busy})
     return result
 
 

@@ -200,6 +200,17 @@ def build_engines(artifacts: Artifacts, engines, log=None) -> tuple[dict, dict]:
     return runners, rows
 
 
+def time_rows(runners: dict, rows: dict, rounds: int, batch_seconds: float, seed: int, **timing) -> bool:
+    """Time ``runners`` interleaved (:func:`time_interleaved`, ``timing`` its keyword options) into their
+    ``rows`` of :func:`build_engines`, and drop the rows' ``config``; whether any row was busy."""
+    if runners:
+        for engine, result in time_interleaved(runners, rounds, batch_seconds, seed, **timing).items():
+            rows[engine].update(result.as_dict())
+    for row in rows.values():
+        row.pop("config", None)
+    return any(row.get("busy") for row in rows.values())
+
+
 # ----------------------------------------------------------------------------------------------------
 # parity
 # ----------------------------------------------------------------------------------------------------

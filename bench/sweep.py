@@ -16,7 +16,7 @@ import numpy as np
 
 from . import THREADS
 from .cases import Case, make_problem
-from .engines import ENGINE_LABELS, Artifacts, build_engines, time_interleaved
+from .engines import ENGINE_LABELS, Artifacts, build_engines, time_rows
 from .report import _pyplot, _save, summarize_case
 
 __all__ = ["BATCHES", "HIDDEN", "INPUT_SIZE", "STEPS", "TARGET", "grid", "markdown", "plot", "ratio_grid", "run",
@@ -53,17 +53,11 @@ def run(engines, quick: bool, rounds: int, batch_seconds: float, gap_seconds: fl
         log(f"  sweep {case.shape}")
         artifacts = Artifacts(make_problem(case, seed), Path(workdir) / "sweep" / case.name.replace(" ", "_"))
         runners, rows = build_engines(artifacts, engines, log=log)
-        if runners:
-            timings = time_interleaved(runners, rounds, batch_seconds, seed, gap_seconds=gap_seconds,
-                                       budget_seconds=budget_seconds)
-            for engine, timing in timings.items():
-                rows[engine].update(timing.as_dict())
-        for row in rows.values():
-            row.pop("config", None)
+        busy = time_rows(runners, rows, rounds, batch_seconds, seed, gap_seconds=gap_seconds,
+                         budget_seconds=budget_seconds)
         summary = summarize_case(case, rows, None)
         result["points"].append({"batch": case.batch, "hidden": case.hidden_size, "shape": case.shape,
-                                 "engines": rows, "summary": summary,
-                                 "busy": any(r.get("busy") for r in rows.values())})
+                                 "engines": rows, "summary": summary, "busy": busy})
         log(f"    ratio {summary['ratio'] and round(summary['ratio'], 2)} ({summary['best_peer']})")
     return result
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
-from ._bf16 import to_bf16
+from ._bf16 import pair_words, to_bf16
 from ._tiles import GROUP, TILE
 
 __all__ = ["UNITS", "GROUP_COLUMNS", "ALIGN", "padded", "padded_hidden", "meta_size", "params_size", "pack",
@@ -84,8 +84,9 @@ def meta_size(num_layers: int, num_directions: int) -> int:
 
 def _matrix_elements(rows, columns, bf16):
     """Elements of ``params`` a packed W or R of rows x columns values takes: bfloat16 values go two to a
-    float32 element (``columns`` is 3Hp, even)."""
-    return rows * columns // 2 if bf16 else rows * columns
+    float32 element, rows 2p and 2p + 1 of a column sharing one (an odd last row with a zero), see
+    :func:`gru_fast._bf16.pack_bf16`."""
+    return -(-rows // 2) * columns if bf16 else rows * columns
 
 
 def params_size(input_size: int, hidden: int, num_layers: int, num_directions: int, bf16: bool = False) -> int:
@@ -128,9 +129,9 @@ def pack_into(dst, m, hidden):
 def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activations, dtype, bf16=False):
     """``(params, meta)``, read-only, for ONNX-layout ``weights`` [(W, R, B or None) per layer].
 
-    With ``bf16`` (float32 only), packed W and R hold bfloat16 values (uint16 bit patterns, two to a
-    float32 element of ``params``, rounded to nearest even: :func:`gru_fast._bf16.to_bf16`); the header
-    and biases stay float32.
+    With ``bf16`` (float32 only), packed W and R hold bfloat16 values (rounded to nearest even:
+    :func:`gru_fast._bf16.to_bf16`) in k pairs, two to a float32 element of ``params`` (the layout of
+    :func:`gru_fast._bf16.pack_bf16`); the header and biases stay float32.
 
     The biases are summed where the equations allow: b_x = Wb + Rb for z and r (and for n when
     linear_before_reset=0, where r multiplies h before the product); with linear_before_reset=1 the
@@ -163,10 +164,10 @@ def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activa
                 b_hn = np.zeros(H, dtype)
             base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * D + d)
             for slot, m in ((OFFSET_W, W[d]), (OFFSET_R, R[d])):
-                size = _matrix_elements(m.shape[1], 3 * hp, bf16)  # K rows of 3Hp packed columns
+                size = _matrix_elements(m.shape[1], 3 * hp, bf16)  # K (bf16: ceil(K/2)) rows of 3Hp columns
                 meta[base + slot] = cursor
                 if bf16:
-                    pack_into(params[cursor : cursor + size].view(np.uint16), to_bf16(m), H)
+                    pack_into(params[cursor : cursor + size].view(np.uint32), pair_words(to_bf16(m)), H)
                 else:
                     pack_into(params[cursor : cursor + size], m, H)
                 cursor += padded(size)

@@ -43,7 +43,7 @@ def from_bf16(bits) -> np.ndarray:
 
 
 def pair_words(bits) -> np.ndarray:
-    """``bits`` (R, K) uint16 bfloat16 patterns as (R, ceil(K/2)) uint32 words, two columns to a word:
+    """``bits`` (N, K) uint16 bfloat16 patterns as (N, ceil(K/2)) uint32 words, two columns to a word:
     word p holds column 2p in its low half and column 2p + 1 in its high half (zero past an odd K)."""
     bits = np.asarray(bits)
     k = bits.shape[1]

@@ -14,7 +14,8 @@ A model is packed once into two arrays (:func:`pack`):
 Unit tiles.  The hidden units are padded to ``Hp``, a multiple of :data:`UNITS` (16), and taken 16 at a
 time: unit tile u holds units 16u..16u+15 and owns the :data:`GROUP_COLUMNS` (48) columns 48u..48u+47
 of every gate-sized row: 16 of z, 16 of r, 16 of n.  Packed W and R hold, per unit tile, a contiguous
-(K, 48) group (:func:`pack_into`), so any range of unit tiles is one contiguous block of weights,
+(K, 48) group (:func:`pack_into`; bfloat16 W and R: ceil(K/2) rows of 48 words holding two k rows each,
+:func:`gru_fast._bf16.pack_bf16`), so any range of unit tiles is one contiguous block of weights,
 projections and products, and every element-wise loop runs over whole 16-lane vectors whatever H is.
 Padded units have zero weights: they are computed and never read.
 

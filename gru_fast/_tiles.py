@@ -50,7 +50,7 @@ def _float_ir(marker):
 
 def _pairs_codegen(rows, tiles, start, span):
     """The code of a bf16 kernel of :func:`_make_gemm` (its arguments, weights in k pairs): passes of
-    ``span`` groups while that many are left, then passes of one group."""
+    ``span`` (a power of two) groups while that many are left, then of span/2, ..., 1 group."""
     words = GROUP * TILE  # 32-bit words per pair row of a group
 
     def codegen(context, builder, signature, llargs):
@@ -177,9 +177,11 @@ def _pairs_codegen(rows, tiles, start, span):
             builder.position_at_end(after)
             return g
 
-        g = groups_pass(span, const(0), builder.block)
-        if span > 1:
-            groups_pass(1, g, builder.block)
+        g = const(0)
+        n_span = span
+        while n_span >= 1:  # span groups at a time, then what is left: half as many, ..., one
+            g = groups_pass(n_span, g, builder.block)
+            n_span //= 2
         return context.get_dummy_value()
 
     return codegen
@@ -202,14 +204,17 @@ def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
     float32 (the marker must be float32).  Shifting a word left 16 bits gives W[2p, j] as a float32,
     clearing its low half W[2p + 1, j]: one integer operation per 16 weights, fed to the same fma chain
     in k order (2p, then 2p + 1; an odd K's last row alone, a[K] is never read), so the result equals
-    the float32 kernel's on the widened weights.  ``span`` groups are computed per pass over k (their
-    accumulators are independent chains; left-over groups one at a time): the bits do not depend on it.
+    the float32 kernel's on the widened weights.  ``span`` (a power of two) groups are computed per pass
+    over k, their accumulators independent chains (left-over groups: span/2, ..., 1 at a time); the bits
+    do not depend on it.
     """
     bf16 = weights == "bf16"
     if weights not in ("float", "bf16"):
         raise ValueError(f"weights must be 'float' or 'bf16', got {weights!r}")
     if span != 1 and not bf16:
         raise ValueError("span is for the bf16 kernels")
+    if span < 1 or span & (span - 1):
+        raise ValueError(f"span must be a power of two, got {span}")
 
     def typer(args):
         if len(args) != 2 * rows + 5 or not isinstance(args[-1], types.Float):
@@ -334,7 +339,7 @@ recur1_n, recur4_n = _make_gemm(1, *GEMM_N, "zero"), _make_gemm(4, *GEMM_N, "zer
 
 # the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
 # SPAN_BF16 groups per pass: more independent fma chains than three (scripts/bf16_gemm.py measures it)
-SPAN_BF16 = 2
+SPAN_BF16 = 4
 project1_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16", SPAN_BF16)
 project4_bf16 = _make_gemm(4, *GEMM_ALL, "bias", "bf16")
 recur1_all_bf16 = _make_gemm(1, *GEMM_ALL, "zero", "bf16", SPAN_BF16)

@@ -230,8 +230,8 @@ def _addr(row, col):
 
 def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
     """The micro-kernel of ``kind`` for ``rows`` rows (gru_fast._tiles), for weights stored as ``weights``'
-    type, ``w_offset`` weights past address ``w`` (bfloat16: positioned in the k-pair layout).  Typed by ``weights``: float and bfloat16 models
-    each compile only their own kernels."""
+    type, ``w_offset`` weights past address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed
+    by ``weights``: float and bfloat16 models each compile only their own kernels."""
     raise NotImplementedError("call from a Numba kernel")
 
 

@@ -8,14 +8,14 @@ Kernels: one thread, K = H, n_groups = H / 16 (3H output columns), 1 and 4 rows,
 kernels ``recur1_all`` / ``recur4_all`` (float32 weights, 12 H^2 bytes) against ``recur1_all_bf16`` /
 ``recur4_all_bf16`` (bfloat16 weights in k pairs, 6 H^2 bytes) of :mod:`gru_fast._tiles`.  The weights
 are reused call after call, as in a GRU's steps, so they stay in whichever cache holds them.  A timed
-call runs the kernel enough times to last about 0.5 ms.  For one row, ``bf16 x1`` and ``bf16 x4`` are
-the library's one-row kernel built with 1 and 4 groups per pass over k instead of
+call runs the kernel enough times to last about 0.5 ms.  For one row, ``bf16 x1`` and ``bf16 x2`` are
+the library's one-row kernel built with 1 and 2 groups per pass over k instead of
 :data:`gru_fast._tiles.SPAN_BF16` (``--no-spans`` leaves them out); their bits are checked equal to
 the library kernel's.
 
 Model (B=1): ``gru_fast.GRU`` I=H=256 with random weights, ``model.stream(1).bind(x_t, out=y_t)`` (one
 step per call) against the same with ``model.with_weights("bfloat16")``; and T=100 I=64 H=256, the whole
-call (``model.bind``), with one thread and with two.
+call (``model.bind``); each with one thread and with two.
 
 The variants of a table are timed interleaved round by round in a shuffled order
 (:func:`gru_fast.peers.time_interleaved`, which also leaves out rounds during which other processes
@@ -44,11 +44,11 @@ from gru_fast.peers import GruFastSequence, GruFastStream, Runner, ThreadPinned,
 from bench.report import machine_info
 
 TILE, GROUP_COLS = t.TILE, t.GROUP * t.TILE
-SPANS = (1, 4)  # groups per pass of the one-row variants timed next to the library's SPAN_BF16
+SPANS = (1, 2)  # groups per pass of the one-row variants timed next to the library's SPAN_BF16
 
 # the library's one-row bf16 product, built with other numbers of groups per pass
 recur1_all_bf16_x1 = t._make_gemm(1, *t.GEMM_ALL, "zero", "bf16", 1)
-recur1_all_bf16_x4 = t._make_gemm(1, *t.GEMM_ALL, "zero", "bf16", 4)
+recur1_all_bf16_x2 = t._make_gemm(1, *t.GEMM_ALL, "zero", "bf16", 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def _loop_float32(rows, c, a, w, k, n_groups, n):
 
 @njit(cache=False)
 def _loop_bf16(rows, c, a, w, k, n_groups, n):
-    """rows 4: recur4_all_bf16; rows 1: recur1_all_bf16; rows -1, -4: its one-row form with 1, 4 groups
+    """rows 4: recur4_all_bf16; rows 1: recur1_all_bf16; rows -1, -2: its one-row form with 1, 2 groups
     per pass."""
     c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
     a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
@@ -80,7 +80,7 @@ def _loop_bf16(rows, c, a, w, k, n_groups, n):
         elif rows == -1:
             recur1_all_bf16_x1(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
         else:
-            recur1_all_bf16_x4(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
+            recur1_all_bf16_x2(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
 
 
 class _GemmRunner(Runner):
@@ -91,7 +91,7 @@ class _GemmRunner(Runner):
         self.c = np.zeros((4, GROUP_COLS * n_groups), np.float32)
         if variant == "float32":
             self.loop, mode = _loop_float32, rows
-        else:  # "bf16", "bf16 x1", "bf16 x4"
+        else:  # "bf16", "bf16 x1", "bf16 x2"
             self.loop, mode = _loop_bf16, (rows if variant == "bf16" else -int(variant.split(" x")[1]))
         self.args = (mode, self.c, a, w, k, n_groups)
         self.inner = inner
@@ -189,14 +189,18 @@ def _model(input_size, hidden, seed=0):
 
 
 def run_model(rounds=100, batch_ms=10.0):
-    """The model-level B=1 timings: one bound stream step (I=H=256), and the whole T=100 I=64 H=256 call
-    with 1 and 2 threads, float32 against bfloat16 weights."""
+    """The model-level B=1 timings, float32 against bfloat16 weights, with 1 and 2 threads: one bound
+    stream step (I=H=256), and the whole T=100 I=64 H=256 call."""
     rng = np.random.default_rng(1)
     out = []
     step = _model(256, 256)
     x = rng.standard_normal((1, 1, 256)).astype(np.float32)
     h0 = np.zeros((1, 1, 256), np.float32)
-    runners = {"float32": GruFastStream(step, x, h0), "bf16": GruFastStream(step.with_weights("bfloat16"), x, h0)}
+    runners = {}
+    for threads in (1, 2):
+        for name, model in (("float32", step), ("bf16", step.with_weights("bfloat16"))):
+            runners[f"{name} {threads} thread{'s' if threads > 1 else ''}"] = _Pinned(
+                lambda model=model: GruFastStream(model, x, h0), threads)
     timings = time_interleaved(runners, rounds=rounds, batch_seconds=batch_ms / 1e3, min_rounds=5)
     out += [_row("stream step I=H=256 B=1", name, timings[name], 1, False) for name in runners]
 
@@ -236,8 +240,8 @@ def markdown(report) -> str:
         lines += ["| case | variant | us/call median | IQR | best | rounds |", "|---|---|---|---|---|---|"]
         for r in model["results"]:
             busy = " (busy)" if r["busy"] else ""
-            lines.append(f"| {r['table']} | {r['variant']} | {r['median_us']:.1f} | {r['q1_us']:.1f}-{r['q3_us']:.1f} | "
-                         f"{r['min_us']:.1f} | {r['rounds']}{busy} |")
+            lines.append(f"| {r['table']} | {r['variant']} | {r['median_us']:.1f} | "
+                         f"{r['q1_us']:.1f}-{r['q3_us']:.1f} | {r['min_us']:.1f} | {r['rounds']}{busy} |")
         lines.append("")
     info = report["machine"]
     lines += [f"CPU: {info['cpu_model']}; load average {info['load_average']}"]

@@ -21,13 +21,19 @@ Four rows reach about 57 GMAC/s on one core here (the FMA peak), one row 24-29 G
 L2 cache delivers weights).  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
 registers), and machines without AVX-512 get it split into narrower vectors.
 
-The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights, packed the same
-way as uint16 bit patterns (:func:`gru_fast._bf16.pack_bf16`), and widen each 16 on load (LLVM emits
-``vpmovzxwd`` + ``vpslld``) into the same fma chains: their results are the float32 kernels' on the
-widened weights, bit for bit.  scripts/bf16_gemm.py measures them: the widening costs two vector
-operations per 16 weights, so with the weights in L2 (H=256) they are slower than float32 (one row
-about 28.5 against 31.5 GMAC/s, four rows 43-57 against 77-86); past L2 (H=512: 3 MiB of float32
-weights, 1.5 MiB of bfloat16) one row runs at 20-28 against 7.6-8 GMAC/s, four rows 26-54 against 23-32.
+The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights in *k pairs*
+(:func:`gru_fast._bf16.pack_bf16`): per group, ceil(K/2) rows of 48 32-bit words, word j of row p
+holding W[2p, j] in its low half and W[2p + 1, j] in its high half.  Shifting a word left 16 bits gives
+its low half as a float32, clearing its low half (``and 0xFFFF0000``) its high half: one integer
+operation per 16 weights (widening uint16 loads takes two, one of them on the shuffle port), fed to the
+same fma chains in k order, so their results are the float32 kernels' on the widened weights, bit for
+bit.  A pair is two dependent fmas per accumulator, so one row computes :data:`SPAN_BF16` (4) groups per
+pass: 12 independent chains.  scripts/bf16_gemm.py measures them on one core (medians of interleaved
+rounds on a shared machine): one row 32-34 GMAC/s against float32's 24.5 at H=256 (best rounds 44
+against 31), 31-34 against 15-16 at H=384, 25-27 against 6 at H=512 (3 MiB of float32 weights, past
+L2); four rows 52-53 against 54-58 at H=256 (compute-bound there, and the integer operations take
+vector-port slots the fmas would use), 52 against 33-39 at H=384, 41-42 against 23-24 at H=512.  With
+two groups per pass one row ran 2-4 GMAC/s slower than with four, with one group 5-13 slower.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
            "recur1_n", "recur4_n", "project1_bf16", "project4_bf16", "recur1_all_bf16", "recur4_all_bf16",
-           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16"]
+           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16", "SPAN_BF16"]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate

@@ -29,11 +29,12 @@ operation per 16 weights (widening uint16 loads takes two, one of them on the sh
 same fma chains in k order, so their results are the float32 kernels' on the widened weights, bit for
 bit.  A pair is two dependent fmas per accumulator, so one row computes :data:`SPAN_BF16` (4) groups per
 pass: 12 independent chains.  scripts/bf16_gemm.py measures them on one core (medians of interleaved
-rounds on a shared machine): one row 32-34 GMAC/s against float32's 24.5 at H=256 (best rounds 44
-against 31), 31-34 against 15-16 at H=384, 25-27 against 6 at H=512 (3 MiB of float32 weights, past
-L2); four rows 52-53 against 54-58 at H=256 (compute-bound there, and the integer operations take
-vector-port slots the fmas would use), 52 against 33-39 at H=384, 41-42 against 23-24 at H=512.  With
-two groups per pass one row ran 2-4 GMAC/s slower than with four, with one group 5-13 slower.
+rounds, the range over four runs on a shared machine): one row 32-34 GMAC/s against float32's 24-25 at
+H=256 (best rounds 44 against 31), 26-34 against 13-16 at H=384, 24-27 against 6 at H=512 (3 MiB of
+float32 weights, past L2); four rows 51-53 against 53-58 at H=256 (compute-bound there, and the integer
+operations take vector-port slots the fmas would use), 49-52 against 32-39 at H=384, 38-42 against
+21-24 at H=512.  With two groups per pass one row ran 2-3 GMAC/s slower than with four, with one group
+about 6 slower.
 """
 
 from __future__ import annotations

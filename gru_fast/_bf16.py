@@ -1,5 +1,5 @@
 """bfloat16 weights on the numpy side: rounding float32 to bfloat16 bit patterns, widening them back, and
-packing them in the layout of the bf16-weight kernels of :mod:`gru_fast._tiles`.
+packing them in k pairs, the layout of the bf16-weight kernels of :mod:`gru_fast._tiles`.
 
 bfloat16 is the top 16 bits of a float32 (sign, 8 exponent bits, 7 mantissa bits), stored here as
 uint16.  Rounding is to nearest, ties to even, on the bit pattern: add 0x7FFF plus the lowest kept bit
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_bf16", "from_bf16", "pack_bf16"]
+__all__ = ["to_bf16", "from_bf16", "pair_words", "pack_bf16"]
 
 _QUIET = np.uint16(0x0040)  # the top mantissa bit of a bfloat16
 
@@ -42,11 +42,23 @@ def from_bf16(bits) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+def pair_words(bits) -> np.ndarray:
+    """``bits`` (N, K) uint16 bfloat16 patterns as (N, ceil(K/2)) uint32 words, two columns to a word:
+    word p holds column 2p in its low half and column 2p + 1 in its high half (zero past an odd K)."""
+    bits = np.asarray(bits)
+    k = bits.shape[1]
+    words = bits[:, 0::2].astype(np.uint32)
+    words[:, : k // 2] |= bits[:, 1::2].astype(np.uint32) << np.uint32(16)
+    return words
+
+
 def pack_bf16(m, hidden: int) -> np.ndarray:
     """``m`` (3H, K) float32 -- ONNX's gate-blocked rows z | r | n, as :func:`gru_fast._layout.pack_into`
-    takes them -- rounded to bfloat16 and packed in the same group layout: Hp/16 groups of K rows of 48
-    values (z, r, n of 16 hidden units, zero for padded units), as a flat uint16 array of Hp/16 * K * 48
-    elements, for the ``*_bf16`` kernels of :mod:`gru_fast._tiles`."""
+    takes them -- rounded to bfloat16 and packed in k pairs for the ``*_bf16`` kernels of
+    :mod:`gru_fast._tiles`: Hp/16 groups (z, r, n of 16 hidden units, zero for padded units) of
+    ceil(K/2) rows of 48 uint32 words, word j of row p holding W[2p, j] | W[2p + 1, j] << 16
+    (:func:`pair_words`; W = m transposed to (K, 3H)), as a flat uint32 array of Hp/16 * ceil(K/2) * 48
+    words: :func:`gru_fast._layout.pack_into`'s group layout with a word for an element."""
     from ._layout import GROUP_COLUMNS, UNITS, pack_into, padded_hidden
 
     m = np.asarray(m)
@@ -57,7 +69,8 @@ def pack_bf16(m, hidden: int) -> np.ndarray:
     if m.ndim != 2 or m.shape[0] != 3 * hidden:
         raise ValueError(f"m must have shape (3 * hidden, K) = ({3 * hidden}, K), got {m.shape}")
     hp = padded_hidden(int(hidden))
-    packed = np.zeros(hp // UNITS * m.shape[1] * GROUP_COLUMNS, np.uint16)
+    pairs = -(-m.shape[1] // 2)
+    packed = np.zeros(hp // UNITS * pairs * GROUP_COLUMNS, np.uint32)
     if packed.size:  # K == 0 leaves nothing to write (and no (K, 48) shape to reshape to)
-        pack_into(packed, to_bf16(m), int(hidden))
+        pack_into(packed, pair_words(to_bf16(m)), int(hidden))
     return packed

@@ -14,7 +14,8 @@ A model is packed once into two arrays (:func:`pack`):
 Unit tiles.  The hidden units are padded to ``Hp``, a multiple of :data:`UNITS` (16), and taken 16 at a
 time: unit tile u holds units 16u..16u+15 and owns the :data:`GROUP_COLUMNS` (48) columns 48u..48u+47
 of every gate-sized row: 16 of z, 16 of r, 16 of n.  Packed W and R hold, per unit tile, a contiguous
-(K, 48) group (:func:`pack_into`), so any range of unit tiles is one contiguous block of weights,
+(K, 48) group (:func:`pack_into`; bfloat16 W and R: ceil(K/2) rows of 48 words holding two k rows each,
+:func:`gru_fast._bf16.pack_bf16`), so any range of unit tiles is one contiguous block of weights,
 projections and products, and every element-wise loop runs over whole 16-lane vectors whatever H is.
 Padded units have zero weights: they are computed and never read.
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba.extending import register_jitable
 
-from ._bf16 import to_bf16
+from ._bf16 import pair_words, to_bf16
 from ._tiles import GROUP, TILE
 
 __all__ = ["UNITS", "GROUP_COLUMNS", "ALIGN", "padded", "padded_hidden", "meta_size", "params_size", "pack",
@@ -84,8 +85,9 @@ def meta_size(num_layers: int, num_directions: int) -> int:
 
 def _matrix_elements(rows, columns, bf16):
     """Elements of ``params`` a packed W or R of rows x columns values takes: bfloat16 values go two to a
-    float32 element (``columns`` is 3Hp, even)."""
-    return rows * columns // 2 if bf16 else rows * columns
+    float32 element, rows 2p and 2p + 1 of a column sharing one (an odd last row with a zero), see
+    :func:`gru_fast._bf16.pack_bf16`."""
+    return -(-rows // 2) * columns if bf16 else rows * columns
 
 
 def params_size(input_size: int, hidden: int, num_layers: int, num_directions: int, bf16: bool = False) -> int:
@@ -128,9 +130,9 @@ def pack_into(dst, m, hidden):
 def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activations, dtype, bf16=False):
     """``(params, meta)``, read-only, for ONNX-layout ``weights`` [(W, R, B or None) per layer].
 
-    With ``bf16`` (float32 only), packed W and R hold bfloat16 values (uint16 bit patterns, two to a
-    float32 element of ``params``, rounded to nearest even: :func:`gru_fast._bf16.to_bf16`); the header
-    and biases stay float32.
+    With ``bf16`` (float32 only), packed W and R hold bfloat16 values (rounded to nearest even:
+    :func:`gru_fast._bf16.to_bf16`) in k pairs, two to a float32 element of ``params`` (the layout of
+    :func:`gru_fast._bf16.pack_bf16`); the header and biases stay float32.
 
     The biases are summed where the equations allow: b_x = Wb + Rb for z and r (and for n when
     linear_before_reset=0, where r multiplies h before the product); with linear_before_reset=1 the
@@ -163,10 +165,10 @@ def pack(weights, input_size, hidden, linear_before_reset, reverse, clip, activa
                 b_hn = np.zeros(H, dtype)
             base = META_OFFSETS + OFFSETS_PER_BLOCK * (layer * D + d)
             for slot, m in ((OFFSET_W, W[d]), (OFFSET_R, R[d])):
-                size = _matrix_elements(m.shape[1], 3 * hp, bf16)  # K rows of 3Hp packed columns
+                size = _matrix_elements(m.shape[1], 3 * hp, bf16)  # K (bf16: ceil(K/2)) rows of 3Hp columns
                 meta[base + slot] = cursor
                 if bf16:
-                    pack_into(params[cursor : cursor + size].view(np.uint16), to_bf16(m), H)
+                    pack_into(params[cursor : cursor + size].view(np.uint32), pair_words(to_bf16(m)), H)
                 else:
                     pack_into(params[cursor : cursor + size], m, H)
                 cursor += padded(size)

@@ -21,13 +21,20 @@ Four rows reach about 57 GMAC/s on one core here (the FMA peak), one row 24-29 G
 L2 cache delivers weights).  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
 registers), and machines without AVX-512 get it split into narrower vectors.
 
-The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights, packed the same
-way as uint16 bit patterns (:func:`gru_fast._bf16.pack_bf16`), and widen each 16 on load (LLVM emits
-``vpmovzxwd`` + ``vpslld``) into the same fma chains: their results are the float32 kernels' on the
-widened weights, bit for bit.  scripts/bf16_gemm.py measures them: the widening costs two vector
-operations per 16 weights, so with the weights in L2 (H=256) they are slower than float32 (one row
-about 28.5 against 31.5 GMAC/s, four rows 43-57 against 77-86); past L2 (H=512: 3 MiB of float32
-weights, 1.5 MiB of bfloat16) one row runs at 20-28 against 7.6-8 GMAC/s, four rows 26-54 against 23-32.
+The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights in *k pairs*
+(:func:`gru_fast._bf16.pack_bf16`): per group, ceil(K/2) rows of 48 32-bit words, word j of row p
+holding W[2p, j] in its low half and W[2p + 1, j] in its high half.  Shifting a word left 16 bits gives
+its low half as a float32, clearing its low half (``and 0xFFFF0000``) its high half: one integer
+operation per 16 weights (widening uint16 loads takes two, one of them on the shuffle port), fed to the
+same fma chains in k order, so their results are the float32 kernels' on the widened weights, bit for
+bit.  A pair is two dependent fmas per accumulator, so one row computes :data:`SPAN_BF16` (4) groups per
+pass: 12 independent chains.  scripts/bf16_gemm.py measures them on one core (medians of interleaved
+rounds, the range over four runs on a shared machine): one row 32-34 GMAC/s against float32's 24-25 at
+H=256 (best rounds 44 against 31), 26-34 against 13-16 at H=384, 24-27 against 6 at H=512 (3 MiB of
+float32 weights, past L2); four rows 51-53 against 53-58 at H=256 (compute-bound there, and the integer
+operations take vector-port slots the fmas would use), 49-52 against 32-39 at H=384, 38-42 against
+21-24 at H=512.  With two groups per pass one row ran 2-3 GMAC/s slower than with four, with one group
+about 6 slower.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
            "recur1_n", "recur4_n", "project1_bf16", "project4_bf16", "recur1_all_bf16", "recur4_all_bf16",
-           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16"]
+           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16", "SPAN_BF16"]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -48,7 +55,146 @@ def _float_ir(marker):
     return ir.FloatType() if marker.bitwidth == 32 else ir.DoubleType()
 
 
-def _make_gemm(rows, first, ntiles, start, weights="float"):
+def _pairs_codegen(rows, tiles, start, span):
+    """The code of a bf16 kernel of :func:`_make_gemm` (its arguments, weights in k pairs): passes of
+    ``span`` (a power of two) groups while that many are left, then of span/2, ..., 1 group."""
+    words = GROUP * TILE  # 32-bit words per pair row of a group
+
+    def codegen(context, builder, signature, llargs):
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vty, wty = ir.VectorType(f32, TILE), ir.VectorType(i32, TILE)
+        name = f"llvm.fma.v{TILE}f32"
+        fma = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
+        c_ptrs = [builder.inttoptr(a, f32.as_pointer()) for a in llargs[:rows]]
+        a_ptrs = [builder.inttoptr(a, f32.as_pointer()) for a in llargs[rows : 2 * rows]]
+        w_ptr = builder.inttoptr(llargs[2 * rows], i32.as_pointer())
+        bias_ptr = builder.inttoptr(llargs[2 * rows + 1], f32.as_pointer())
+        k_n, n_groups = llargs[2 * rows + 2], llargs[2 * rows + 3]
+
+        def const(v):
+            return ir.Constant(i64, v)
+
+        full = builder.ashr(k_n, const(1))  # pairs with both rows: k = 2p, 2p + 1 < K
+        odd = builder.icmp_signed("!=", builder.and_(k_n, const(1)), const(0))  # one row 2 * full left
+        group_words = builder.mul(builder.add(full, builder.and_(k_n, const(1))), const(words))
+        last_k = builder.sub(k_n, const(1))
+        shift = ir.Constant(wty, [16] * TILE)
+        high = ir.Constant(wty, [-65536] * TILE)  # 0xFFFF0000: the word's high half
+        lane0 = ir.Constant(wty, [0] * TILE)
+        undef = ir.Constant(vty, ir.Undefined)
+
+        def splat(ptr, k):
+            x = builder.load(builder.gep(ptr, [k]))
+            return builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, lane0)
+
+        def load_words(offsets, pair):
+            at = builder.mul(pair, const(words))
+            return [builder.load(builder.bitcast(builder.gep(w_ptr, [builder.add(o, at)]), wty.as_pointer()),
+                                 align=4) for o in offsets]
+
+        def vptr(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
+
+        def groups_pass(n_span, g_start, came_from):
+            """for g in range(g_start, n_groups - n_span + 1, n_span): groups g .. g + n_span - 1 in one pass
+            over k.  Returns the first group it left (its loop variable, valid in the block it ends in)."""
+            head = builder.append_basic_block(f"pairs{n_span}.group")
+            init = builder.append_basic_block(f"pairs{n_span}.init")
+            body = builder.append_basic_block(f"pairs{n_span}.k")
+            mid = builder.append_basic_block(f"pairs{n_span}.pairs_done")
+            tail = builder.append_basic_block(f"pairs{n_span}.odd")
+            store = builder.append_basic_block(f"pairs{n_span}.store")
+            after = builder.append_basic_block(f"pairs{n_span}.next")
+            builder.branch(head)
+
+            builder.position_at_end(head)
+            g = builder.phi(i64)
+            g.add_incoming(g_start, came_from)
+            builder.cbranch(builder.icmp_signed("<=", builder.add(g, const(n_span)), n_groups), init, after)
+
+            # accumulators start from zero or the bias
+            builder.position_at_end(init)
+            slots = [(j, i) for j in range(n_span) for i in tiles]
+            cols, w_offsets = [], []
+            for j, i in slots:
+                gj = builder.add(g, const(j))
+                cols.append(builder.add(builder.mul(gj, const(words)), const(i * TILE)))
+                w_offsets.append(builder.add(builder.mul(gj, group_words), const(i * TILE)))
+            if start == "bias":
+                biases = [builder.load(vptr(bias_ptr, col), align=4) for col in cols]
+                first = [biases for _ in range(rows)]
+            else:
+                first = [[ir.Constant(vty, None) for _ in slots] for _ in range(rows)]
+            builder.cbranch(builder.icmp_signed(">", full, const(0)), body, mid)
+
+            # for p in range(K // 2): acc = fma(a[2p + 1], W[2p + 1], fma(a[2p], W[2p], acc))
+            builder.position_at_end(body)
+            p = builder.phi(i64)
+            p.add_incoming(const(0), init)
+            acc = [[builder.phi(vty) for _ in slots] for _ in range(rows)]
+            for m in range(rows):
+                for q in range(len(slots)):
+                    acc[m][q].add_incoming(first[m][q], init)
+            pair = load_words(w_offsets, p)
+            even = [builder.bitcast(builder.shl(w, shift), vty) for w in pair]  # row 2p
+            odd_row = [builder.bitcast(builder.and_(w, high), vty) for w in pair]  # row 2p + 1
+            k0 = builder.shl(p, const(1))
+            k1 = builder.add(k0, const(1))
+            new = []
+            for m in range(rows):
+                x0, x1 = splat(a_ptrs[m], k0), splat(a_ptrs[m], k1)
+                new.append([builder.call(fma, [x1, odd_row[q], builder.call(fma, [x0, even[q], acc[m][q]])])
+                            for q in range(len(slots))])
+            p_next = builder.add(p, const(1))
+            p.add_incoming(p_next, body)
+            for m in range(rows):
+                for q in range(len(slots)):
+                    acc[m][q].add_incoming(new[m][q], body)
+            builder.cbranch(builder.icmp_signed("<", p_next, full), body, mid)
+
+            builder.position_at_end(mid)
+            done = [[builder.phi(vty) for _ in slots] for _ in range(rows)]
+            for m in range(rows):
+                for q in range(len(slots)):
+                    done[m][q].add_incoming(first[m][q], init)  # K < 2
+                    done[m][q].add_incoming(new[m][q], body)
+            builder.cbranch(odd, tail, store)
+
+            # odd K: row K - 1 is the low half of pair row K // 2
+            builder.position_at_end(tail)
+            last = [builder.bitcast(builder.shl(w, shift), vty) for w in load_words(w_offsets, full)]
+            ends = []
+            for m in range(rows):
+                x = splat(a_ptrs[m], last_k)
+                ends.append([builder.call(fma, [x, last[q], done[m][q]]) for q in range(len(slots))])
+            builder.branch(store)
+
+            builder.position_at_end(store)
+            final = [[builder.phi(vty) for _ in slots] for _ in range(rows)]
+            for m in range(rows):
+                for q in range(len(slots)):
+                    final[m][q].add_incoming(done[m][q], mid)
+                    final[m][q].add_incoming(ends[m][q], tail)
+            for m in range(rows):
+                for q, col in enumerate(cols):
+                    builder.store(final[m][q], vptr(c_ptrs[m], col), align=4)
+            g.add_incoming(builder.add(g, const(n_span)), store)
+            builder.branch(head)
+
+            builder.position_at_end(after)
+            return g
+
+        g = const(0)
+        n_span = span
+        while n_span >= 1:  # span groups at a time, then what is left: half as many, ..., one
+            g = groups_pass(n_span, g, builder.block)
+            n_span //= 2
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
     """A kernel computing, for groups g < n_groups and tiles i of [first, first + ntiles) in each group,
     ``c_m[48g + 16i : 48g + 16i + 16] = s + a_m @ W[:, 48g + 16i : ...]`` for ``rows`` rows m, where s
     is 0 (``start="zero"``) or the same columns of a bias row (``start="bias"``): starting the
@@ -59,15 +205,23 @@ def _make_gemm(rows, first, ntiles, start, weights="float"):
     w (packed weights, positioned at the first group's first tile), bias (positioned like c; unused
     with "zero"), K, n_groups, marker.  Columns of other tiles are left as they are.
 
-    ``weights="bf16"``: w points at bfloat16 weights stored as uint16 bit patterns (packed as above,
-    :func:`gru_fast._bf16.pack_bf16`), everything else float32 (the marker must be float32).  Each
-    ``<16 x i16>`` load is widened exactly to ``<16 x float>`` (zero-extend, shift left 16, bitcast)
-    and fed to the same fma chain, so the result equals the float32 kernel's on the widened weights.
-    w and the offsets are still in elements of the weight array: half the bytes of float32.
+    ``weights="bf16"``: w points at bfloat16 weights in k pairs (:func:`gru_fast._bf16.pack_bf16`):
+    per group, ceil(K/2) rows of 48 32-bit words, word j of pair row p holding the bfloat16 bit patterns
+    of W[2p, j] (low half) and W[2p + 1, j] (high half; zero past an odd K).  Everything else is
+    float32 (the marker must be float32).  Shifting a word left 16 bits gives W[2p, j] as a float32,
+    clearing its low half W[2p + 1, j]: one integer operation per 16 weights, fed to the same fma chain
+    in k order (2p, then 2p + 1; an odd K's last row alone, a[K] is never read), so the result equals
+    the float32 kernel's on the widened weights.  ``span`` (a power of two) groups are computed per pass
+    over k, their accumulators independent chains (left-over groups: span/2, ..., 1 at a time); the bits
+    do not depend on it.
     """
     bf16 = weights == "bf16"
     if weights not in ("float", "bf16"):
         raise ValueError(f"weights must be 'float' or 'bf16', got {weights!r}")
+    if span != 1 and not bf16:
+        raise ValueError("span is for the bf16 kernels")
+    if span < 1 or span & (span - 1):
+        raise ValueError(f"span must be a power of two, got {span}")
 
     def typer(args):
         if len(args) != 2 * rows + 5 or not isinstance(args[-1], types.Float):
@@ -78,6 +232,8 @@ def _make_gemm(rows, first, ntiles, start, weights="float"):
         if bf16 and marker.bitwidth != 32:
             return None
         sig = types.none(*args)
+        if bf16:
+            return sig, _pairs_codegen(rows, range(first, first + ntiles), start, span)
 
         def codegen(context, builder, signature, llargs):
             fty = _float_ir(marker)
@@ -88,13 +244,7 @@ def _make_gemm(rows, first, ntiles, start, weights="float"):
                                                                   name)
             c_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[:rows]]
             a_ptrs = [builder.inttoptr(a, fty.as_pointer()) for a in llargs[rows : 2 * rows]]
-            if bf16:
-                i32v = ir.VectorType(ir.IntType(32), TILE)
-                wty = ir.VectorType(ir.IntType(16), TILE)  # 16 bfloat16 bit patterns
-                w_ptr = builder.inttoptr(llargs[2 * rows], ir.IntType(16).as_pointer())
-                shift = ir.Constant(i32v, [16] * TILE)
-            else:
-                w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
+            w_ptr = builder.inttoptr(llargs[2 * rows], fty.as_pointer())
             bias_ptr = builder.inttoptr(llargs[2 * rows + 1], fty.as_pointer())
             k_n, n_groups = llargs[2 * rows + 2], llargs[2 * rows + 3]
             zero64 = ir.Constant(i64, 0)
@@ -146,12 +296,7 @@ def _make_gemm(rows, first, ntiles, start, weights="float"):
                 for q in range(len(slots)):
                     acc[m][q].add_incoming(init[m][q], loaded)
             k_off = builder.mul(k, ir.Constant(i64, GROUP * TILE))
-            if bf16:  # bfloat16 is the top half of a float32: widening is exact
-                bits = [builder.load(builder.bitcast(builder.gep(w_ptr, [builder.add(offset, k_off)]),
-                                                     wty.as_pointer()), align=2) for offset in w_offsets]
-                weights = [builder.bitcast(builder.shl(builder.zext(b, i32v), shift), vty) for b in bits]
-            else:
-                weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
+            weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
             new = []
             for m in range(rows):
                 x = builder.load(builder.gep(a_ptrs[m], [k]))
@@ -183,7 +328,7 @@ def _make_gemm(rows, first, ntiles, start, weights="float"):
         return sig, codegen
 
     # Numba's intrinsics take fixed parameters (a *args one would arrive packed as a tuple)
-    name = f"gemm_{rows}_{first}_{ntiles}_{start}" + ("_bf16" if bf16 else "")
+    name = f"gemm_{rows}_{first}_{ntiles}_{start}" + (f"_bf16_x{span}" if bf16 else "")
     names = [f"c{m}" for m in range(rows)] + [f"a{m}" for m in range(rows)] + ["w", "bias", "k", "n_groups",
                                                                                  "marker"]
     namespace = {"typer": typer}
@@ -199,8 +344,14 @@ recur1_all, recur4_all = _make_gemm(1, *GEMM_ALL, "zero"), _make_gemm(4, *GEMM_A
 recur1_zr, recur4_zr = _make_gemm(1, *GEMM_ZR, "zero"), _make_gemm(4, *GEMM_ZR, "zero")  # lbr=0: h R_zr^T
 recur1_n, recur4_n = _make_gemm(1, *GEMM_N, "zero"), _make_gemm(4, *GEMM_N, "zero")  # lbr=0: (r*h) R_n^T
 
-# the same products with bfloat16 weights (uint16 bit patterns) and float32 everything else
-project1_bf16, project4_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16"), _make_gemm(4, *GEMM_ALL, "bias", "bf16")
-recur1_all_bf16, recur4_all_bf16 = _make_gemm(1, *GEMM_ALL, "zero", "bf16"), _make_gemm(4, *GEMM_ALL, "zero", "bf16")
-recur1_zr_bf16, recur4_zr_bf16 = _make_gemm(1, *GEMM_ZR, "zero", "bf16"), _make_gemm(4, *GEMM_ZR, "zero", "bf16")
-recur1_n_bf16, recur4_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16"), _make_gemm(4, *GEMM_N, "zero", "bf16")
+# the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
+# SPAN_BF16 groups per pass: more independent fma chains than three (scripts/bf16_gemm.py measures it)
+SPAN_BF16 = 4
+project1_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16", SPAN_BF16)
+project4_bf16 = _make_gemm(4, *GEMM_ALL, "bias", "bf16")
+recur1_all_bf16 = _make_gemm(1, *GEMM_ALL, "zero", "bf16", SPAN_BF16)
+recur4_all_bf16 = _make_gemm(4, *GEMM_ALL, "zero", "bf16")
+recur1_zr_bf16 = _make_gemm(1, *GEMM_ZR, "zero", "bf16", SPAN_BF16)
+recur4_zr_bf16 = _make_gemm(4, *GEMM_ZR, "zero", "bf16")
+recur1_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16", SPAN_BF16)
+recur4_n_bf16 = _make_gemm(4, *GEMM_N, "zero", "bf16")

@@ -230,26 +230,30 @@ def _addr(row, col):
 
 def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
     """The micro-kernel of ``kind`` for ``rows`` rows (gru_fast._tiles), for weights stored as ``weights``'
-    type, ``w_offset`` elements past address ``w``.  Typed by ``weights``: float and bfloat16 models
-    each compile only their own kernels."""
+    type, ``w_offset`` weights past address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed
+    by ``weights``: float and bfloat16 models each compile only their own kernels."""
     raise NotImplementedError("call from a Numba kernel")
 
 
 @overload(_micro, jit_options=dict(JIT, inline="always"))
 def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
+    pairs = False
     if isinstance(weights, types.Float):
         itemsize = weights.bitwidth // 8
         p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1, project4, recur1_all, recur4_all, recur1_zr, recur4_zr,
                                                 recur1_n, recur4_n)
     elif weights == types.uint16:
-        itemsize = 2
+        pairs, itemsize = True, 4  # bfloat16 in k pairs (gru_fast._bf16.pack_bf16): 4-byte words
         p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1_bf16, project4_bf16, recur1_all_bf16, recur4_all_bf16,
                                                 recur1_zr_bf16, recur4_zr_bf16, recur1_n_bf16, recur4_n_bf16)
     else:
         return None
 
     def micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
-        at = w + w_offset * itemsize
+        if pairs:  # w_offset = 48 * u0 * k values: u0 groups of ceil(k / 2) rows of 48 words
+            at = w + (w_offset // k) * ((k + 1) // 2) * itemsize if k > 0 else w
+        else:
+            at = w + w_offset * itemsize
         if rows == 4:
             if kind == PROJECT:
                 p4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)

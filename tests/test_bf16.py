@@ -36,6 +36,8 @@ CASES = [  # (I, H, layers, bidirectional, T, B)
     (64, 256, 1, False, 100, 1),  # large enough for the split-step parallel mode
     (40, 128, 2, False, 50, 3),
     (128, 96, 1, True, 30, 8),
+    (7, 33, 2, True, 9, 5),  # odd K (layer 1 W: 7, R: 33), 4 + 1 rows
+    (63, 255, 1, False, 60, 1),  # odd K in the split-step parallel mode: threads start at later groups
 ]
 
 

@@ -3,13 +3,17 @@
 * Rounding: :func:`gru_fast._bf16.to_bf16` against PyTorch's ``tensor.to(torch.bfloat16)``, bit for bit,
   over random bit patterns of every exponent, ties (even and odd kept bit), subnormals, the largest
   finite values (which round to infinity), infinities and zeros; NaN stays NaN.
-* Kernels: every ``*_bf16`` kernel, with 1 and 4 rows, bias or zero start, random K (0 included) and
-  group counts, starting at a later group, against the float64 numpy product of the rounded weights
-  (``from_bf16`` widens exactly), within the error bound of a chain of K float32 fused multiply-adds:
-  ``(K + 1) * 2**-24 * (|s| + sum_k |a_k w_k|)`` per element.  The columns a kernel does not compute
+* Packing: :func:`gru_fast._bf16.pack_bf16` against the k-pair layout written out element by element
+  (word j of pair row p of group g: bfloat16 of W[2p, 48g + j] in the low half, of W[2p + 1, 48g + j]
+  in the high half, zero past an odd K), and the model's ``params`` hold the same words.
+* Kernels: every ``*_bf16`` kernel, with 1 and 4 rows, bias or zero start, even and odd K (0 and 1
+  included), odd and even group counts, starting at a later group, against the float64 numpy product
+  of the rounded weights (``from_bf16`` widens exactly), within the error bound of a chain of K float32
+  fused multiply-adds: ``(K + 1) * 2**-24 * (|s| + sum_k |a_k w_k|)`` per element.  Each input row is
+  followed by a NaN at a[K], which the kernels must not read.  The columns a kernel does not compute
   (n for the ``_zr`` kernels, z and r for the ``_n`` kernels) are left as they were.
 * Bit for bit: 4-row results equal 1-row results row by row, and the bf16 kernels equal the float32
-  kernels run on the widened weights (the widening is exact and the fma chain the same).
+  kernels run on the widened weights (the widening is exact and the fma chain the same, in k order).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ GROUP_COLS = 48
 
 @njit(cache=False)
 def _run_bf16(kind, rows, c, a, w, w_at, bias, k, n_groups):
-    """The bf16 kernel ``kind`` on ``rows`` (1 or 4) rows of c and a; w_at: weight element of the first group."""
+    """The bf16 kernel ``kind`` on ``rows`` (1 or 4) rows of c and a; w_at: word of w (uint32, k pairs)
+    where the first group starts."""
     m = np.float32(0)
     wp = w.ctypes.data + w_at * w.itemsize
     bp = bias.ctypes.data
@@ -85,16 +90,20 @@ def _run_float32(kind, rows, c, a, w, w_at, bias, k, n_groups):
             t.recur4_n(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
 
 
-def _case(seed):
-    """Random weights (3H, K) in ONNX gate order, 4 input rows, a bias row, a starting group."""
-    rng = np.random.default_rng(seed)
-    k = int(rng.choice([0, 1, 2, 7, 16, 33, 100, 257]))
-    hidden = int(rng.integers(1, 80))  # padded to whole groups of 16 units
+KS = [0, 1, 2, 3, 7, 16, 33, 100, 257]  # odd K: the last pair has no row K
+
+
+def _case(kind, k):
+    """Random weights (3H, K) in ONNX gate order, 4 input rows, a bias row, a starting group and a group
+    count: 1 to 2 * SPAN_BF16 - 1 groups (the one-row kernels take SPAN_BF16 groups at a time, then
+    half as many, ..., one: every mix of those passes)."""
+    rng = np.random.default_rng(100 * k + kind)
+    n_groups = 1 + (KS.index(k) + 3 * kind) % (2 * t.SPAN_BF16 - 1)
+    u0 = int(rng.integers(0, 3))
+    n_total = u0 + n_groups + int(rng.integers(0, 2))
+    hidden = 16 * n_total - int(rng.integers(0, 16))  # padded to whole groups of 16 units
     m = rng.standard_normal((3 * hidden, k)).astype(np.float32) * np.float32(rng.choice([1e-3, 1.0, 30.0]))
     a = rng.standard_normal((4, k)).astype(np.float32)
-    n_total = -(-hidden // 16)
-    u0 = int(rng.integers(0, n_total))
-    n_groups = int(rng.integers(1, n_total - u0 + 1))
     bias = rng.standard_normal(48 * n_total).astype(np.float32)
     return m, a, bias, hidden, u0, n_groups
 
@@ -115,17 +124,21 @@ SENTINEL = np.float32(-12345.5)
 
 
 def _call(run, kind, rows, a, w, bias, k, u0, n_groups):
+    """``run`` into fresh rows of SENTINEL, outputs, bias and weights positioned at group u0: a group is
+    K rows of 48 floats, or ceil(K/2) rows of 48 words (bfloat16 k pairs).  Each row of ``a`` is passed
+    with a NaN after its K values."""
     c = np.full((rows, bias.size), SENTINEL, np.float32)
-    # outputs and bias positioned at group u0, as gru_fast.kernels._gemm positions them
-    run(kind, rows, c[:, 48 * u0 :], a[:rows], w, 48 * u0 * k, bias[48 * u0 :], k, n_groups)
+    padded = np.full((rows, k + 1), np.nan, np.float32)
+    padded[:, :k] = a[:rows]
+    group = 48 * (k if w.dtype == np.float32 else -(-k // 2))
+    run(kind, rows, c[:, 48 * u0 :], padded, w, group * u0, bias[48 * u0 :], k, n_groups)
     return c
 
 
 @pytest.mark.parametrize("kind", [PROJECT, RECUR, RECUR_ZR, RECUR_N], ids=["project", "all", "zr", "n"])
-@pytest.mark.parametrize("seed", range(6))
-def test_bf16_kernels_match_float64_product_of_rounded_weights(kind, seed):
-    m, a, bias, hidden, u0, n_groups = _case(seed * 10 + kind)
-    k = m.shape[1]
+@pytest.mark.parametrize("k", KS)
+def test_bf16_kernels_match_float64_product_of_rounded_weights(kind, k):
+    m, a, bias, hidden, u0, n_groups = _case(kind, k)
     w = pack_bf16(m, hidden)
     wide = _dense(from_bf16(to_bf16(m)).astype(np.float64), hidden)
     s = bias.astype(np.float64) if kind == PROJECT else np.zeros(bias.size)
@@ -146,10 +159,52 @@ def test_bf16_kernels_match_float64_product_of_rounded_weights(kind, seed):
         np.testing.assert_array_equal(one[0], four[row])
 
     # the float32 kernels on the widened weights: the same bits
-    w32 = np.zeros(w.size, np.float32)
+    w32 = np.zeros(bias.size // 48 * k * 48, np.float32)
     if k:
         _pack_into(w32, from_bf16(to_bf16(m)), hidden)
     np.testing.assert_array_equal(_call(_run_float32, kind, 4, a, w32, bias, k, u0, n_groups), four)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_pack_bf16_writes_k_pairs(k):
+    hidden = 20  # two groups, the second with 12 padded units
+    rng = np.random.default_rng(k)
+    m = rng.standard_normal((3 * hidden, k)).astype(np.float32)
+    bits = to_bf16(m).astype(np.uint32)
+    dense = np.zeros((k, 96), np.uint32)  # (K, 48 * groups) bit patterns, column 48g + 16q + j
+    for q in range(3):
+        for unit in range(hidden):
+            g, j = divmod(unit, 16)
+            dense[:, 48 * g + 16 * q + j] = bits[q * hidden + unit]
+    pairs = -(-k // 2)
+    want = np.zeros((2, pairs, 48), np.uint32)
+    for g in range(2):
+        for p in range(pairs):
+            for j in range(48):
+                high = dense[2 * p + 1, 48 * g + j] if 2 * p + 1 < k else 0
+                want[g, p, j] = dense[2 * p, 48 * g + j] | high << 16
+    packed = pack_bf16(m, hidden)
+    assert packed.dtype == np.uint32
+    np.testing.assert_array_equal(packed, want.ravel())
+
+
+def test_model_params_hold_the_k_pairs():
+    import gru_fast
+    from gru_fast._layout import META_OFFSETS, OFFSET_R, OFFSET_W
+
+    rng = np.random.default_rng(3)
+    I, H = 5, 20  # odd K for W, even for R
+    W = rng.standard_normal((1, 3 * H, I)).astype(np.float32)
+    R = rng.standard_normal((1, 3 * H, H)).astype(np.float32)
+    bf = gru_fast.GRU([(W, R, None)]).with_weights("bfloat16")
+    params, meta = bf._params, bf._meta
+    # header 16, W: 2 groups * 3 pair rows * 48 words, R: 2 * 10 * 48, b_x: 96, b_hn: 32 (all 64-byte multiples)
+    assert params.size == 16 + 288 + 960 + 96 + 32
+    for slot, K, m in ((OFFSET_W, I, W[0]), (OFFSET_R, H, R[0])):
+        start = meta[META_OFFSETS + slot]
+        want = pack_bf16(m, H)
+        assert want.size == 2 * 48 * -(-K // 2)  # two groups of ceil(K/2) rows of 48 words
+        np.testing.assert_array_equal(params[start : start + want.size].view(np.uint32), want)
 
 
 def test_bf16_kernels_refuse_float64_state():

@@ -29,9 +29,8 @@ pin these functions: with them a float32 model stays within 1e-5 of
 ``torch.nn.GRU``; ``tests/test_math.py`` measures them against float64 libm
 directly.
 
-:func:`activate` applies one of the ONNX RNN activations (codes from
-:mod:`gru_fast.activations`) to a slice in place, with the branch on the code
-outside the loop so each case vectorises.
+:func:`activation` is one of the ONNX RNN activations (codes from
+:mod:`gru_fast.activations`) of one value, :func:`clipped` ONNX's clip.
 """
 
 from __future__ import annotations
@@ -148,64 +147,54 @@ def sigmoid(x):
     return one / (one + exp(-x))
 
 
+@njit(**JIT, inline="always")
+def clipped(x, clip):
+    """x clamped to [-clip, clip] (ONNX ``clip``; 0 means none).  NaN passes through."""
+    if clip > 0:
+        x = clip if x > clip else x
+        x = -clip if x < -clip else x
+    return x
+
+
 @kernel
 def clip_range(v, clip):
-    """Clamp v in place to [-clip, clip] (ONNX ``clip``; 0 means none).  NaN passes through."""
-    if clip > 0:
-        for i in range(v.size):
-            x = v[i]
-            x = clip if x > clip else x
-            v[i] = -clip if x < -clip else x
+    """Clamp v in place to [-clip, clip] (:func:`clipped` of each value).  The kernels clip value by value;
+    this array form is the smallest gru_fast kernel a Python caller can run, which the cache tests use."""
+    for i in range(v.size):
+        v[i] = clipped(v[i], clip)
 
 
-@kernel
-def activate(v, code, alpha, beta):
-    """Apply activation ``code`` in place to v (ONNX RNN definitions, see the module docstring).
+@njit(**JIT, inline="always")
+def activation(x, code, alpha, beta):
+    """ONNX RNN activation ``code`` of one value (see the module docstring).
 
-    ``alpha`` and ``beta`` have the dtype of ``v``, so every constant below is typed from them.
+    ``alpha`` and ``beta`` have the dtype of ``x``, so every constant below is typed from them.  In a loop
+    over lanes the branch on ``code`` is taken per value: the kernels use it for activations other than
+    sigmoid and tanh, which they call directly (see gru_fast.kernels, the cell).
     """
     zero = like(alpha, 0.0)
     one = like(alpha, 1.0)
-    n = v.size
     if code == SIGMOID:
-        for i in range(n):
-            v[i] = sigmoid(v[i])
-    elif code == TANH:
-        for i in range(n):
-            v[i] = tanh(v[i])
-    elif code == RELU:
-        for i in range(n):
-            x = v[i]
-            v[i] = zero if x < zero else x
-    elif code == HARD_SIGMOID:
-        for i in range(n):
-            x = alpha * v[i] + beta
-            x = zero if x < zero else x
-            v[i] = one if x > one else x
-    elif code == LEAKY_RELU:
-        for i in range(n):
-            x = v[i]
-            v[i] = alpha * x if x < zero else x
-    elif code == THRESHOLDED_RELU:
-        for i in range(n):
-            x = v[i]
-            v[i] = zero if x < alpha else x
-    elif code == SCALED_TANH:
-        for i in range(n):
-            v[i] = alpha * tanh(beta * v[i])
-    elif code == AFFINE:
-        for i in range(n):
-            v[i] = alpha * v[i] + beta
-    elif code == ELU:
-        for i in range(n):
-            x = v[i]
-            v[i] = alpha * (exp(x) - one) if x < zero else x
-    elif code == SOFTSIGN:
-        for i in range(n):
-            x = v[i]
-            v[i] = x / (one + abs(x))
-    elif code == SOFTPLUS:
-        for i in range(n):
-            # log(1 + e^x) without overflow for large x; libm (a rare activation, not the fast path)
-            x = v[i]
-            v[i] = x + np.log1p(np.exp(-x)) if x > zero else np.log1p(np.exp(x))
+        return sigmoid(x)
+    if code == TANH:
+        return tanh(x)
+    if code == RELU:
+        return zero if x < zero else x
+    if code == HARD_SIGMOID:
+        y = alpha * x + beta
+        y = zero if y < zero else y
+        return one if y > one else y
+    if code == LEAKY_RELU:
+        return alpha * x if x < zero else x
+    if code == THRESHOLDED_RELU:
+        return zero if x < alpha else x
+    if code == SCALED_TANH:
+        return alpha * tanh(beta * x)
+    if code == AFFINE:
+        return alpha * x + beta
+    if code == ELU:
+        return alpha * (exp(x) - one) if x < zero else x
+    if code == SOFTSIGN:
+        return x / (one + abs(x))
+    # SOFTPLUS: log(1 + e^x) without overflow for large x; libm (a rare activation, not the fast path)
+    return x + np.log1p(np.exp(-x)) if x > zero else np.log1p(np.exp(x))

@@ -405,9 +405,11 @@ def run(model: KernelModel, operands: Operands) -> None:
     if plan.parallel and not PARALLEL.acquire(plan):
         PLANS.give(plan)
         plan = take_plan(model, steps, batch, 1)
-    start = perf_counter()
-    launch(model.weights, plan, kernel_args(model, operands, plan))
-    if pace is not None:
+    if pace is None:
+        launch(model.weights, plan, kernel_args(model, operands, plan))
+    else:
+        start = perf_counter()
+        launch(model.weights, plan, kernel_args(model, operands, plan))
         pace.record(plan.parallel, perf_counter() - start)
     PLANS.give(plan)
 

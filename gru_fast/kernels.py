@@ -9,10 +9,10 @@ gates ordered (z, r, n)::
     n  = g(x W_n^T + (r * h) R_n^T + Wb_n + Rb_n)    linear_before_reset = 0 (ONNX default)
     h' = (1 - z) * n + z * h
 
-with an optional clip of every pre-activation to [-clip, clip].  :func:`_gates_zr` and
-:func:`_new_state` are these equations, for one unit tile, for every activation, clip and
-linear_before_reset.  The parity tests (tests/test_parity_torch.py, tests/test_parity_onnx.py) pin
-the kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
+with an optional clip of every pre-activation to [-clip, clip].  :func:`_make_cell` writes these
+equations once, lane by lane for one unit tile; the cell is made for sigmoid and tanh, the GRU's own,
+and for any ONNX activation (:data:`_CELLS`).  The parity tests (tests/test_parity_torch.py,
+tests/test_parity_onnx.py) pin the kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
 Records
     The entry point (:data:`FORWARD`) takes plain integers (addresses and sizes: Numba's dispatcher
@@ -67,7 +67,7 @@ from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HID
                       META_LBR, META_OFFSETS, META_REVERSE, MODE_ROWS, MODE_SPLIT, OFFSET_BHN, OFFSET_BX,
                       OFFSET_R, OFFSET_W, OFFSETS_PER_BLOCK, PARAM_ACT, PARAM_CLIP, SYNC_DONE, SYNC_STOLEN, UNITS,
                       direction_offsets, padded_hidden, sync_slots, workspace_layout)
-from ._math import activate, clip_range, like
+from ._math import SIGMOID, TANH, activation, clipped, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
 from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_all, recur1_all_bf16, recur1_n,
                      recur1_n_bf16, recur1_zr, recur1_zr_bf16, recur4_all, recur4_all_bf16, recur4_n, recur4_n_bf16,
@@ -87,6 +87,7 @@ Config = namedtuple("Config", [
     "has_h0", "has_lengths",
     "mode", "chunks", "block_steps",
     "weights",  # a zero of the type W and R are stored in: the float type, or uint16 for bfloat16
+    "directions_at", "direction_size",  # where the directions' buffers start in the workspace, and their size
 ])
 """Sizes and choices of one call, fixed for its duration."""
 
@@ -140,11 +141,12 @@ def _records(markers, params_addr, n_params, meta_addr, x_addr, steps, batch, ba
     layers, directions, hidden = head[META_LAYERS], head[META_DIRECTIONS], head[META_HIDDEN]
     meta = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
     params = carray(pointer(params_addr, marker), (n_params,))
+    o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
+                                                                  block_steps)
     cfg = Config(layers, directions, hidden, padded_hidden(hidden), meta[META_INPUT], meta[META_LBR] != 0,
                  meta[META_REVERSE] != 0, params[PARAM_CLIP], steps, batch, 1 if batch_major else batch,
                  steps if batch_major else 1, h0_addr != 0, lengths_addr != 0, mode, chunks, block_steps,
-                 weights)
-    o_mid0, o_mid1, _, _, end = workspace_layout(steps, batch, hidden, directions, layers, block_steps)
+                 weights, o_dirs, per_direction)
     workspace = carray(pointer(ws_addr, marker), (end,))
     rows, width = steps * batch, directions * hidden
     state_shape = (layers * directions, batch, hidden)
@@ -164,7 +166,7 @@ def _mid(run, layer):
     return run.mid0 if layer % 2 == 0 else run.mid1
 
 
-@kernel
+@kernel(inline=True)
 def _layer(cfg, run, layer, d):
     """The Layer record of (layer, direction d)."""
     index = layer * cfg.directions + d
@@ -176,10 +178,8 @@ def _layer(cfg, run, layer, d):
     params, meta = run.params, run.meta
     o_bx, o_bhn = meta[offsets + OFFSET_BX], meta[offsets + OFFSET_BHN]
     hp = cfg.hidden_padded
-    _, _, o_dirs, per_direction, _ = workspace_layout(cfg.steps, cfg.batch, cfg.hidden, cfg.directions,
-                                                      cfg.layers, cfg.block_steps)
-    o_xp, o_hr, o_rh, o_state0, o_state1 = direction_offsets(o_dirs + d * per_direction, cfg.block_steps,
-                                                             cfg.batch, cfg.hidden)
+    o_xp, o_hr, o_rh, o_state0, o_state1 = direction_offsets(cfg.directions_at + d * cfg.direction_size,
+                                                             cfg.block_steps, cfg.batch, cfg.hidden)
     ws, batch = run.workspace, cfg.batch
     acts = PARAM_ACT + 4 * d
     return Layer(index, cfg.reverse or d == 1, seq_in, input_size, seq_out, d * cfg.hidden,
@@ -359,36 +359,97 @@ def _unit_tiles(row, u0, u1, width):
     return carray(pointer(start, row[0]), (u1 - u0, width, UNITS))  # row[0]: only its type is used
 
 
-@kernel(inline=True)
-def _activated(v, act, clip):
-    """v = act(clip(v)) in place (``act`` = (code, alpha, beta); the branch on the code is taken once per
-    16 lanes, so each activation's loop vectorises)."""
-    clip_range(v, clip)
-    activate(v, act[0], act[1], act[2])
+@njit(**JIT, inline="always")
+def _sigmoid(x, act):
+    return sigmoid(x)
 
 
-@kernel(inline=True)
-def _gates_zr(x3, hr3, u, f, clip):
-    """z and r of unit tile u, in place of its h R_zr^T in hr3: f(x W^T + b + h R^T).  Its z and r tiles
-    are 32 adjacent values, activated as one row."""
-    zr = carray(pointer(hr3[u, 0].ctypes.data, hr3[0, 0, 0]), (2 * UNITS,))
-    for j in range(UNITS):
-        zr[j] += x3[u, 0, j]
-        zr[UNITS + j] += x3[u, 1, j]
-    _activated(zr, f, clip)
+@njit(**JIT, inline="always")
+def _tanh(x, act):
+    return tanh(x)
 
 
-@kernel(inline=True)
-def _new_state(x3, hr3, b_hn3, h_prev3, h_new3, u, lbr, g, clip):
-    """h' of unit tile u, z and r in hr3 (see _gates_zr) and, in its n tile, h R_n^T (linear_before_reset=1)
-    or (r * h) R_n^T (linear_before_reset=0, where b_hn is 0 and r is already applied)."""
-    one = like(clip, 1.0)
-    z, r, n = hr3[u, 0], hr3[u, 1], hr3[u, 2]
-    for j in range(UNITS):
-        n[j] = x3[u, 2, j] + (r[j] if lbr else one) * (n[j] + b_hn3[u, 0, j])
-    _activated(n, g, clip)
-    for j in range(UNITS):
-        h_new3[u, 0, j] = (one - z[j]) * n[j] + z[j] * h_prev3[u, 0, j]
+@njit(**JIT, inline="always")
+def _any(x, act):
+    return activation(x, act[0], act[1], act[2])
+
+
+def _make_cell(f, g):
+    """The cell for activations ``f`` (z, r) and ``g`` (n), each ``(value, (code, alpha, beta)) -> value``:
+    the equations of the module docstring for one unit tile u, one lane at a time with every value in a
+    register and one store per lane, so each loop vectorises.  Made twice (:data:`_CELLS`): with sigmoid
+    and tanh called directly, the GRU's own; and with any ONNX activation chosen per value.
+
+    * ``whole``, linear_before_reset=1: hr3 holds h R^T of all three gates; writes h';
+    * ``reset``, linear_before_reset=0, before the n product: leaves z in hr3's z tile and r * h in rh3;
+    * ``update``, linear_before_reset=0, after it: hr3's n tile holds (r * h) R_n^T; writes h'.
+    """
+
+    @njit(**JIT, inline="always")
+    def gate(pre, act, clip):
+        return f(clipped(pre, clip), act)
+
+    @njit(**JIT, inline="always")
+    def candidate(pre, act, clip):
+        return g(clipped(pre, clip), act)
+
+    @njit(**JIT, inline="always")
+    def blend(z, n, h):
+        return (like(h, 1.0) - z) * n + z * h
+
+    @njit(**JIT, inline="always")
+    def whole(x3, hr3, b_hn3, h_prev3, h_new3, u, f_act, g_act, clip):
+        for j in range(UNITS):
+            z = gate(x3[u, 0, j] + hr3[u, 0, j], f_act, clip)
+            r = gate(x3[u, 1, j] + hr3[u, 1, j], f_act, clip)
+            n = candidate(x3[u, 2, j] + r * (hr3[u, 2, j] + b_hn3[u, 0, j]), g_act, clip)
+            h_new3[u, 0, j] = blend(z, n, h_prev3[u, 0, j])
+
+    @njit(**JIT, inline="always")
+    def reset(x3, hr3, h_prev3, rh3, u, f_act, clip):
+        for j in range(UNITS):
+            z = gate(x3[u, 0, j] + hr3[u, 0, j], f_act, clip)
+            r = gate(x3[u, 1, j] + hr3[u, 1, j], f_act, clip)
+            hr3[u, 0, j] = z
+            rh3[u, 0, j] = r * h_prev3[u, 0, j]
+
+    @njit(**JIT, inline="always")
+    def update(x3, hr3, h_prev3, h_new3, u, g_act, clip):
+        for j in range(UNITS):
+            n = candidate(x3[u, 2, j] + hr3[u, 2, j], g_act, clip)
+            h_new3[u, 0, j] = blend(hr3[u, 0, j], n, h_prev3[u, 0, j])
+
+    return whole, reset, update
+
+
+_CELLS = (_make_cell(_sigmoid, _tanh), _make_cell(_any, _any))
+(_whole_fast, _reset_fast, _update_fast), (_whole_any, _reset_any, _update_any) = _CELLS
+
+
+@kernel
+def _cell_rows(x_rows, hr, h_prev, h_new, rh, b_hn, b0, b1, u0, u1, part, f, g, clip):
+    """``part`` (0: whole, 1: reset, 2: update; see :func:`_make_cell`) of the cell for rows b0..b1 of
+    unit tiles u0..u1, the cell made for ``f`` and ``g`` (sigmoid and tanh, or any)."""
+    fast = f[0] == SIGMOID and g[0] == TANH
+    b_hn3 = _unit_tiles(b_hn, u0, u1, 1)
+    for b in range(b0, b1):
+        x3, hr3 = _unit_tiles(x_rows[b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
+        h_prev3, out3 = _unit_tiles(h_prev[b], u0, u1, 1), _unit_tiles((rh if part == 1 else h_new)[b], u0, u1, 1)
+        for u in range(u1 - u0):
+            if part == 0:
+                if fast:
+                    _whole_fast(x3, hr3, b_hn3, h_prev3, out3, u, f, g, clip)
+                else:
+                    _whole_any(x3, hr3, b_hn3, h_prev3, out3, u, f, g, clip)
+            elif part == 1:
+                if fast:
+                    _reset_fast(x3, hr3, h_prev3, out3, u, f, clip)
+                else:
+                    _reset_any(x3, hr3, h_prev3, out3, u, f, clip)
+            elif fast:
+                _update_fast(x3, hr3, h_prev3, out3, u, g, clip)
+            else:
+                _update_any(x3, hr3, h_prev3, out3, u, g, clip)
 
 
 # ---------------------------------------------------------------------------
@@ -429,30 +490,20 @@ def _advance(cfg, run, lv, s, b0, b1, u0, u1):
     else:
         _products(RECUR if cfg.lbr else RECUR_ZR, hr, run.h0[lv.index] if s == 0 else prev, b0, b1, lv.w_h,
                   cfg.hidden, u0, u1, cfg.weights)
-    base = (s - block_start) * cfg.batch
-    tiles = u1 - u0
-    for b in range(b0, b1):
-        x3, hr3 = _unit_tiles(lv.xp[base + b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
-        h_prev3, rh3 = _unit_tiles(prev[b], u0, u1, 1), _unit_tiles(lv.rh[b], u0, u1, 1)
-        for u in range(tiles):
-            _gates_zr(x3, hr3, u, lv.f, cfg.clip)
-            if not cfg.lbr:
-                for j in range(UNITS):
-                    rh3[u, 0, j] = hr3[u, 1, j] * h_prev3[u, 0, j]
-    if not cfg.lbr:  # whole rows only (u0 == 0): r * h must be complete before its product
+    x_rows = lv.xp[(s - block_start) * cfg.batch :]  # row b: the projected input of row b at step s
+    if cfg.lbr:
+        _cell_rows(x_rows, hr, prev, new, lv.rh, lv.b_hn, b0, b1, u0, u1, 0, lv.f, lv.g, cfg.clip)
+    else:  # whole rows only (u0 == 0): r * h must be complete before its product
+        _cell_rows(x_rows, hr, prev, new, lv.rh, lv.b_hn, b0, b1, u0, u1, 1, lv.f, lv.g, cfg.clip)
         _products(RECUR_N, hr, lv.rh, b0, b1, lv.w_h, cfg.hidden, u0, u1, cfg.weights)
-    b_hn3 = _unit_tiles(lv.b_hn, u0, u1, 1)
+        _cell_rows(x_rows, hr, prev, new, lv.rh, lv.b_hn, b0, b1, u0, u1, 2, lv.f, lv.g, cfg.clip)
     for b in range(b0, b1):
         n_valid = _length(cfg, run, b)
         if s >= n_valid:
             _copy(new[b], prev[b], lo, hi, lo)  # a finished sequence carries its state
-            continue
-        x3, hr3 = _unit_tiles(lv.xp[base + b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
-        h_prev3, h_new3 = _unit_tiles(prev[b], u0, u1, 1), _unit_tiles(new[b], u0, u1, 1)
-        for u in range(tiles):
-            _new_state(x3, hr3, b_hn3, h_prev3, h_new3, u, cfg.lbr, lv.g, cfg.clip)
-        _copy(lv.seq_out[_time_of(s, n_valid, lv.reverse) * cfg.step_stride + b * cfg.row_stride], new[b], lo, hi,
-              lv.column + lo)
+        else:
+            _copy(lv.seq_out[_time_of(s, n_valid, lv.reverse) * cfg.step_stride + b * cfg.row_stride], new[b], lo,
+                  hi, lv.column + lo)
     if s == cfg.steps - 1:
         for b in range(b0, b1):
             _copy(run.h_n[lv.index, b], new[b], lo, hi, lo)

@@ -75,6 +75,7 @@ from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_al
 
 __all__ = ["FORWARD", "WEIGHTS", "MODE_ROWS", "MODE_SPLIT"]
 
+WEIGHT_BLOCK_BYTES = 256 << 10  # weights a product over many rows keeps in the L2 cache at a time
 SPIN_PAUSES = 1024  # a waiting worker spins with ``pause`` (~40 ns each) this long, then yields its core
 
 Config = namedtuple("Config", [
@@ -300,19 +301,25 @@ def _four_of(n, i):
 @kernel
 def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
     """xp[(s - block_start) * B + b, tiles u0..u1] = x_row(s, b) @ W + b_x for steps s in
-    [block_start, block_end) and rows b in [b0, b1), four (step, row) pairs at a time."""
+    [block_start, block_end) and rows b in [b0, b1), four (step, row) pairs at a time, block by block of
+    unit tiles when there are more than four (see :func:`_products`)."""
     rows = b1 - b0
     n = (block_end - block_start) * rows
-    i = 0
-    while i < n:
-        count = 1 if n - i == 1 else 4
-        i0, i1, i2, i3 = _four_of(n, i)
-        c = (lv.xp[_xp_row(cfg, i0, b0, rows)], lv.xp[_xp_row(cfg, i1, b0, rows)],
-             lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
-        a = (_input_row(cfg, run, lv, i0, block_start, b0, rows), _input_row(cfg, run, lv, i1, block_start, b0, rows),
-             _input_row(cfg, run, lv, i2, block_start, b0, rows), _input_row(cfg, run, lv, i3, block_start, b0, rows))
-        _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, u0, u1, cfg.weights)
-        i += 4
+    block = u1 - u0 if n <= 4 else _group_block(lv.input_size, cfg.weights)
+    for g0 in range(u0, u1, block):
+        g1 = min(u1, g0 + block)
+        i = 0
+        while i < n:
+            count = 1 if n - i == 1 else 4
+            i0, i1, i2, i3 = _four_of(n, i)
+            c = (lv.xp[_xp_row(cfg, i0, b0, rows)], lv.xp[_xp_row(cfg, i1, b0, rows)],
+                 lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
+            a = (_input_row(cfg, run, lv, i0, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i1, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i2, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i3, block_start, b0, rows))
+            _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, g0, g1, cfg.weights)
+            i += 4
 
 
 @kernel(inline=True)
@@ -329,18 +336,42 @@ def _input_row(cfg, run, lv, i, block_start, b0, rows):
     return lv.seq_in[_time_of(s, _length(cfg, run, b), lv.reverse) * cfg.step_stride + b * cfg.row_stride]
 
 
+def _weight_bytes(weights):
+    """Bytes per stored weight of ``weights``' type (bfloat16 pairs: 2)."""
+    raise NotImplementedError("call from a Numba kernel")
+
+
+@overload(_weight_bytes, jit_options=dict(JIT, inline="always"))
+def _weight_bytes_overload(weights):
+    size = 2 if weights == types.uint16 else weights.bitwidth // 8
+    return lambda weights: size
+
+
+@kernel(inline=True)
+def _group_block(k, weights):
+    """Unit tiles whose weights (k rows of 48 each) fit in WEIGHT_BLOCK_BYTES: a product over more rows
+    than one pass takes runs block by block, so the rows' passes reuse a block from the L2 cache instead
+    of streaming all the weights again per four rows (an H=512 R is 3 MiB)."""
+    return max(1, WEIGHT_BLOCK_BYTES // max(1, k * GROUP_COLUMNS * _weight_bytes(weights)))
+
+
 @kernel
 def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
     """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
-    (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone)."""
-    b = b0
-    while b < b1:
-        count = 1 if b1 - b == 1 else 4
-        i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
-        r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
-        _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]), (rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3]),
-              w, hr[r0], k, u0, u1, weights)
-        b += 4
+    (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone).  Over more
+    than four rows, block by block of unit tiles (:func:`_group_block`); every output element is the same
+    chain of multiply-adds either way."""
+    block = u1 - u0 if b1 - b0 <= 4 else _group_block(k, weights)
+    for g0 in range(u0, u1, block):
+        g1 = min(u1, g0 + block)
+        b = b0
+        while b < b1:
+            count = 1 if b1 - b == 1 else 4
+            i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
+            r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
+            _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]),
+                  (rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3]), w, hr[r0], k, g0, g1, weights)
+            b += 4
 
 
 # ---------------------------------------------------------------------------

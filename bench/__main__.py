@@ -61,7 +61,7 @@ def _parse(argv):
                              "(default 30)")
     parser.add_argument("--out-dir", default="bench/results", help="where report files go")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke-test run, under a minute on a quiet machine: no B=256 case, no isolated-engine "
+                        help="smoke-test run, about two minutes on a quiet machine: no B=256 case, no isolated-engine "
                              "table, no empty-kernel-cache rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweep")

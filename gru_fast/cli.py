@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the installed peers, written to bench/results/report*.{md,json,png}.",
         epilog="Needs a source checkout (exit 2 otherwise). The exit code is the harness's.")
     bench.add_argument("--quick", action="store_true",
-                       help="smoke-test run, under a minute on a quiet machine (no B=256 case, no isolated-engine "
+                       help="smoke-test run, about two minutes on a quiet machine (no B=256 case, no isolated-engine "
                             "table, no empty-kernel-cache rows: those are the full run's)")
     bench.add_argument("--cases", nargs="+", metavar="NAME", help="cases to run (default: all)")
     bench.add_argument("--out-dir", metavar="DIR", help="where the report goes (default bench/results)")

@@ -31,63 +31,45 @@ TILES = {PROJECT: (0, 1, 2), RECUR: (0, 1, 2), RECUR_ZR: (0, 1), RECUR_N: (2,)} 
 GROUP_COLS = 48
 
 
-@njit(cache=False)
-def _run_bf16(kind, rows, c, a, w, w_at, bias, k, n_groups):
-    """The bf16 kernel ``kind`` on ``rows`` (1 or 4) rows of c and a; w_at: word of w (uint32, k pairs)
-    where the first group starts."""
-    m = np.float32(0)
-    wp = w.ctypes.data + w_at * w.itemsize
-    bp = bias.ctypes.data
-    if rows == 1:
-        c0, a0 = c[0].ctypes.data, a[0].ctypes.data
-        if kind == 0:
-            t.project1_bf16(c0, a0, wp, bp, k, n_groups, m)
-        elif kind == 1:
-            t.recur1_all_bf16(c0, a0, wp, bp, k, n_groups, m)
-        elif kind == 2:
-            t.recur1_zr_bf16(c0, a0, wp, bp, k, n_groups, m)
+def _make_runner(p1, all1, zr1, n1, p4, all4, zr4, n4):
+    """A jitted runner of one family of kernels (by ``kind``: project, recur all, z and r, n) on ``rows``
+    (1 or 4) rows of c and a; w_at: the element of w (float32, or uint32 words of bf16 k pairs) where the
+    first group starts."""
+
+    @njit(cache=False)
+    def run(kind, rows, c, a, w, w_at, bias, k, n_groups):
+        m = np.float32(0)
+        wp = w.ctypes.data + w_at * w.itemsize
+        bp = bias.ctypes.data
+        if rows == 1:
+            c0, a0 = c[0].ctypes.data, a[0].ctypes.data
+            if kind == 0:
+                p1(c0, a0, wp, bp, k, n_groups, m)
+            elif kind == 1:
+                all1(c0, a0, wp, bp, k, n_groups, m)
+            elif kind == 2:
+                zr1(c0, a0, wp, bp, k, n_groups, m)
+            else:
+                n1(c0, a0, wp, bp, k, n_groups, m)
         else:
-            t.recur1_n_bf16(c0, a0, wp, bp, k, n_groups, m)
-    else:
-        c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
-        a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
-        if kind == 0:
-            t.project4_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        elif kind == 1:
-            t.recur4_all_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        elif kind == 2:
-            t.recur4_zr_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        else:
-            t.recur4_n_bf16(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+            c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
+            a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
+            if kind == 0:
+                p4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+            elif kind == 1:
+                all4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+            elif kind == 2:
+                zr4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+            else:
+                n4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+
+    return run
 
 
-@njit(cache=False)
-def _run_float32(kind, rows, c, a, w, w_at, bias, k, n_groups):
-    """The float32 kernel ``kind``, arguments as :func:`_run_bf16` (w float32)."""
-    m = np.float32(0)
-    wp = w.ctypes.data + w_at * w.itemsize
-    bp = bias.ctypes.data
-    if rows == 1:
-        c0, a0 = c[0].ctypes.data, a[0].ctypes.data
-        if kind == 0:
-            t.project1(c0, a0, wp, bp, k, n_groups, m)
-        elif kind == 1:
-            t.recur1_all(c0, a0, wp, bp, k, n_groups, m)
-        elif kind == 2:
-            t.recur1_zr(c0, a0, wp, bp, k, n_groups, m)
-        else:
-            t.recur1_n(c0, a0, wp, bp, k, n_groups, m)
-    else:
-        c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
-        a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
-        if kind == 0:
-            t.project4(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        elif kind == 1:
-            t.recur4_all(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        elif kind == 2:
-            t.recur4_zr(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
-        else:
-            t.recur4_n(c0, c1, c2, c3, a0, a1, a2, a3, wp, bp, k, n_groups, m)
+_run_bf16 = _make_runner(t.project1_bf16, t.recur1_all_bf16, t.recur1_zr_bf16, t.recur1_n_bf16, t.project4_bf16,
+                         t.recur4_all_bf16, t.recur4_zr_bf16, t.recur4_n_bf16)
+_run_float32 = _make_runner(t.project1, t.recur1_all, t.recur1_zr, t.recur1_n, t.project4, t.recur4_all,
+                            t.recur4_zr, t.recur4_n)
 
 
 KS = [0, 1, 2, 3, 7, 16, 33, 100, 257]  # odd K: the last pair has no row K

@@ -404,7 +404,7 @@ def _tanh(x, act):
 def _any(x, act):
     """Any ONNX activation of one value: compiled once and called per value.  Inlined, its eleven cases at
     every use in the cell cost LLVM several seconds of compile; activations other than sigmoid and tanh
-    are rare (Keras 2's hard sigmoid is the common one), and run about 1.5x slower this way."""
+    are rare (Keras 2's hard sigmoid is the common one), and run about 1.6x slower this way."""
     return activation(x, act[0], act[1], act[2])
 
 

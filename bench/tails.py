@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import os
 import random
 import subprocess
@@ -29,7 +28,7 @@ import time
 
 import numpy as np
 
-from gru_fast.peers import CpuMeter
+from gru_fast.peers import CpuMeter, timing
 
 from .cases import CASE_BY_NAME, make_problem
 from .engines import ENGINE_LABELS, Artifacts, build_engines, with_threads
@@ -178,27 +177,19 @@ def time_calls(runner, calls: int, max_seconds: float | None = None, warm: bool 
     """Nanoseconds of each of ``calls`` calls of ``runner`` (with ``warm``, one untimed call first wakes its
     thread pool; the garbage collector is off meanwhile) -> int64 array.  With ``max_seconds``, the calls
     stop after the first one that ends past that long: the array is then shorter."""
-    call, clock = runner.call, time.perf_counter_ns
+    clock = time.perf_counter_ns
     samples = np.empty(calls, np.int64)
     done = calls
-    with runner.context():
-        if warm:
+    with timing(runner, warm) as call:
+        deadline = None if max_seconds is None else clock() + int(max_seconds * 1e9)
+        for i in range(calls):
+            start = clock()
             call()
-        gc_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            deadline = None if max_seconds is None else clock() + int(max_seconds * 1e9)
-            for i in range(calls):
-                start = clock()
-                call()
-                end = clock()
-                samples[i] = end - start
-                if deadline is not None and end > deadline:
-                    done = i + 1
-                    break
-        finally:
-            if gc_enabled:
-                gc.enable()
+            end = clock()
+            samples[i] = end - start
+            if deadline is not None and end > deadline:
+                done = i + 1
+                break
     return samples[:done]
 
 

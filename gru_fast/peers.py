@@ -57,7 +57,8 @@ __all__ = [
     "CpuMeter", "GruFastSequence", "GruFastStream", "OpenVinoSequence", "OpenVinoStream", "OrtSequence", "OrtStream",
     "Runner", "ThreadPinned", "Timing", "TorchSequence", "TorchStream", "build_runner", "busy_warning",
     "calibrate", "limit_threads", "missing_reason", "onnx_gru", "openvino_config", "ort_session", "ov_compile",
-    "quiet_rounds", "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "torch_gru",
+    "quiet_rounds", "seconds_per_call", "thread_limit", "threadpool_summary", "time_interleaved", "timing",
+    "torch_gru",
 ]
 
 #: threads per engine unless told otherwise
@@ -662,9 +663,11 @@ def busy_warning(share: float, detail: str = "") -> str:
 # timing
 # --------------------------------------------------------------------------------------------------
 
-def seconds_per_call(runner, calls: int, warm: bool = True) -> float:
-    """Seconds per call of a batch of ``calls`` calls (after one untimed call that wakes this engine's
-    thread pool, when ``warm``), with the garbage collector off.  ``runner`` has ``call`` and ``context()``."""
+@contextlib.contextmanager
+def timing(runner, warm: bool = True):
+    """``with timing(runner) as call:`` -- ``runner.call`` inside the runner's context, after one untimed
+    call that wakes its engine's thread pool (when ``warm``), with the garbage collector off until the
+    block ends.  ``runner`` has ``call`` and ``context()``."""
     call = runner.call
     with runner.context():
         if warm:
@@ -672,13 +675,19 @@ def seconds_per_call(runner, calls: int, warm: bool = True) -> float:
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            start = time.perf_counter()
-            for _ in range(calls):
-                call()
-            elapsed = time.perf_counter() - start
+            yield call
         finally:
             if gc_enabled:
                 gc.enable()
+
+
+def seconds_per_call(runner, calls: int, warm: bool = True) -> float:
+    """Seconds per call of a batch of ``calls`` calls, timed as :func:`timing` sets them up."""
+    with timing(runner, warm) as call:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        elapsed = time.perf_counter() - start
     return elapsed / calls
 
 

@@ -36,8 +36,12 @@ from numba.extending import register_jitable
 from ._bf16 import pair_words, to_bf16
 from ._tiles import GROUP, TILE
 
-__all__ = ["UNITS", "GROUP_COLUMNS", "ALIGN", "padded", "padded_hidden", "meta_size", "params_size", "pack",
+__all__ = ["WEIGHTS", "UNITS", "GROUP_COLUMNS", "ALIGN", "padded", "padded_hidden", "meta_size", "params_size", "pack",
            "pack_into", "build_nbytes", "aligned_zeros", "workspace_layout", "direction_offsets", "sync_slots"]
+
+WEIGHTS = ("float32", "float64", "bfloat16")
+"""How a model's W and R can be stored: float32 or float64 (the model's dtype), or bfloat16 (float32
+arithmetic; :func:`pack` with ``bf16``)."""
 
 UNITS = TILE  # hidden units per unit tile
 GROUP_COLUMNS = GROUP * TILE  # columns per unit tile: z, r and n of its 16 units

@@ -66,7 +66,7 @@ from ._jit import kernel
 from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HIDDEN, META_INPUT, META_LAYERS,
                       META_LBR, META_OFFSETS, META_REVERSE, MODE_ROWS, MODE_SPLIT, OFFSET_BHN, OFFSET_BX,
                       OFFSET_R, OFFSET_W, OFFSETS_PER_BLOCK, PARAM_ACT, PARAM_CLIP, SYNC_DONE, SYNC_STOLEN, UNITS,
-                      direction_offsets, padded_hidden, sync_slots, workspace_layout)
+                      WEIGHTS, direction_offsets, padded_hidden, sync_slots, workspace_layout)
 from ._math import SIGMOID, TANH, activation, clipped, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
 from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_all, recur1_all_bf16, recur1_n,
@@ -649,8 +649,8 @@ def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
 
 
 @kernel
-def _worker(w, marker, weights, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-            y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
+def _worker(w, marker, weights, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
+            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
     """Worker w's whole share of a parallel call.  The records are built here, inside the parallel loop's
     body: Numba's parfor passes cannot take them into the loop, nor analyse this function inlined there."""
     cfg, run = _records((marker, weights), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
@@ -692,8 +692,6 @@ def _make_forward(parallel, weights):
     return njit(**(PARALLEL_JIT if parallel else JIT))(forward)
 
 
-WEIGHTS = ("float32", "float64", "bfloat16")
-"""How a model's W and R can be stored: float32 or float64 (the model's dtype), or bfloat16 (float32
-arithmetic)."""
-FORWARD = {(weights, parallel): _make_forward(parallel, weights) for weights in WEIGHTS for parallel in (False, True)}
+FORWARD = {(weights, parallel): _make_forward(parallel, weights)
+           for weights in WEIGHTS for parallel in (False, True)}
 """The forward entry points by (weights, parallel)."""

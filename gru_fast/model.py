@@ -28,7 +28,6 @@ __all__ = ["GRU", "Stream", "BoundCall", "BoundStep"]
 
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
-_WEIGHTS = ("float32", "float64", "bfloat16")  # how W and R can be stored (GRU.with_weights)
 
 
 def _as_dtype(dtype) -> np.dtype:
@@ -224,8 +223,8 @@ class GRU:
         """A new model whose W and R are stored as ``weights``: "bfloat16" (float32 arithmetic, see the
         class's ``weights``), or "float32" / "float64" (W and R in that dtype, which the model then
         computes in).  A model made from a bfloat16 one keeps the rounded values: rounding is not undone."""
-        if not isinstance(weights, str) or weights not in _WEIGHTS:
-            raise ValueError(f"weights must be one of {', '.join(map(repr, _WEIGHTS))}, got {weights!r}")
+        if not isinstance(weights, str) or weights not in _layout.WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(map(repr, _layout.WEIGHTS))}, got {weights!r}")
         config = dict(self._config(), dtype="float32" if weights == "bfloat16" else weights)
         config.pop("weights", None)
         return GRU(self._weights, **config, weights="bfloat16" if weights == "bfloat16" else None)

@@ -285,10 +285,11 @@ def check_zip_sizes(stream, path, size: int, max_bytes: int, *, npy_headers: boo
 
 
 def build_charge(input_size: int, hidden_size: int, num_layers: int, num_directions: int,
-                 dtype) -> tuple[int, str]:
+                 dtype, weights: str | None = None) -> tuple[int, str]:
     """(bytes, what they are) that building the engine's model of these sizes from a file's weights
     allocates: the copy of the weights and their packed layout, hidden units padded to 16-unit tiles
-    (:func:`gru_fast.model.build_nbytes`).  ``dtype`` is the model's (a name, a numpy dtype or type).
+    (:func:`gru_fast.model.build_nbytes`).  ``dtype`` is the model's (a name, a numpy dtype or type),
+    ``weights`` how it stores W and R ("bfloat16", or None for its dtype).
 
     A size below 1 charges 0: such weights are malformed, and the GRU's shape checks refuse them before
     they copy or pack anything."""
@@ -298,16 +299,16 @@ def build_charge(input_size: int, hidden_size: int, num_layers: int, num_directi
             f"{hidden_size} padded to 16-unit tiles)")
     if min(input_size, hidden_size, num_layers, num_directions) < 1:
         return 0, what
-    return model.build_nbytes(input_size, hidden_size, num_layers, num_directions, dtype), what
+    return model.build_nbytes(input_size, hidden_size, num_layers, num_directions, dtype, weights), what
 
 
 def check_build(what: str, held: int, held_for: str, max_bytes: int, input_size: int, hidden_size: int,
-                num_layers: int, num_directions: int, dtype) -> int:
+                num_layers: int, num_directions: int, dtype, weights: str | None = None) -> int:
     """Refuse, before the weights are read or converted, a model whose build (:func:`build_charge`) does
     not fit in ``max_bytes`` beside the ``held`` bytes a loader already holds (``held_for`` says what
     they are).  ValueError naming ``what`` is loaded, the bytes it needs, what they are, and the cap.
     Returns the build's bytes."""
-    build, built = build_charge(input_size, hidden_size, num_layers, num_directions, dtype)
+    build, built = build_charge(input_size, hidden_size, num_layers, num_directions, dtype, weights)
     if held + build > max_bytes:
         raise ValueError(f"{what} needs {held + build} bytes ({held} for {held_for}, {build} for {built}), "
                          f"over the memory cap max_bytes={max_bytes}; pass a larger max_bytes if the model is "

@@ -211,7 +211,7 @@ def build_nbytes(input_size: int, hidden_size: int, num_layers: int, num_directi
     params = params_size(I, H, L, D, bf16)
     meta = meta_size(L, D) * 8
     if bf16:  # to_bf16's rounded copy of the largest matrix and its temporaries, while it is packed
-        largest += 4 * largest * itemsize
+        largest += 3 * largest * itemsize
     small = 16 * H * itemsize + (64 << 10)  # pack's bias rows; the model's Python objects
     return (weights + params) * itemsize + largest + 64 + meta + small
 

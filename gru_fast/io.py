@@ -137,7 +137,7 @@ def _check_build(path, config: dict, headers: dict, held: int, max_bytes: int) -
     directions = 2 if config["direction"] == "bidirectional" else 1
     dtype = "float64" if config["dtype"] == "float64" else "float32"  # another name: GRU refuses it first
     check_build(f"loading {path}", held, "the file's arrays", max_bytes, input_size, hidden_size,
-                config["num_layers"], directions, dtype)
+                config["num_layers"], directions, dtype, config.get("weights"))
 
 
 def _check_config(config) -> dict:

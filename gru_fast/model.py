@@ -51,11 +51,13 @@ def _as_weights(weights, dtype: np.dtype) -> str:
 
 
 def build_nbytes(input_size: int, hidden_size: int, num_layers: int = 1, num_directions: int = 1,
-                 dtype="float32") -> int:
+                 dtype="float32", weights: str | None = None) -> int:
     """Bytes that building a :class:`GRU` of this shape allocates at its peak, beyond the caller's arrays
     (:func:`gru_fast._layout.build_nbytes`).  A loader charges this against its ``max_bytes`` before it
     reads the weights (see :func:`gru_fast.load`)."""
-    return _layout.build_nbytes(input_size, hidden_size, num_layers, num_directions, _as_dtype(dtype).itemsize)
+    bf16 = _as_weights(weights, _as_dtype(dtype)) == "bfloat16"
+    return _layout.build_nbytes(input_size, hidden_size, num_layers, num_directions, _as_dtype(dtype).itemsize,
+                                bf16)
 
 
 class GRU:

@@ -121,27 +121,42 @@ def test_charge_bounds_what_a_genuine_load_holds(tmp_path):
     dict(I=7, H=17, L=2, direction="bidirectional", dtype=np.float64),
     dict(I=40, H=33, L=3, direction="reverse", dtype=np.float32),
     dict(I=1, H=100, L=1, direction="forward", dtype=np.float64),
-], ids=["H1", "bidir-f64", "3-layers", "I1-f64"])
+    dict(I=300, H=200, L=2, direction="bidirectional", dtype=np.float32, weights="bfloat16"),
+], ids=["H1", "bidir-f64", "3-layers", "I1-f64", "bidir-bf16"])
 def test_build_nbytes_bounds_what_building_a_model_allocates(shape, rng):
     """tracemalloc's peak while GRU(...) builds a model (source arrays excluded: they exist before) is
     at most build_nbytes, and not far below it: within 30%, or the charge's fixed 64 KiB for Python
     objects on a small model."""
     I, H, L, direction, dtype = shape["I"], shape["H"], shape["L"], shape["direction"], shape["dtype"]
+    weights = shape.get("weights")
     D = 2 if direction == "bidirectional" else 1
     layers = [random_onnx_weights(rng, D, I if l == 0 else D * H, H, dtype=np.float32) for l in range(L)]
-    gru_fast.GRU(layers, direction=direction, dtype=dtype)  # Numba's helpers loaded before measuring
+    gru_fast.GRU(layers, direction=direction, dtype=dtype, weights=weights)  # Numba's helpers loaded first
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         start = tracemalloc.get_traced_memory()[0]
-        model = gru_fast.GRU(layers, direction=direction, dtype=dtype)
+        model = gru_fast.GRU(layers, direction=direction, dtype=dtype, weights=weights)
         peak = tracemalloc.get_traced_memory()[1] - start
     finally:
         tracemalloc.stop()
-    charge = build_nbytes(I, H, L, D, dtype)
+    charge = build_nbytes(I, H, L, D, dtype, weights=weights)
     assert peak <= charge, (peak, charge)
     assert charge - peak <= max(0.3 * charge, 70 << 10), (peak, charge)
     assert model.hidden_size == H
+
+
+def test_a_bfloat16_engine_file_is_charged_its_own_build(tmp_path, rng):
+    """A file saved from a bfloat16-weight model builds that model (rounding W and R, packing them as
+    bfloat16 pairs): the load charges build_nbytes(..., weights="bfloat16"), not the float32 build."""
+    I, H, L, D = 300, 200, 2, 2
+    layers = [random_onnx_weights(rng, D, I if l == 0 else D * H, H, dtype=np.float32) for l in range(L)]
+    path = tmp_path / "bf16.npz"
+    gru_fast.save(gru_fast.GRU(layers, direction="bidirectional", weights="bfloat16"), path)
+    charge = build_nbytes(I, H, L, D, "float32", weights="bfloat16")
+    assert charge != build_nbytes(I, H, L, D, "float32")
+    with pytest.raises(ValueError, match=f"{charge} for the engine's copy of the weights"):
+        gru_fast.load(path, max_bytes=1 << 20)
 
 
 def test_every_loader_charges_the_build_of_the_model_it_reads(tmp_path):

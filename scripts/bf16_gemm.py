@@ -192,27 +192,22 @@ def run_model(rounds=100, batch_ms=10.0):
     """The model-level B=1 timings, float32 against bfloat16 weights, with 1 and 2 threads: one bound
     stream step (I=H=256), and the whole T=100 I=64 H=256 call."""
     rng = np.random.default_rng(1)
-    out = []
-    step = _model(256, 256)
-    x = rng.standard_normal((1, 1, 256)).astype(np.float32)
     h0 = np.zeros((1, 1, 256), np.float32)
-    runners = {}
-    for threads in (1, 2):
-        for name, model in (("float32", step), ("bf16", step.with_weights("bfloat16"))):
-            runners[f"{name} {threads} thread{'s' if threads > 1 else ''}"] = _Pinned(
-                lambda model=model: GruFastStream(model, x, h0), threads)
-    timings = time_interleaved(runners, rounds=rounds, batch_seconds=batch_ms / 1e3, min_rounds=5)
-    out += [_row("stream step I=H=256 B=1", name, timings[name], 1, False) for name in runners]
 
-    seq = _model(64, 256)
-    x = rng.standard_normal((100, 1, 64)).astype(np.float32)
-    runners = {}
-    for threads in (1, 2):
-        for name, model in (("float32", seq), ("bf16", seq.with_weights("bfloat16"))):
-            runners[f"{name} {threads} thread{'s' if threads > 1 else ''}"] = _Pinned(
-                lambda model=model: GruFastSequence(model, x, h0), threads)
-    timings = time_interleaved(runners, rounds=rounds, batch_seconds=batch_ms / 1e3, min_rounds=5)
-    out += [_row("call T=100 B=1 I=64 H=256", name, timings[name], 1, False) for name in runners]
+    def float32_against_bf16(label, model, runner, x):
+        """``model`` and its bfloat16 copy on 1 and 2 threads, timed interleaved -> rows."""
+        runners = {}
+        for threads in (1, 2):
+            for name, version in (("float32", model), ("bf16", model.with_weights("bfloat16"))):
+                runners[f"{name} {threads} thread{'s' if threads > 1 else ''}"] = _Pinned(
+                    lambda version=version: runner(version, x, h0), threads)
+        timings = time_interleaved(runners, rounds=rounds, batch_seconds=batch_ms / 1e3, min_rounds=5)
+        return [_row(label, name, timings[name], 1, False) for name in runners]
+
+    out = float32_against_bf16("stream step I=H=256 B=1", _model(256, 256), GruFastStream,
+                               rng.standard_normal((1, 1, 256)).astype(np.float32))
+    out += float32_against_bf16("call T=100 B=1 I=64 H=256", _model(64, 256), GruFastSequence,
+                                rng.standard_normal((100, 1, 64)).astype(np.float32))
     return {"results": out}
 
 

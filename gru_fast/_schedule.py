@@ -166,19 +166,22 @@ class Pace:
 
     * the serial cost is at most ``workers`` x the fastest parallel call (a share of the work cannot run
       faster than all of it), or the best of the last four serial calls when there were some;
-    * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest one (a
-      lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost; the first call's
-      time (thread start-up, cache loads) is not counted;
-    * while serial it runs one parallel call every ``probe_every`` calls, and turns parallel again once
-      ``PROBES`` probes in a row were all within ``SLOWER`` x its serial calls' time.  A plan that turns
-      serial again soon after (within ``SHORT`` calls) probes half as often, down to one call in
-      ``MAX_PROBE_EVERY``: stalls that come and go cost at most that share of calls.
+    * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
+      ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
+      every ``CHECK_EVERY`` calls; the first call's time (thread start-up, cache loads) is not counted;
+    * while serial it probes every ``probe_every`` calls with two parallel calls in a row, timing only
+      the second: the first finds the other worker asleep and its cache cold after the serial calls
+      (130-480 us against 17 us warm for a B=1 H=256 step here), which says nothing about the shape's
+      parallel speed.  The plan turns parallel again once ``PROBES`` probes in a row were all within
+      ``SLOWER`` x its serial calls' time.  A plan that turns serial again soon after (within
+      ``SHORT`` calls) probes half as often, down to one probe in ``MAX_PROBE_EVERY`` calls: stalls
+      that come and go cost at most that share of calls.
     """
 
-    WINDOW, PROBES, SLOWER = 16, 8, 1.1
+    WINDOW, TRIM, PROBES, SLOWER, CHECK_EVERY = 16, 1, 8, 1.1, 4
     FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 32, 1024, 256
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "since")
+                 "probe_every", "since", "warming")
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -190,10 +193,15 @@ class Pace:
         self.serial_mode = False
         self.probe_every = self.FIRST_PROBE_EVERY
         self.since = 0  # the call at which the plan last turned parallel
+        self.warming = False  # this call is a probe's first, untimed one
 
     def wants_parallel(self) -> bool:
         self.calls += 1
-        return not self.serial_mode or self.calls % self.probe_every == 0
+        if not self.serial_mode:
+            return True
+        phase = self.calls % self.probe_every
+        self.warming = phase == 0
+        return phase <= 1  # a probe: the warming call, then the timed one
 
     def record(self, parallel: bool, seconds: float) -> None:
         if self.calls <= 1:
@@ -201,22 +209,37 @@ class Pace:
         if not parallel:
             self.serial_times.append(seconds)
             return
-        self.fastest = min(self.fastest, seconds)
-        serial = min(self.workers * self.fastest, min(self.serial_times, default=float("inf")))
         if self.serial_mode:
-            self.probes.append(seconds)
-            if len(self.probes) == self.PROBES and max(self.probes) <= self.SLOWER * serial:
-                self.serial_mode = False
-                self.parallel_times.clear()
-                self.since = self.calls
+            if not self.warming:
+                self._probed(seconds)
             return
+        if seconds < self.fastest:
+            self.fastest = seconds
         times = self.parallel_times
         times.append(seconds)
-        if len(times) >= self.PROBES and (sum(times) - max(times)) / (len(times) - 1) > self.SLOWER * serial:
+        # judged every CHECK_EVERY calls: a stream step's whole budget is microseconds
+        if len(times) >= self.PROBES and self.calls % self.CHECK_EVERY == 0 \
+                and self._trimmed_mean(times) > self.SLOWER * self._serial_cost():
             self.serial_mode = True
             self.probes.clear()
             short = self.calls - self.since < self.SHORT
             self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY) if short else self.FIRST_PROBE_EVERY
+
+    def _probed(self, seconds: float) -> None:
+        self.fastest = min(self.fastest, seconds)
+        self.probes.append(seconds)
+        if len(self.probes) == self.PROBES and max(self.probes) <= self.SLOWER * self._serial_cost():
+            self.serial_mode = False
+            self.parallel_times.clear()
+            self.since = self.calls
+
+    def _serial_cost(self) -> float:
+        return min(self.workers * self.fastest, min(self.serial_times, default=float("inf")))
+
+    @classmethod
+    def _trimmed_mean(cls, times) -> float:
+        kept = sorted(times)[: len(times) - cls.TRIM]
+        return sum(kept) / len(kept)
 
 
 def _threads(model: KernelModel, steps: int, batch: int) -> int:

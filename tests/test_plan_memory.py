@@ -130,3 +130,24 @@ def test_pace_runs_serially_beside_a_neighbour_and_probes_back():
         parallel = pace.wants_parallel()
         pace.record(parallel, 10e-6 if parallel else 16e-6)
     assert not pace.serial_mode
+
+
+def test_pace_comes_back_when_only_the_first_call_after_serial_ones_is_slow():
+    """A parallel call right after serial ones finds the other worker asleep and its cache cold (130 us
+    against 10 us warm, 16 us serially): probes time the second of two parallel calls, so a plan that went
+    serial during a burst of stalls turns parallel again once the burst is over."""
+    pace = _schedule.Pace(workers=2)
+    previous_parallel = True
+    for call in range(3000):
+        parallel = pace.wants_parallel()
+        if not parallel:
+            seconds = 16e-6
+        elif call < 200:
+            seconds = 8e-3 if call % 4 == 0 else 10e-6  # the burst: one parallel call in four stalls
+        else:
+            seconds = 10e-6 if previous_parallel else 130e-6
+        pace.record(parallel, seconds)
+        previous_parallel = parallel
+        if call == 199:
+            assert pace.serial_mode
+    assert not pace.serial_mode

@@ -41,6 +41,12 @@ _PARALLEL_MIN_MACS = 1 << 18
 # 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.  With exactly one row per thread, rows beat
 # a split (B=2: H=96 2,685 vs 4,559 us; H=128 2,764 vs 3,343; H=256 even); from 3 rows the split wins.
 _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
+# In MODE_ROWS every thread reads a layer's whole W and R each step; past this many bytes they no longer
+# stay in a core's L2 (2 MiB here, shared with everything else), and one or four rows per thread is faster
+# as a split, where each thread reads its share.  Measured here, T=200 I=64, 2 threads, rows vs split:
+# B=2 H=256 (0.94 MiB) 2,243 vs 2,332 us, H=320 (1.4 MiB) 3,484 vs 2,582, H=384 (1.8 MiB) 6,446 vs 3,731;
+# B=8 H=256 4,469 vs 5,331, H=384 11,491 vs 9,052.
+_ROWS_MAX_LAYER_WEIGHT_BYTES = 1 << 20
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
@@ -252,7 +258,8 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
 
     * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
     * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful,
-      but not exactly one row per thread) when a row's layer-step is large enough to pay for a
+      but not exactly one row per thread), or with one or four rows per thread when a layer's weights
+      are past _ROWS_MAX_LAYER_WEIGHT_BYTES, when a row's layer-step is large enough to pay for a
       handshake: the threads share each step's hidden units, and every product stays a four-row pass;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
@@ -261,7 +268,10 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     macs = steps * batch * model.macs_per_step
     parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS
     mode, chunks, workers = _layout.MODE_ROWS, 1, 1
-    split = (parallel and D == 1 and batch < 4 * threads and batch != threads and model.linear_before_reset
+    weight_bytes = 2 if model.weights == "bfloat16" else model.dtype.itemsize
+    beyond_l2 = per_step // L * weight_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
+    few_rows = batch < 4 * threads and (batch != threads or beyond_l2) or batch == 4 * threads and beyond_l2
+    split = (parallel and D == 1 and few_rows and model.linear_before_reset
              and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
     if split:
         # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a

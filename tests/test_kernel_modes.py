@@ -151,6 +151,24 @@ def test_rows_are_shared_between_threads(batch, bidirectional, hidden, rng, para
 
 
 @needs_two_threads
+@pytest.mark.parametrize("batch", [2, 8])
+def test_one_or_four_rows_per_thread_split_when_the_weights_pass_l2(batch, rng, parallel_launches):
+    """One or four rows per thread are shared by rows while a layer's weights fit a core's L2; past
+    _ROWS_MAX_LAYER_WEIGHT_BYTES (I=64 H=384: 1.8 MiB in float32) every thread would read all of them each
+    step, so the step is split.  bfloat16 weights (0.9 MiB) stay by rows.  Authority: torch.nn.GRU, and the
+    serial run bit for bit."""
+    module = torch_gru(64, 384, 1, seed=15)
+    model = convert_torch(module)
+    T = 7
+    with numba_threads(2):
+        assert _plan(model, T, batch).mode == kernels.MODE_SPLIT
+        assert _plan(model.with_weights("bfloat16"), T, batch).mode == kernels.MODE_ROWS
+    x = _x(rng, (T, batch, 64), np.float32)
+    _check_serial_and_parallel(model, x, run_torch(module, x, None, None), authority="torch.nn.GRU")
+    assert len(parallel_launches) == 1
+
+
+@needs_two_threads
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_stream_step_split_between_threads(num_layers, rng, parallel_launches):
     """A streaming step large enough to share between threads (B=1, I=128, H=256) equals torch.nn.GRU run

@@ -38,14 +38,18 @@ _PARALLEL_MIN_MACS = 1 << 18
 # Splitting one sequence's hidden units between threads (MODE_SPLIT) costs a cross-core handshake per
 # layer and step (about 0.3 us): worth it from this many multiply-adds per row, layer and step.  Measured
 # here, T=1000 I=40, one row, 2 threads: H=128 (64.5K) split 1,940 us vs serial 2,640 us; H=96 (39K) split
-# 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.  With exactly one row per thread, rows beat
-# a split (B=2: H=96 2,685 vs 4,559 us; H=128 2,764 vs 3,343; H=256 even); from 3 rows the split wins.
+# 1,844 vs 1,657; a 2-layer H=64 model (19K) split 235 vs 124.
 _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
+# With exactly one row per thread, rows mode runs one-row products (the L2 cache's rate) with no handshake,
+# a split two-row products over half the weights: the split wins from about this many multiply-adds per
+# row, layer and step.  Measured here, B=2 T=200 I=64, 2 threads, rows vs split, best of 7: H=128 (74K)
+# 794 vs 755 us (medians 806 vs 967), H=192 (147K) 1,459 vs 1,324, H=256 (246K) 2,613 vs 2,049.
+_SPLIT_ONE_ROW_MIN_MACS = 128 << 10
 # In MODE_ROWS every thread reads a layer's whole W and R each step; past this many bytes they no longer
-# stay in a core's L2 (2 MiB here, shared with everything else), and one or four rows per thread is faster
-# as a split, where each thread reads its share.  Measured here, T=200 I=64, 2 threads, rows vs split:
-# B=2 H=256 (0.94 MiB) 2,243 vs 2,332 us, H=320 (1.4 MiB) 3,484 vs 2,582, H=384 (1.8 MiB) 6,446 vs 3,731;
-# B=8 H=256 4,469 vs 5,331, H=384 11,491 vs 9,052.
+# stay in a core's L2 (2 MiB here, shared with everything else), and four rows per thread (one, whatever
+# the work) are faster as a split, where each thread reads its share.  Measured here, T=200 I=64,
+# 2 threads, rows vs split: B=8 H=256 (0.94 MiB) 4,469 vs 5,331 us, H=384 (1.8 MiB) 11,491 vs 9,052;
+# B=2 H=384 6,446 vs 3,731.
 _ROWS_MAX_LAYER_WEIGHT_BYTES = 1 << 20
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
@@ -257,10 +261,10 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
 
     * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
-    * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful,
-      but not exactly one row per thread), or with one or four rows per thread when a layer's weights
-      are past _ROWS_MAX_LAYER_WEIGHT_BYTES, when a row's layer-step is large enough to pay for a
-      handshake: the threads share each step's hidden units, and every product stays a four-row pass;
+    * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful; one
+      row per thread from _SPLIT_ONE_ROW_MIN_MACS), or four rows per thread when a layer's weights are
+      past _ROWS_MAX_LAYER_WEIGHT_BYTES, when a row's layer-step is large enough to pay for a handshake:
+      the threads share each step's hidden units, and the products take the rows four or two at a time;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
     H, D, L = model.hidden, model.directions, model.layers
@@ -268,14 +272,19 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     macs = steps * batch * model.macs_per_step
     parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS
     mode, chunks, workers = _layout.MODE_ROWS, 1, 1
+    per_layer = per_step // L
     weight_bytes = 2 if model.weights == "bfloat16" else model.dtype.itemsize
-    beyond_l2 = per_step // L * weight_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
-    few_rows = batch < 4 * threads and (batch != threads or beyond_l2) or batch == 4 * threads and beyond_l2
+    beyond_l2 = per_layer * weight_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
+    if batch == threads:
+        few_rows = beyond_l2 or per_layer >= _SPLIT_ONE_ROW_MIN_MACS
+    else:
+        few_rows = batch < 4 * threads or batch == 4 * threads and beyond_l2
     split = (parallel and D == 1 and few_rows and model.linear_before_reset
-             and per_step // L >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
+             and per_layer >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
     if split:
-        # fewer than 4 rows per thread: sharing each step's hidden units keeps every product a
-        # four-row pass (57 GMAC/s here) instead of one-row passes (25 GMAC/s) on a slice of rows
+        # few rows per thread: sharing each step's hidden units makes the products passes over two rows
+        # (32-36 GMAC/s a core here, H=256) or four (48-62) instead of one-row passes (17-20) on a slice
+        # of rows
         mode, chunks = _layout.MODE_SPLIT, min(threads, -(-H // _layout.UNITS))
         workers = chunks
     elif parallel and D * batch < threads:

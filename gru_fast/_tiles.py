@@ -46,9 +46,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["TILE", "GROUP", "project1", "project4", "recur1_all", "recur4_all", "recur1_zr", "recur4_zr",
-           "recur1_n", "recur4_n", "project1_bf16", "project4_bf16", "recur1_all_bf16", "recur4_all_bf16",
-           "recur1_zr_bf16", "recur4_zr_bf16", "recur1_n_bf16", "recur4_n_bf16", "SPAN_BF16"]
+__all__ = ["TILE", "GROUP", "SPAN_BF16"] + [f"{name}{rows}{kind}{weights}" for name, kind in
+                                            (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))
+                                            for rows in (1, 2, 4) for weights in ("", "_bf16")]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -342,19 +342,23 @@ def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
 # which tiles of each group a product computes: all three gates, z and r only, n only (lbr=0 needs
 # (r * h) R_n^T after z and r are known)
 GEMM_ALL, GEMM_ZR, GEMM_N = (0, 3), (0, 2), (2, 1)
-project1, project4 = _make_gemm(1, *GEMM_ALL, "bias"), _make_gemm(4, *GEMM_ALL, "bias")  # x W^T + b
-recur1_all, recur4_all = _make_gemm(1, *GEMM_ALL, "zero"), _make_gemm(4, *GEMM_ALL, "zero")  # h R^T
-recur1_zr, recur4_zr = _make_gemm(1, *GEMM_ZR, "zero"), _make_gemm(4, *GEMM_ZR, "zero")  # lbr=0: h R_zr^T
-recur1_n, recur4_n = _make_gemm(1, *GEMM_N, "zero"), _make_gemm(4, *GEMM_N, "zero")  # lbr=0: (r*h) R_n^T
+project1, project2, project4 = (_make_gemm(rows, *GEMM_ALL, "bias") for rows in (1, 2, 4))  # x W^T + b
+recur1_all, recur2_all, recur4_all = (_make_gemm(rows, *GEMM_ALL, "zero") for rows in (1, 2, 4))  # h R^T
+recur1_zr, recur2_zr, recur4_zr = (_make_gemm(rows, *GEMM_ZR, "zero") for rows in (1, 2, 4))  # lbr=0: h R_zr^T
+recur1_n, recur2_n, recur4_n = (_make_gemm(rows, *GEMM_N, "zero") for rows in (1, 2, 4))  # lbr=0: (r*h) R_n^T
 
 # the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
 # SPAN_BF16 groups per pass: more independent fma chains than three (scripts/bf16_gemm.py measures it)
 SPAN_BF16 = 4
 project1_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16", SPAN_BF16)
+project2_bf16 = _make_gemm(2, *GEMM_ALL, "bias", "bf16", SPAN_BF16 // 2)
 project4_bf16 = _make_gemm(4, *GEMM_ALL, "bias", "bf16")
 recur1_all_bf16 = _make_gemm(1, *GEMM_ALL, "zero", "bf16", SPAN_BF16)
+recur2_all_bf16 = _make_gemm(2, *GEMM_ALL, "zero", "bf16", SPAN_BF16 // 2)
 recur4_all_bf16 = _make_gemm(4, *GEMM_ALL, "zero", "bf16")
 recur1_zr_bf16 = _make_gemm(1, *GEMM_ZR, "zero", "bf16", SPAN_BF16)
+recur2_zr_bf16 = _make_gemm(2, *GEMM_ZR, "zero", "bf16", SPAN_BF16 // 2)
 recur4_zr_bf16 = _make_gemm(4, *GEMM_ZR, "zero", "bf16")
 recur1_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16", SPAN_BF16)
+recur2_n_bf16 = _make_gemm(2, *GEMM_N, "zero", "bf16", SPAN_BF16 // 2)
 recur4_n_bf16 = _make_gemm(4, *GEMM_N, "zero", "bf16")

@@ -69,9 +69,7 @@ from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HID
                       WEIGHTS, direction_offsets, padded_hidden, sync_slots, workspace_layout)
 from ._math import SIGMOID, TANH, activation, clipped, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
-from ._tiles import (project1, project1_bf16, project4, project4_bf16, recur1_all, recur1_all_bf16, recur1_n,
-                     recur1_n_bf16, recur1_zr, recur1_zr_bf16, recur4_all, recur4_all_bf16, recur4_n, recur4_n_bf16,
-                     recur4_zr, recur4_zr_bf16)
+from . import _tiles
 
 __all__ = ["FORWARD", "WEIGHTS", "MODE_ROWS", "MODE_SPLIT"]
 
@@ -236,19 +234,24 @@ def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, 
     raise NotImplementedError("call from a Numba kernel")
 
 
+def _kernels_of(rows, weights):
+    """The (PROJECT, RECUR, RECUR_ZR, RECUR_N) micro-kernels of gru_fast._tiles for ``rows`` rows."""
+    suffix = "_bf16" if weights == "bfloat16" else ""
+    return tuple(getattr(_tiles, f"{name}{rows}{kind}{suffix}")
+                 for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n")))
+
+
 @overload(_micro, jit_options=dict(JIT, inline="always"))
 def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
-    pairs = False
     if isinstance(weights, types.Float):
-        itemsize = weights.bitwidth // 8
-        p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1, project4, recur1_all, recur4_all, recur1_zr, recur4_zr,
-                                                recur1_n, recur4_n)
+        pairs, itemsize, stored = False, weights.bitwidth // 8, "float"
     elif weights == types.uint16:
-        pairs, itemsize = True, 4  # bfloat16 in k pairs (gru_fast._bf16.pack_bf16): 4-byte words
-        p1, p4, all1, all4, zr1, zr4, n1, n4 = (project1_bf16, project4_bf16, recur1_all_bf16, recur4_all_bf16,
-                                                recur1_zr_bf16, recur4_zr_bf16, recur1_n_bf16, recur4_n_bf16)
+        pairs, itemsize, stored = True, 4, "bfloat16"  # bfloat16 in k pairs (gru_fast._bf16.pack_bf16): 4-byte words
     else:
         return None
+    p1, all1, zr1, n1 = _kernels_of(1, stored)
+    p2, all2, zr2, n2 = _kernels_of(2, stored)
+    p4, all4, zr4, n4 = _kernels_of(4, stored)
 
     def micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
         if pairs:  # w_offset = 48 * u0 * k values: u0 groups of ceil(k / 2) rows of 48 words
@@ -264,6 +267,15 @@ def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bia
                 zr4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
             else:
                 n4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
+        elif rows == 2:
+            if kind == PROJECT:
+                p2(c0, c1, a0, a1, at, bias, k, n, marker)
+            elif kind == RECUR:
+                all2(c0, c1, a0, a1, at, bias, k, n, marker)
+            elif kind == RECUR_ZR:
+                zr2(c0, c1, a0, a1, at, bias, k, n, marker)
+            else:
+                n2(c0, c1, a0, a1, at, bias, k, n, marker)
         elif kind == PROJECT:
             p1(c0, a0, at, bias, k, n, marker)
         elif kind == RECUR:
@@ -278,7 +290,7 @@ def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bia
 
 @kernel
 def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights):
-    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1 or 4)
+    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2 or 4)
     of the four (c, a) pairs; W stored as ``weights``' type."""
     n = u1 - u0
     if n <= 0:
@@ -290,10 +302,17 @@ def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights):
 
 
 @kernel(inline=True)
+def _rows_per_pass(left):
+    """Rows of the next product pass with ``left`` rows to go: four while three or more are left (three
+    cost one four-row pass, compute-bound, repeating a row: see :func:`_four_of`), else two or one."""
+    return left if left <= 2 else 4
+
+
+@kernel(inline=True)
 def _four_of(n, i):
-    """Rows i..i+3 for a four-row product; past the last of n rows, the last one again.  Two or three
-    left-over rows cost one four-row pass (compute-bound) instead of two or three one-row passes
-    (bandwidth-bound); a repeated row computes the same values into the same place."""
+    """Rows i..i+3 for a product pass (four, two or one of them used: :func:`_rows_per_pass`); past the
+    last of n rows, the last one again.  Three left-over rows cost one four-row pass (compute-bound)
+    instead of a two-row and a one-row pass; a repeated row computes the same values into the same place."""
     last = n - 1
     return min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last)
 
@@ -301,8 +320,9 @@ def _four_of(n, i):
 @kernel
 def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
     """xp[(s - block_start) * B + b, tiles u0..u1] = x_row(s, b) @ W + b_x for steps s in
-    [block_start, block_end) and rows b in [b0, b1), four (step, row) pairs at a time, block by block of
-    unit tiles when there are more than four (see :func:`_products`)."""
+    [block_start, block_end) and rows b in [b0, b1), up to four (step, row) pairs at a time
+    (:func:`_rows_per_pass`), block by block of unit tiles when there are more than four (see
+    :func:`_products`)."""
     rows = b1 - b0
     n = (block_end - block_start) * rows
     block = u1 - u0 if n <= 4 else _group_block(lv.input_size, cfg.weights)
@@ -310,7 +330,7 @@ def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
         g1 = min(u1, g0 + block)
         i = 0
         while i < n:
-            count = 1 if n - i == 1 else 4
+            count = _rows_per_pass(n - i)
             i0, i1, i2, i3 = _four_of(n, i)
             c = (lv.xp[_xp_row(cfg, i0, b0, rows)], lv.xp[_xp_row(cfg, i1, b0, rows)],
                  lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
@@ -357,7 +377,7 @@ def _group_block(k, weights):
 
 @kernel
 def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
-    """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, four at a time
+    """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, up to four at a time
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone).  Over more
     than four rows, block by block of unit tiles (:func:`_group_block`); every output element is the same
     chain of multiply-adds either way."""
@@ -366,7 +386,7 @@ def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
         g1 = min(u1, g0 + block)
         b = b0
         while b < b1:
-            count = 1 if b1 - b == 1 else 4
+            count = _rows_per_pass(b1 - b)
             i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
             r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
             _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]),

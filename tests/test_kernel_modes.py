@@ -151,18 +151,19 @@ def test_rows_are_shared_between_threads(batch, bidirectional, hidden, rng, para
 
 
 @needs_two_threads
-@pytest.mark.parametrize("batch", [2, 8])
-def test_one_or_four_rows_per_thread_split_when_the_weights_pass_l2(batch, rng, parallel_launches):
-    """One or four rows per thread are shared by rows while a layer's weights fit a core's L2; past
+@pytest.mark.parametrize("batch, bf16_mode", [(2, kernels.MODE_SPLIT), (8, kernels.MODE_ROWS)])
+def test_one_or_four_rows_per_thread_split_when_worth_it(batch, bf16_mode, rng, parallel_launches):
+    """Four rows per thread are shared by rows while a layer's weights fit a core's L2; past
     _ROWS_MAX_LAYER_WEIGHT_BYTES (I=64 H=384: 1.8 MiB in float32) every thread would read all of them each
-    step, so the step is split.  bfloat16 weights (0.9 MiB) stay by rows.  Authority: torch.nn.GRU, and the
-    serial run bit for bit."""
+    step, so the step is split; bfloat16 weights (0.9 MiB) stay by rows.  One row per thread is split from
+    _SPLIT_ONE_ROW_MIN_MACS (I=64 H=384: 516K per step), whatever the weights.  Authority: torch.nn.GRU, and
+    the serial run bit for bit (the split's products take the rows two at a time at B=2)."""
     module = torch_gru(64, 384, 1, seed=15)
     model = convert_torch(module)
     T = 7
     with numba_threads(2):
         assert _plan(model, T, batch).mode == kernels.MODE_SPLIT
-        assert _plan(model.with_weights("bfloat16"), T, batch).mode == kernels.MODE_ROWS
+        assert _plan(model.with_weights("bfloat16"), T, batch).mode == bf16_mode
     x = _x(rng, (T, batch, 64), np.float32)
     _check_serial_and_parallel(model, x, run_torch(module, x, None, None), authority="torch.nn.GRU")
     assert len(parallel_launches) == 1

@@ -6,14 +6,14 @@
 * Packing: :func:`gru_fast._bf16.pack_bf16` against the k-pair layout written out element by element
   (word j of pair row p of group g: bfloat16 of W[2p, 48g + j] in the low half, of W[2p + 1, 48g + j]
   in the high half, zero past an odd K), and the model's ``params`` hold the same words.
-* Kernels: every ``*_bf16`` kernel, with 1 and 4 rows, bias or zero start, even and odd K (0 and 1
+* Kernels: every ``*_bf16`` kernel, with 1, 2 and 4 rows, bias or zero start, even and odd K (0 and 1
   included), odd and even group counts, starting at a later group, against the float64 numpy product
   of the rounded weights (``from_bf16`` widens exactly), within the error bound of a chain of K float32
   fused multiply-adds: ``(K + 1) * 2**-24 * (|s| + sum_k |a_k w_k|)`` per element.  Each input row is
   followed by a NaN at a[K], which the kernels must not read.  The columns a kernel does not compute
   (n for the ``_zr`` kernels, z and r for the ``_n`` kernels) are left as they were.
-* Bit for bit: 4-row results equal 1-row results row by row, and the bf16 kernels equal the float32
-  kernels run on the widened weights (the widening is exact and the fma chain the same, in k order).
+* Bit for bit: 4-row results equal 1-row and 2-row results row by row, and the bf16 kernels equal the
+  float32 kernels (1, 2 and 4 rows) run on the widened weights (the widening is exact and the fma chain the same, in k order).
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ TILES = {PROJECT: (0, 1, 2), RECUR: (0, 1, 2), RECUR_ZR: (0, 1), RECUR_N: (2,)} 
 GROUP_COLS = 48
 
 
-def _make_runner(p1, all1, zr1, n1, p4, all4, zr4, n4):
+def _make_runner(suffix):
     """A jitted runner of one family of kernels (by ``kind``: project, recur all, z and r, n) on ``rows``
-    (1 or 4) rows of c and a; w_at: the element of w (float32, or uint32 words of bf16 k pairs) where the
-    first group starts."""
+    (1, 2 or 4) rows of c and a; w_at: the element of w (float32, or uint32 words of bf16 k pairs) where
+    the first group starts.  ``suffix``: "" (float) or "_bf16"."""
+    p1, all1, zr1, n1, p2, all2, zr2, n2, p4, all4, zr4, n4 = (
+        getattr(t, f"{name}{rows}{kind}{suffix}") for rows in (1, 2, 4)
+        for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n")))
 
     @njit(cache=False)
     def run(kind, rows, c, a, w, w_at, bias, k, n_groups):
@@ -51,6 +54,16 @@ def _make_runner(p1, all1, zr1, n1, p4, all4, zr4, n4):
                 zr1(c0, a0, wp, bp, k, n_groups, m)
             else:
                 n1(c0, a0, wp, bp, k, n_groups, m)
+        elif rows == 2:
+            c0, c1, a0, a1 = c[0].ctypes.data, c[1].ctypes.data, a[0].ctypes.data, a[1].ctypes.data
+            if kind == 0:
+                p2(c0, c1, a0, a1, wp, bp, k, n_groups, m)
+            elif kind == 1:
+                all2(c0, c1, a0, a1, wp, bp, k, n_groups, m)
+            elif kind == 2:
+                zr2(c0, c1, a0, a1, wp, bp, k, n_groups, m)
+            else:
+                n2(c0, c1, a0, a1, wp, bp, k, n_groups, m)
         else:
             c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
             a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
@@ -66,10 +79,8 @@ def _make_runner(p1, all1, zr1, n1, p4, all4, zr4, n4):
     return run
 
 
-_run_bf16 = _make_runner(t.project1_bf16, t.recur1_all_bf16, t.recur1_zr_bf16, t.recur1_n_bf16, t.project4_bf16,
-                         t.recur4_all_bf16, t.recur4_zr_bf16, t.recur4_n_bf16)
-_run_float32 = _make_runner(t.project1, t.recur1_all, t.recur1_zr, t.recur1_n, t.project4, t.recur4_all,
-                            t.recur4_zr, t.recur4_n)
+_run_bf16 = _make_runner("_bf16")
+_run_float32 = _make_runner("")
 
 
 KS = [0, 1, 2, 3, 7, 16, 33, 100, 257]  # odd K: the last pair has no row K
@@ -139,12 +150,17 @@ def test_bf16_kernels_match_float64_product_of_rounded_weights(kind, k):
     for row in range(4):  # one row at a time: the same bits
         one = _call(_run_bf16, kind, 1, a[row : row + 1], w, bias, k, u0, n_groups)
         np.testing.assert_array_equal(one[0], four[row])
+    for row in (0, 2):  # two rows at a time: the same bits
+        two = _call(_run_bf16, kind, 2, a[row : row + 2], w, bias, k, u0, n_groups)
+        np.testing.assert_array_equal(two, four[row : row + 2])
 
-    # the float32 kernels on the widened weights: the same bits
+    # the float32 kernels on the widened weights: the same bits, with 4, 2 and 1 rows
     w32 = np.zeros(bias.size // 48 * k * 48, np.float32)
     if k:
         _pack_into(w32, from_bf16(to_bf16(m)), hidden)
     np.testing.assert_array_equal(_call(_run_float32, kind, 4, a, w32, bias, k, u0, n_groups), four)
+    np.testing.assert_array_equal(_call(_run_float32, kind, 2, a[1:3], w32, bias, k, u0, n_groups), four[1:3])
+    np.testing.assert_array_equal(_call(_run_float32, kind, 1, a[3:], w32, bias, k, u0, n_groups), four[3:])
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 6])

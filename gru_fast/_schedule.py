@@ -182,16 +182,19 @@ class Pace:
     * while serial it probes every ``probe_every`` calls with two parallel calls in a row, timing only
       the second: the first finds the other worker asleep and its cache cold after the serial calls
       (130-480 us against 17 us warm for a B=1 H=256 step here), which says nothing about the shape's
-      parallel speed.  The plan turns parallel again once ``PROBES`` probes in a row were all within
-      ``SLOWER`` x its serial calls' time.  A plan that turns serial again soon after (within
-      ``SHORT`` calls) probes half as often, down to one probe in ``MAX_PROBE_EVERY`` calls: stalls
-      that come and go cost at most that share of calls.
+      parallel speed.  The plan turns parallel again when the mean of its last ``PROBES`` probes, less
+      the slowest ``TRIM``, is within ``SLOWER`` x its serial calls' time (the rule that turned it
+      serial).  Each probe slower than that doubles ``probe_every``, up to ``MAX_PROBE_EVERY``: beside
+      a neighbour spinning on the other core, the second call of a probe often waits a whole time
+      slice (a median of 4.8 ms for a 20 us step, measured here), so probes must grow rare for the
+      calls' 99th percentile to stay the serial path's.  The interval starts again from
+      ``FIRST_PROBE_EVERY`` only when the plan turns serial after ``SHORT`` or more parallel calls.
     """
 
     WINDOW, TRIM, PROBES, SLOWER, CHECK_EVERY = 16, 1, 8, 1.1, 4
     FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 32, 1024, 256
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "since", "warming")
+                 "probe_every", "next_probe", "since", "warming")
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -199,9 +202,10 @@ class Pace:
         self.fastest = float("inf")  # parallel call
         self.parallel_times = collections.deque(maxlen=self.WINDOW)
         self.serial_times = collections.deque(maxlen=4)
-        self.probes = collections.deque(maxlen=self.PROBES)
+        self.probes = collections.deque(maxlen=self.PROBES)  # the timed calls of the latest probes
         self.serial_mode = False
         self.probe_every = self.FIRST_PROBE_EVERY
+        self.next_probe = 0  # the call that starts the next probe
         self.since = 0  # the call at which the plan last turned parallel
         self.warming = False  # this call is a probe's first, untimed one
 
@@ -209,9 +213,12 @@ class Pace:
         self.calls += 1
         if not self.serial_mode:
             return True
-        phase = self.calls % self.probe_every
+        phase = self.calls - self.next_probe
+        if phase > 1:  # the probe's timed call ran serially (another call had the workers): the next one
+            self.next_probe = self.calls + self.probe_every
+            phase = -self.probe_every
         self.warming = phase == 0
-        return phase <= 1  # a probe: the warming call, then the timed one
+        return 0 <= phase <= 1  # a probe: the warming call, then the timed one
 
     def record(self, parallel: bool, seconds: float) -> None:
         if self.calls <= 1:
@@ -232,13 +239,19 @@ class Pace:
                 and self._trimmed_mean(times) > self.SLOWER * self._serial_cost():
             self.serial_mode = True
             self.probes.clear()
-            short = self.calls - self.since < self.SHORT
-            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY) if short else self.FIRST_PROBE_EVERY
+            if self.calls - self.since >= self.SHORT:
+                self.probe_every = self.FIRST_PROBE_EVERY
+            self.next_probe = self.calls + self.probe_every
 
     def _probed(self, seconds: float) -> None:
         self.fastest = min(self.fastest, seconds)
-        self.probes.append(seconds)
-        if len(self.probes) == self.PROBES and max(self.probes) <= self.SLOWER * self._serial_cost():
+        limit = self.SLOWER * self._serial_cost()
+        if seconds > limit:
+            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+        self.next_probe = self.calls + self.probe_every
+        probes = self.probes
+        probes.append(seconds)
+        if len(probes) == self.PROBES and self._trimmed_mean(probes) <= limit:
             self.serial_mode = False
             self.parallel_times.clear()
             self.since = self.calls

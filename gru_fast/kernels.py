@@ -11,7 +11,8 @@ gates ordered (z, r, n)::
 
 with an optional clip of every pre-activation to [-clip, clip].  :func:`_make_cell` writes these
 equations once, lane by lane for one unit tile; the cell is made for sigmoid and tanh, the GRU's own,
-and for any ONNX activation (:data:`_CELLS`).  The parity tests (tests/test_parity_torch.py,
+and for any ONNX activation (:data:`_CELLS`).  In float32 with sigmoid and tanh, :mod:`gru_fast._cell`
+computes the same operations 16 lanes at a time in LLVM IR.  The parity tests (tests/test_parity_torch.py,
 tests/test_parity_onnx.py) pin the kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
 Records
@@ -23,7 +24,7 @@ Records
     activations.  The layout of all of it is :mod:`gru_fast._layout`'s.
 
 Matrix products
-    ``c += a @ W`` for one or four rows ``a``, by the LLVM-IR micro-kernels of
+    ``c += a @ W`` for one, two or four rows ``a``, by the LLVM-IR micro-kernels of
     :mod:`gru_fast._tiles` (accumulators in registers).  No BLAS is called, so no second thread pool
     competes for the cores, and every output element is the same chain of fused multiply-adds
     whichever thread, row group or unit range computes it: serial and parallel runs agree bit for bit.
@@ -70,6 +71,7 @@ from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HID
 from ._math import SIGMOID, TANH, activation, clipped, like, sigmoid, tanh
 from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
 from . import _tiles
+from ._cell import cell_reset, cell_update, cell_whole
 
 __all__ = ["FORWARD", "WEIGHTS", "MODE_ROWS", "MODE_SPLIT"]
 
@@ -432,7 +434,8 @@ def _make_cell(f, g):
     """The cell for activations ``f`` (z, r) and ``g`` (n), each ``(value, (code, alpha, beta)) -> value``:
     the equations of the module docstring for one unit tile u, one lane at a time with every value in a
     register and one store per lane, so each loop vectorises.  Made twice (:data:`_CELLS`): with sigmoid
-    and tanh called directly, the GRU's own; and with any ONNX activation chosen per value.
+    and tanh called directly, the GRU's own (float64 runs it; float32 runs gru_fast._cell's kernels, which
+    compute the same bits); and with any ONNX activation chosen per value.
 
     * ``whole``, linear_before_reset=1: hr3 holds h R^T of all three gates; writes h';
     * ``reset``, linear_before_reset=0, before the n product: leaves z in hr3's z tile and r * h in rh3;
@@ -480,15 +483,43 @@ _CELLS = (_make_cell(_sigmoid, _tanh), _make_cell(_any, _any))
 (_whole_fast, _reset_fast, _update_fast), (_whole_any, _reset_any, _update_any) = _CELLS
 
 
+def _vector_cell(part, x, hr, b_hn, h_prev, out, n, clip):
+    """``part`` of the sigmoid/tanh cell over n unit tiles by gru_fast._cell's 16-lane kernels (addresses
+    of the tiles' rows); returns whether it ran: float32 only, a float64 cell runs the Numba loops."""
+    raise NotImplementedError("call from a Numba kernel")
+
+
+@overload(_vector_cell, jit_options=dict(JIT, inline="always"))
+def _vector_cell_overload(part, x, hr, b_hn, h_prev, out, n, clip):
+    if clip != types.float32:
+        return lambda part, x, hr, b_hn, h_prev, out, n, clip: False
+
+    def run(part, x, hr, b_hn, h_prev, out, n, clip):
+        if part == 0:
+            cell_whole(x, hr, b_hn, h_prev, out, n, clip)
+        elif part == 1:
+            cell_reset(x, hr, h_prev, out, n, clip)
+        else:
+            cell_update(x, hr, h_prev, out, n, clip)
+        return True
+
+    return run
+
+
 @kernel
 def _cell_rows(x_rows, hr, h_prev, h_new, rh, b_hn, b0, b1, u0, u1, part, f, g, clip):
     """``part`` (0: whole, 1: reset, 2: update; see :func:`_make_cell`) of the cell for rows b0..b1 of
-    unit tiles u0..u1, the cell made for ``f`` and ``g`` (sigmoid and tanh, or any)."""
+    unit tiles u0..u1: with sigmoid and tanh in float32, gru_fast._cell's kernels (the same bits as the
+    cell made for them, in half the time); otherwise the cell made for ``f`` and ``g`` (sigmoid and tanh,
+    or any)."""
     fast = f[0] == SIGMOID and g[0] == TANH
     b_hn3 = _unit_tiles(b_hn, u0, u1, 1)
     for b in range(b0, b1):
         x3, hr3 = _unit_tiles(x_rows[b], u0, u1, 3), _unit_tiles(hr[b], u0, u1, 3)
         h_prev3, out3 = _unit_tiles(h_prev[b], u0, u1, 1), _unit_tiles((rh if part == 1 else h_new)[b], u0, u1, 1)
+        if fast and _vector_cell(part, x3.ctypes.data, hr3.ctypes.data, b_hn3.ctypes.data, h_prev3.ctypes.data,
+                                 out3.ctypes.data, u1 - u0, clip):
+            continue
         for u in range(u1 - u0):
             if part == 0:
                 if fast:

@@ -4,7 +4,9 @@ Without Intel's SVML (pip's llvmlite has none), ``np.exp`` and ``np.tanh``
 inside a Numba loop become one scalar libm call per element: about 20 cycles
 each, which at B=64, H=256 costs more than the recurrent matrix product.  For
 float32 this module evaluates them with branch-free polynomials that LLVM
-turns into 16-lane AVX-512 code:
+vectorises (in 256-bit vectors on this project's Xeons, which LLVM prefers
+there; the float32 cell, :mod:`gru_fast._cell`, does the same operations on
+16-lane vectors):
 
 * ``exp``: Cody-Waite range reduction ``x = n ln2 + r`` and the degree-6
   minimax polynomial of Cephes' ``expf`` (S. L. Moshier, *Methods and Programs

@@ -178,7 +178,10 @@ class Pace:
       faster than all of it), or the best of the last four serial calls when there were some;
     * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
-      every ``CHECK_EVERY`` calls; the first call's time (thread start-up, cache loads) is not counted;
+      every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first
+      parallel calls of a millisecond-long shape each waited about 4 ms: every one of them counts
+      against the calls' 99th percentile); the first call's time (thread start-up, cache loads) is not
+      counted;
     * while serial it probes every ``probe_every`` calls with two parallel calls in a row, timing only
       the second: the first finds the other worker asleep and its cache cold after the serial calls
       (130-480 us against 17 us warm for a B=1 H=256 step here), which says nothing about the shape's
@@ -192,7 +195,7 @@ class Pace:
     """
 
     WINDOW, TRIM, PROBES, SLOWER, CHECK_EVERY = 16, 1, 8, 1.1, 4
-    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 32, 1024, 256
+    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
                  "probe_every", "next_probe", "since", "warming")
 
@@ -235,7 +238,7 @@ class Pace:
         times = self.parallel_times
         times.append(seconds)
         # judged every CHECK_EVERY calls: a stream step's whole budget is microseconds
-        if len(times) >= self.PROBES and self.calls % self.CHECK_EVERY == 0 \
+        if len(times) >= self.CHECK_EVERY and self.calls % self.CHECK_EVERY == 0 \
                 and self._trimmed_mean(times) > self.SLOWER * self._serial_cost():
             self.serial_mode = True
             self.probes.clear()

@@ -223,12 +223,6 @@ def _copy(dst, src, lo, hi, at):
 PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 
 
-@kernel(inline=True)
-def _addr(row, col):
-    """Address of element ``col`` of a 1-D view."""
-    return row.ctypes.data + col * row.itemsize
-
-
 def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
     """The micro-kernel of ``kind`` for ``rows`` rows (gru_fast._tiles), for weights stored as ``weights``'
     type, ``w_offset`` weights past address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed
@@ -291,16 +285,34 @@ def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bia
 
 
 @kernel
-def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights):
+def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights, marker):
     """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2 or 4)
-    of the four (c, a) pairs; W stored as ``weights``' type."""
+    of the four (c, a) pairs, given as the rows' addresses (every array passed to a compiled function
+    costs a reference-count call on the way in and one on the way out); ``bias`` the bias row's address;
+    W stored as ``weights``' type, the rows as ``marker``'s."""
     n = u1 - u0
     if n <= 0:
         return
-    col = GROUP_COLUMNS * u0
-    _micro(kind, rows, _addr(c[0], col), _addr(c[1], col), _addr(c[2], col), _addr(c[3], col), a[0].ctypes.data,
-           a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data, w, GROUP_COLUMNS * u0 * k, _addr(bias, col), k, n,
-           c[0][0], weights)  # group u0 starts after u0 groups of K rows of 48; c[0][0]: the float type
+    at = GROUP_COLUMNS * u0 * _float_bytes(marker)
+    _micro(kind, rows, c[0] + at, c[1] + at, c[2] + at, c[3] + at, a[0], a[1], a[2], a[3], w, GROUP_COLUMNS * u0 * k,
+           bias + at, k, n, marker, weights)  # group u0 starts after u0 groups of K rows of 48
+
+
+def _float_bytes(marker):
+    """Bytes of ``marker``'s float type."""
+    raise NotImplementedError("call from a Numba kernel")
+
+
+@overload(_float_bytes, jit_options=dict(JIT, inline="always"))
+def _float_bytes_overload(marker):
+    size = marker.bitwidth // 8
+    return lambda marker: size
+
+
+@kernel(inline=True)
+def _row_at(m, r):
+    """Address of row r of a 2-D array."""
+    return m.ctypes.data + r * m.strides[0]
 
 
 @kernel(inline=True)
@@ -334,13 +346,13 @@ def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
         while i < n:
             count = _rows_per_pass(n - i)
             i0, i1, i2, i3 = _four_of(n, i)
-            c = (lv.xp[_xp_row(cfg, i0, b0, rows)], lv.xp[_xp_row(cfg, i1, b0, rows)],
-                 lv.xp[_xp_row(cfg, i2, b0, rows)], lv.xp[_xp_row(cfg, i3, b0, rows)])
+            c = (_row_at(lv.xp, _xp_row(cfg, i0, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i1, b0, rows)),
+                 _row_at(lv.xp, _xp_row(cfg, i2, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i3, b0, rows)))
             a = (_input_row(cfg, run, lv, i0, block_start, b0, rows),
                  _input_row(cfg, run, lv, i1, block_start, b0, rows),
                  _input_row(cfg, run, lv, i2, block_start, b0, rows),
                  _input_row(cfg, run, lv, i3, block_start, b0, rows))
-            _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x, lv.input_size, g0, g1, cfg.weights)
+            _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x.ctypes.data, lv.input_size, g0, g1, cfg.weights, cfg.clip)
             i += 4
 
 
@@ -352,10 +364,10 @@ def _xp_row(cfg, i, b0, rows):
 
 @kernel(inline=True)
 def _input_row(cfg, run, lv, i, block_start, b0, rows):
-    """The input row of pair i of a block (see _xp_row)."""
+    """Address of the input row of pair i of a block (see _xp_row)."""
     s = block_start + i // rows
     b = b0 + i % rows
-    return lv.seq_in[_time_of(s, _length(cfg, run, b), lv.reverse) * cfg.step_stride + b * cfg.row_stride]
+    return _row_at(lv.seq_in, _time_of(s, _length(cfg, run, b), lv.reverse) * cfg.step_stride + b * cfg.row_stride)
 
 
 def _weight_bytes(weights):
@@ -391,8 +403,9 @@ def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
             count = _rows_per_pass(b1 - b)
             i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
             r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
-            _gemm(kind, count, (hr[r0], hr[r1], hr[r2], hr[r3]),
-                  (rows_in[r0], rows_in[r1], rows_in[r2], rows_in[r3]), w, hr[r0], k, g0, g1, weights)
+            _gemm(kind, count, (_row_at(hr, r0), _row_at(hr, r1), _row_at(hr, r2), _row_at(hr, r3)),
+                  (_row_at(rows_in, r0), _row_at(rows_in, r1), _row_at(rows_in, r2), _row_at(rows_in, r3)), w,
+                  _row_at(hr, r0), k, g0, g1, weights, hr[0, 0])  # no bias; hr[0, 0]: only its type is used
             b += 4
 
 

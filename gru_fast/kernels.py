@@ -293,20 +293,9 @@ def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights, marker):
     n = u1 - u0
     if n <= 0:
         return
-    at = GROUP_COLUMNS * u0 * _float_bytes(marker)
+    at = GROUP_COLUMNS * u0 * _value_bytes(marker)
     _micro(kind, rows, c[0] + at, c[1] + at, c[2] + at, c[3] + at, a[0], a[1], a[2], a[3], w, GROUP_COLUMNS * u0 * k,
            bias + at, k, n, marker, weights)  # group u0 starts after u0 groups of K rows of 48
-
-
-def _float_bytes(marker):
-    """Bytes of ``marker``'s float type."""
-    raise NotImplementedError("call from a Numba kernel")
-
-
-@overload(_float_bytes, jit_options=dict(JIT, inline="always"))
-def _float_bytes_overload(marker):
-    size = marker.bitwidth // 8
-    return lambda marker: size
 
 
 @kernel(inline=True)
@@ -370,15 +359,16 @@ def _input_row(cfg, run, lv, i, block_start, b0, rows):
     return _row_at(lv.seq_in, _time_of(s, _length(cfg, run, b), lv.reverse) * cfg.step_stride + b * cfg.row_stride)
 
 
-def _weight_bytes(weights):
-    """Bytes per stored weight of ``weights``' type (bfloat16 pairs: 2)."""
+def _value_bytes(marker):
+    """Bytes of a value of ``marker``'s type: a float's size; 2 for a weight stored as bfloat16 (uint16,
+    in pairs)."""
     raise NotImplementedError("call from a Numba kernel")
 
 
-@overload(_weight_bytes, jit_options=dict(JIT, inline="always"))
-def _weight_bytes_overload(weights):
-    size = 2 if weights == types.uint16 else weights.bitwidth // 8
-    return lambda weights: size
+@overload(_value_bytes, jit_options=dict(JIT, inline="always"))
+def _value_bytes_overload(marker):
+    size = 2 if marker == types.uint16 else marker.bitwidth // 8
+    return lambda marker: size
 
 
 @kernel(inline=True)
@@ -386,7 +376,7 @@ def _group_block(k, weights):
     """Unit tiles whose weights (k rows of 48 each) fit in WEIGHT_BLOCK_BYTES: a product over more rows
     than one pass takes runs block by block, so the rows' passes reuse a block from the L2 cache instead
     of streaming all the weights again per four rows (an H=512 R is 3 MiB)."""
-    return max(1, WEIGHT_BLOCK_BYTES // max(1, k * GROUP_COLUMNS * _weight_bytes(weights)))
+    return max(1, WEIGHT_BLOCK_BYTES // max(1, k * GROUP_COLUMNS * _value_bytes(weights)))
 
 
 @kernel

@@ -180,8 +180,9 @@ class Pace:
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
       every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first
       parallel calls of a millisecond-long shape each waited about 4 ms: every one of them counts
-      against the calls' 99th percentile); the first call's time (thread start-up, cache loads) is not
-      counted;
+      against the calls' 99th percentile); not counted are the first call's time (thread start-up,
+      cache loads) and that of a call after a pause of over _BACK_TO_BACK_S (the workers were asleep:
+      a wake-up, not the shape's speed);
     * while serial it probes every ``probe_every`` calls with two parallel calls in a row, timing only
       the second: the first finds the other worker asleep and its cache cold after the serial calls
       (130-480 us against 17 us warm for a B=1 H=256 step here), which says nothing about the shape's
@@ -195,9 +196,9 @@ class Pace:
     """
 
     WINDOW, TRIM, PROBES, SLOWER, CHECK_EVERY = 16, 1, 8, 1.1, 4
-    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
+    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 512, 256
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "next_probe", "since", "warming")
+                 "probe_every", "next_probe", "since", "warming", "after_pause")
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -211,6 +212,7 @@ class Pace:
         self.next_probe = 0  # the call that starts the next probe
         self.since = 0  # the call at which the plan last turned parallel
         self.warming = False  # this call is a probe's first, untimed one
+        self.after_pause = False  # this call follows a pause: the workers had gone to sleep (untimed)
 
     def wants_parallel(self) -> bool:
         self.calls += 1
@@ -228,6 +230,8 @@ class Pace:
             return
         if not parallel:
             self.serial_times.append(seconds)
+            return
+        if self.after_pause:
             return
         if self.serial_mode:
             if not self.warming:
@@ -430,8 +434,10 @@ class _ParallelPolicy(Guard):
         self.last_end = now
         if plan.brief and not recent:
             return False
-        if not plan.pace.wants_parallel():
+        pace = plan.pace
+        if not pace.wants_parallel():
             return False
+        pace.after_pause = not recent
         return self.lock.acquire(blocking=False)
 
     def release(self, plan) -> None:

@@ -46,8 +46,8 @@ _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
 # 794 vs 755 us (medians 806 vs 967), H=192 (147K) 1,459 vs 1,324, H=256 (246K) 2,613 vs 2,049.
 _SPLIT_ONE_ROW_MIN_MACS = 128 << 10
 # In MODE_ROWS every thread reads a layer's whole W and R each step; past this many bytes they no longer
-# stay in a core's L2 (2 MiB here, shared with everything else), and four rows per thread (one, whatever
-# the work) are faster as a split, where each thread reads its share.  Measured here, T=200 I=64,
+# stay in a core's L2 (2 MiB here, shared with everything else), and four rows per thread (or one, however
+# small its work) are faster as a split, where each thread reads its share.  Measured here, T=200 I=64,
 # 2 threads, rows vs split: B=8 H=256 (0.94 MiB) 4,469 vs 5,331 us, H=384 (1.8 MiB) 11,491 vs 9,052;
 # B=2 H=384 6,446 vs 3,731.
 _ROWS_MAX_LAYER_WEIGHT_BYTES = 1 << 20

@@ -348,7 +348,8 @@ recur1_zr, recur2_zr, recur4_zr = (_make_gemm(rows, *GEMM_ZR, "zero") for rows i
 recur1_n, recur2_n, recur4_n = (_make_gemm(rows, *GEMM_N, "zero") for rows in (1, 2, 4))  # lbr=0: (r*h) R_n^T
 
 # the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
-# SPAN_BF16 groups per pass: more independent fma chains than three (scripts/bf16_gemm.py measures it)
+# SPAN_BF16 groups per pass, two rows half as many: twelve independent fma chains instead of three or six
+# (scripts/bf16_gemm.py measures the one-row span)
 SPAN_BF16 = 4
 project1_bf16 = _make_gemm(1, *GEMM_ALL, "bias", "bf16", SPAN_BF16)
 project2_bf16 = _make_gemm(2, *GEMM_ALL, "bias", "bf16", SPAN_BF16 // 2)

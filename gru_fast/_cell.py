@@ -28,7 +28,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import _math as m
-from ._tiles import GROUP, TILE
+from ._tiles import GROUP, TILE, _splat
 
 __all__ = ["cell_whole", "cell_reset", "cell_update"]
 
@@ -133,9 +133,7 @@ def _make(part):
         # clip <= 0: no clamp, as comparisons with +inf (a NaN clip clamps nothing either)
         on = builder.fcmp_ordered(">", clip, ir.Constant(_F32, 0.0))
         bound = builder.select(on, clip, ir.Constant(_F32, float("inf")))
-        undef = ir.Constant(_V, ir.Undefined)
-        hi = builder.shuffle_vector(builder.insert_element(undef, bound, ir.Constant(ir.IntType(32), 0)), undef,
-                                    ir.Constant(_I32V, [0] * TILE))
+        hi = _splat(builder, bound, _V)
         lo = builder.fneg(hi)
 
         def clipped(x):

@@ -58,6 +58,31 @@ def _float_ir(marker):
     return ir.FloatType() if marker.bitwidth == 32 else ir.DoubleType()
 
 
+def _splat(builder, value, vty):
+    """``value``, a scalar of ``vty``'s element type, in every lane of a ``vty`` vector."""
+    undef = ir.Constant(vty, ir.Undefined)
+    lane0 = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
+    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0)), undef, lane0)
+
+
+def _group_starts(builder, g, slots, group_stride, start, bias_ptr, rows, vty):
+    """The set-up of a pass over k for the (group offset j, tile i) ``slots`` of the groups from ``g``:
+    each slot's first output column (48 per group), the offset of its weights (``group_stride`` values
+    or words per group), and per row the accumulators' start: the bias row's columns for ``start ==
+    "bias"``, else zeros."""
+    i64 = ir.IntType(64)
+    cols, w_offsets = [], []
+    for j, i in slots:
+        gj = builder.add(g, ir.Constant(i64, j))
+        cols.append(builder.add(builder.mul(gj, ir.Constant(i64, GROUP * TILE)), ir.Constant(i64, i * TILE)))
+        w_offsets.append(builder.add(builder.mul(gj, group_stride), ir.Constant(i64, i * TILE)))
+    if start == "bias":
+        biases = [builder.load(builder.bitcast(builder.gep(bias_ptr, [col]), vty.as_pointer()), align=4)
+                  for col in cols]
+        return cols, w_offsets, [biases for _ in range(rows)]
+    return cols, w_offsets, [[ir.Constant(vty, None) for _ in slots] for _ in range(rows)]
+
+
 def _pairs_codegen(rows, tiles, start, span):
     """The code of a bf16 kernel of :func:`_make_gemm` (its arguments, weights in k pairs): passes of
     ``span`` (a power of two) groups while that many are left, then of span/2, ..., 1 group."""
@@ -83,12 +108,9 @@ def _pairs_codegen(rows, tiles, start, span):
         last_k = builder.sub(k_n, const(1))
         shift = ir.Constant(wty, [16] * TILE)
         high = ir.Constant(wty, [-65536] * TILE)  # 0xFFFF0000: the word's high half
-        lane0 = ir.Constant(wty, [0] * TILE)
-        undef = ir.Constant(vty, ir.Undefined)
 
         def splat(ptr, k):
-            x = builder.load(builder.gep(ptr, [k]))
-            return builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, lane0)
+            return _splat(builder, builder.load(builder.gep(ptr, [k])), vty)
 
         def load_words(offsets, pair):
             at = builder.mul(pair, const(words))
@@ -118,16 +140,7 @@ def _pairs_codegen(rows, tiles, start, span):
             # accumulators start from zero or the bias
             builder.position_at_end(init)
             slots = [(j, i) for j in range(n_span) for i in tiles]
-            cols, w_offsets = [], []
-            for j, i in slots:
-                gj = builder.add(g, const(j))
-                cols.append(builder.add(builder.mul(gj, const(words)), const(i * TILE)))
-                w_offsets.append(builder.add(builder.mul(gj, group_words), const(i * TILE)))
-            if start == "bias":
-                biases = [builder.load(vptr(bias_ptr, col), align=4) for col in cols]
-                first = [biases for _ in range(rows)]
-            else:
-                first = [[ir.Constant(vty, None) for _ in slots] for _ in range(rows)]
+            cols, w_offsets, first = _group_starts(builder, g, slots, group_words, start, bias_ptr, rows, vty)
             builder.cbranch(builder.icmp_signed(">", full, const(0)), body, mid)
 
             # for p in range(K // 2): acc = fma(a[2p + 1], W[2p + 1], fma(a[2p], W[2p], acc))
@@ -253,8 +266,6 @@ def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
             zero64 = ir.Constant(i64, 0)
             one64 = ir.Constant(i64, 1)
             group_elems = builder.mul(k_n, ir.Constant(i64, GROUP * TILE))  # elements per packed group
-            lane0 = ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE)
-            undef = ir.Constant(vty, ir.Undefined)
 
             def vptr(base, offset):
                 return builder.bitcast(builder.gep(base, [offset]), vty.as_pointer())
@@ -278,14 +289,8 @@ def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
             # accumulators start from zero or the bias
             builder.position_at_end(load)
             slots = list(tiles)
-            cols = [builder.add(builder.mul(g, ir.Constant(i64, GROUP * TILE)), ir.Constant(i64, i * TILE))
-                    for i in slots]
-            w_offsets = [builder.add(builder.mul(g, group_elems), ir.Constant(i64, i * TILE)) for i in slots]
-            if start == "bias":
-                biases = [builder.load(vptr(bias_ptr, col), align=4) for col in cols]
-                init = [biases for _ in range(rows)]
-            else:
-                init = [[ir.Constant(vty, None) for _ in cols] for _ in range(rows)]
+            cols, w_offsets, init = _group_starts(builder, g, [(0, i) for i in slots], group_elems, start, bias_ptr,
+                                                  rows, vty)
             has_k = builder.icmp_signed(">", k_n, zero64)
             loaded = builder.block
             builder.cbranch(has_k, body, store)
@@ -302,9 +307,7 @@ def _make_gemm(rows, first, ntiles, start, weights="float", span=1):
             weights = [builder.load(vptr(w_ptr, builder.add(offset, k_off)), align=4) for offset in w_offsets]
             new = []
             for m in range(rows):
-                x = builder.load(builder.gep(a_ptrs[m], [k]))
-                xv = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0)),
-                                            undef, lane0)
+                xv = _splat(builder, builder.load(builder.gep(a_ptrs[m], [k])), vty)
                 new.append([builder.call(fma, [xv, weights[q], acc[m][q]]) for q in range(len(slots))])
             k_next = builder.add(k, one64)
             k.add_incoming(k_next, body)

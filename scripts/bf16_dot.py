@@ -35,7 +35,7 @@ from numba.extending import intrinsic  # noqa: E402
 from gru_fast import _tiles as t  # noqa: E402
 from gru_fast._bf16 import from_bf16, pack_bf16, to_bf16  # noqa: E402
 from gru_fast._layout import pack_into  # noqa: E402
-from gru_fast._tiles import GROUP, TILE  # noqa: E402
+from gru_fast._tiles import GROUP, TILE, _group_starts, _splat  # noqa: E402
 
 
 class _BFloat(ir.Type):
@@ -92,8 +92,6 @@ def _dot_codegen(rows, tiles, start, span):
         pairs_n = builder.ashr(builder.add(k_n, const(1)), const(1))  # pair rows: ceil(K / 2)
         chunks_n = builder.ashr(builder.add(k_n, const(CHUNK - 1)), const(5))
         group_words = builder.mul(pairs_n, const(words))
-        lane0 = ir.Constant(wty, [0] * TILE)
-        undef_w = ir.Constant(wty, ir.Undefined)
 
         def vptr(base, offset, ty=vty):
             return builder.bitcast(builder.gep(base, [offset]), ty.as_pointer())
@@ -135,8 +133,7 @@ def _dot_codegen(rows, tiles, start, span):
 
         def broadcast(m, q):
             word = builder.load(builder.gep(builder.bitcast(slots_mem[m], i32.as_pointer()), [q]))
-            splat = builder.shuffle_vector(builder.insert_element(undef_w, word, ir.Constant(i32, 0)), undef_w, lane0)
-            return builder.bitcast(splat, bty)
+            return builder.bitcast(_splat(builder, word, wty), bty)
 
         def groups_pass(n_span, g_start, came_from):
             head = builder.append_basic_block(f"dot{n_span}.group")
@@ -156,16 +153,7 @@ def _dot_codegen(rows, tiles, start, span):
 
             builder.position_at_end(init)
             slots = [(j, i) for j in range(n_span) for i in tiles]
-            cols, w_offsets = [], []
-            for j, i in slots:
-                gj = builder.add(g, const(j))
-                cols.append(builder.add(builder.mul(gj, const(words)), const(i * TILE)))
-                w_offsets.append(builder.add(builder.mul(gj, group_words), const(i * TILE)))
-            if start == "bias":
-                biases = [builder.load(vptr(bias_ptr, col), align=4) for col in cols]
-                first = [biases for _ in range(rows)]
-            else:
-                first = [[ir.Constant(vty, None) for _ in slots] for _ in range(rows)]
+            cols, w_offsets, first = _group_starts(builder, g, slots, group_words, start, bias_ptr, rows, vty)
             builder.branch(chunk_head)
 
             # for c in range(ceil(K / 32)): round the rows' chunk, then its pairs

@@ -30,7 +30,7 @@ __all__ = ["warmup", "ENTRY_SECONDS"]
 ENTRY_SECONDS = {("float32", False): 16, ("float64", False): 15, ("bfloat16", False): 14,
                  ("float32", True): 13, ("float64", True): 12, ("bfloat16", True): 13}
 
-_ENTRY_SIGNATURE = (types.int64,) * 17  # every argument of an entry point is an int (see kernels)
+_ENTRY_SIGNATURE = (types.int64,)  # an entry point takes the address of its argument block (see kernels)
 _ENTRIES = {id(dispatcher): key for key, dispatcher in kernels.FORWARD.items()}
 
 
@@ -85,7 +85,7 @@ def warmup(model=None, *, parallel: bool | None = None) -> list[dict]:
 
     Returns one dict per entry point: ``weights``, ``parallel``, ``seconds`` and ``source`` ("compiled",
     "cache" or "memory": already loaded in this process).  Nothing runs: the kernels are compiled for
-    their (all-integer) signature.
+    their signature (one integer).
     """
     kinds = list(kernels.WEIGHTS) if model is None else [model.weights]
     modes = [False, True] if parallel is None else [bool(parallel)]

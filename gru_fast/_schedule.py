@@ -21,6 +21,7 @@ import collections
 import functools
 import itertools
 import os
+import struct
 import threading
 import weakref
 from time import perf_counter
@@ -134,8 +135,8 @@ def kernel_model(params: np.ndarray, meta: np.ndarray, input_size: int, hidden: 
 
 
 class Operands(NamedTuple):
-    """One call's arrays as the forward entry point reads them.  The fields are its per-call arguments,
-    in its order (see :func:`kernel_args`); an absent h0 or lengths has address 0."""
+    """One call's arrays as the forward entry point reads them: the per-call fields of its argument block,
+    in their order (see :func:`argument_block`); an absent h0 or lengths has address 0."""
 
     x: int
     steps: int
@@ -145,6 +146,10 @@ class Operands(NamedTuple):
     lengths: int
     y: int
     h_n: int
+
+
+assert Operands._fields == _layout.ARGS[_layout.ARG_X : _layout.ARG_X + len(Operands._fields)]
+_OPERANDS = struct.Struct(f"={len(Operands._fields)}q")  # written into a plan's argument block by run()
 
 
 class Plan(NamedTuple):
@@ -161,6 +166,8 @@ class Plan(NamedTuple):
     workspace_addr: int
     sync_addr: int
     nbytes: int  # of workspace and sync
+    args: np.ndarray  # the argument block of run()'s calls: model and plan fields set, operands written per call
+    args_addr: int
     key: tuple | None  # where the plan pool files it; None for a bound call's own plans
     pace: "Pace | None"  # a parallel plan's recent times against its serial path's (None when serial)
 
@@ -321,15 +328,22 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
 
     workspace = _layout.aligned_zeros(end, model.dtype)  # zero: padded hidden units start (and stay) finite
     sync = _layout.aligned_zeros(_layout.sync_slots(steps, L, mode, chunks), np.dtype(np.int64))
+    args = _block(model, Operands(0, steps, batch, 0, 0, 0, 0, 0), address(workspace), address(sync), mode, chunks,
+                  block_steps, workers)
     return Plan(parallel, macs < _BRIEF_MACS, mode, chunks, block_steps, workers, workspace, sync,
-                address(workspace), address(sync), workspace.nbytes + sync.nbytes, key,
+                address(workspace), address(sync), workspace.nbytes + sync.nbytes, args, address(args), key,
                 Pace(workers) if parallel else None)
 
 
-def kernel_args(model: KernelModel, operands: Operands, plan: Plan) -> tuple:
-    """The forward entry point's arguments, every one a plain integer (see gru_fast.kernels.FORWARD)."""
-    return (model.params_addr, model.n_params, model.meta_addr, *operands, plan.workspace_addr, plan.sync_addr,
-            plan.mode, plan.chunks, plan.block_steps, plan.workers)
+def _block(model: KernelModel, operands: Operands, *plan_fields) -> np.ndarray:
+    return np.array((model.params_addr, model.n_params, model.meta_addr, *operands, *plan_fields), np.int64)
+
+
+def argument_block(model: KernelModel, operands: Operands, plan: Plan) -> np.ndarray:
+    """A call's argument block (int64, the fields of gru_fast._layout.ARGS): the forward entry point of
+    gru_fast.kernels.FORWARD takes its address, so the block must live as long as the call may run."""
+    return _block(model, operands, plan.workspace_addr, plan.sync_addr, plan.mode, plan.chunks, plan.block_steps,
+                  plan.workers)
 
 
 # ---- the plan pool -----------------------------------------------------------------------------------
@@ -448,16 +462,17 @@ class _ParallelPolicy(Guard):
 PARALLEL = _ParallelPolicy()
 
 
-def launch(weights: str, plan: Plan, args: tuple) -> None:
-    """Run ``plan``'s forward entry point; a parallel plan was granted by PARALLEL and is handed back.
-    The entry point is looked up in ``kernels.FORWARD`` at every launch."""
+def launch(weights: str, plan: Plan, args: int) -> None:
+    """Run ``plan``'s forward entry point on the argument block at address ``args``; a parallel plan was
+    granted by PARALLEL and is handed back.  The entry point is looked up in ``kernels.FORWARD`` at every
+    launch."""
     if plan.parallel:
         try:
-            kernels.FORWARD[weights, True](*args)
+            kernels.FORWARD[weights, True](args)
         finally:
             PARALLEL.release(plan)
     else:
-        kernels.FORWARD[weights, False](*args)
+        kernels.FORWARD[weights, False](args)
 
 
 def run(model: KernelModel, operands: Operands) -> None:
@@ -469,11 +484,12 @@ def run(model: KernelModel, operands: Operands) -> None:
     if plan.parallel and not PARALLEL.acquire(plan):
         PLANS.give(plan)
         plan = take_plan(model, steps, batch, 1)
+    _OPERANDS.pack_into(plan.args, 8 * _layout.ARG_X, *operands)
     if pace is None:
-        launch(model.weights, plan, kernel_args(model, operands, plan))
+        launch(model.weights, plan, plan.args_addr)
     else:
         start = perf_counter()
-        launch(model.weights, plan, kernel_args(model, operands, plan))
+        launch(model.weights, plan, plan.args_addr)
         pace.record(plan.parallel, perf_counter() - start)
     PLANS.give(plan)
 
@@ -485,29 +501,37 @@ class Binding(NamedTuple):
     launches: tuple  # one function of no arguments per call given to bind, in order
     model: KernelModel  # its weights
     plans: tuple  # the parallel plan (or the serial one) and the serial plan: their workspaces
+    blocks: tuple  # the launches' argument blocks
 
 
 def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
     """Prepare ``calls`` (one shape: same steps and batch) to run again and again on the same arrays.
 
     The thread count is read now.  The plans are the binding's own, not the pool's (a bound call may run
-    from any thread, one at a time), and every kernel argument is built here: a launch of a serial plan is
-    the entry point's call and nothing else (a ``functools.partial``), the fast path of a small model.  The
-    serial entry point is looked up now; the parallel one at every launch (see :func:`launch`).
+    from any thread, one at a time), and every argument block is written here: a launch of a serial plan
+    is the entry point's call on one integer and nothing else (a ``functools.partial``), the fast path of
+    a small model.  The serial entry point is looked up now; the parallel one at every launch (see
+    :func:`launch`).
     """
     steps, batch = calls[0].steps, calls[0].batch
     plan = make_plan(model, steps, batch, _threads(model, steps, batch))
     serial = make_plan(model, steps, batch, 1) if plan.parallel else plan
     forward = kernels.FORWARD[model.weights, False]
-    launches = []
+    launches, blocks = [], []
     for operands in calls:
-        serially = functools.partial(forward, *kernel_args(model, operands, serial))
-        launches.append(functools.partial(_parallel_if_granted, model.weights, plan, kernel_args(model, operands, plan),
-                                          serially) if plan.parallel else serially)
-    return Binding(tuple(launches), model, (plan, serial))
+        serial_block = argument_block(model, operands, serial)
+        serially = functools.partial(forward, address(serial_block))
+        blocks.append(serial_block)
+        if plan.parallel:
+            block = argument_block(model, operands, plan)
+            blocks.append(block)
+            launches.append(functools.partial(_parallel_if_granted, model.weights, plan, address(block), serially))
+        else:
+            launches.append(serially)
+    return Binding(tuple(launches), model, (plan, serial), tuple(blocks))
 
 
-def _parallel_if_granted(weights: str, plan: Plan, args: tuple, serially) -> None:
+def _parallel_if_granted(weights: str, plan: Plan, args: int, serially) -> None:
     start = perf_counter()
     granted = PARALLEL.acquire(plan)
     if granted:

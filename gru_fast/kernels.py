@@ -16,9 +16,9 @@ computes the same operations 16 lanes at a time in LLVM IR.  The parity tests (t
 tests/test_parity_onnx.py) pin the kernels to PyTorch's nn.GRU and to ONNX Runtime's GRU.
 
 Records
-    The entry point (:data:`FORWARD`) takes plain integers (addresses and sizes: Numba's dispatcher
-    checks those fastest).  :func:`_records` turns them, in one place, into two records that every
-    other function takes: :data:`Config` (sizes, flags, strides, how the call is shared) and
+    The entry point (:data:`FORWARD`) takes one integer: the address of the call's argument block
+    (:data:`gru_fast._layout.ARGS`: addresses and sizes).  :func:`_records` turns it, in one place, into
+    two records that every other function takes: :data:`Config` (sizes, flags, strides, how the call is shared) and
     :data:`Run` (views of the inputs, outputs, weights and workspace).  :func:`_layer` gives the
     :data:`Layer` record of one (layer, direction): what it reads and writes, its weights, buffers and
     activations.  The layout of all of it is :mod:`gru_fast._layout`'s.
@@ -64,7 +64,7 @@ from numba.extending import overload
 
 from ._config import JIT, PARALLEL_JIT
 from ._jit import kernel
-from ._layout import (GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HIDDEN, META_INPUT, META_LAYERS,
+from ._layout import (ARGS, GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, META_HIDDEN, META_INPUT, META_LAYERS,
                       META_LBR, META_OFFSETS, META_REVERSE, MODE_ROWS, MODE_SPLIT, OFFSET_BHN, OFFSET_BX,
                       OFFSET_R, OFFSET_W, OFFSETS_PER_BLOCK, PARAM_ACT, PARAM_CLIP, SYNC_DONE, SYNC_STOLEN, UNITS,
                       WEIGHTS, direction_offsets, padded_hidden, sync_slots, workspace_layout)
@@ -132,12 +132,25 @@ def _matrix(base, start, rows, cols):
     return carray(pointer(base.ctypes.data + start * base.itemsize, base[0]), (rows, cols))  # base[0]: its type
 
 
+N_ARGS = len(ARGS)
+assert N_ARGS == 17, "_arguments reads ARGS's fields one by one"
+
+
 @kernel(inline=True)
-def _records(markers, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-             y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
-    """The entry point's integers as (Config, Run): the one place raw addresses become views.  ``markers``:
-    zeros of the float type and of the weights' storage type."""
+def _arguments(args):
+    """The fields of the argument block at address ``args``, in gru_fast._layout.ARGS's order."""
+    a = carray(pointer(args, np.int64(0)), (N_ARGS,))
+    return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15],
+            a[16])
+
+
+@kernel(inline=True)
+def _records(markers, args):
+    """The argument block at address ``args`` as (Config, Run): the one place raw addresses become views.
+    ``markers``: zeros of the float type and of the weights' storage type."""
     marker, weights = markers
+    (params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr, y_addr, h_n_addr,
+     ws_addr, sync_addr, mode, chunks, block_steps, _) = _arguments(args)
     head = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))
     layers, directions, hidden = head[META_LAYERS], head[META_DIRECTIONS], head[META_HIDDEN]
     meta = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
@@ -694,22 +707,23 @@ def _run_rows(cfg, run):
 
 
 @kernel
-def _reset_sync(meta_addr, sync_addr, steps, mode, chunks):
-    """Zero the counters and claim flags.  Not inlined into the parallel entry point: its parfor pass
-    would see a store to an array nothing reads afterwards (the workers reach it by address) and drop it."""
+def _reset_sync(args):
+    """Zero the counters and claim flags of the call whose argument block is at ``args``; returns its
+    workers.  Not inlined into the parallel entry point: its parfor pass would see a store to an array
+    nothing reads afterwards (the workers reach it by address) and drop it."""
+    (_, _, meta_addr, _, steps, _, _, _, _, _, _, _, sync_addr, mode, chunks, _, workers) = _arguments(args)
     layers = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))[META_LAYERS]
     sync = carray(pointer(sync_addr, np.int64(0)), (sync_slots(steps, layers, mode, chunks),))
     sync[:] = 0
+    return workers
 
 
 @kernel
-def _worker(w, marker, weights, params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-            lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps):
+def _worker(w, marker, weights, args):
     """Worker w's whole share of a parallel call.  The records are built here, inside the parallel loop's
     body: Numba's parfor passes cannot take them into the loop, nor analyse this function inlined there."""
-    cfg, run = _records((marker, weights), params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr,
-                        lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps)
-    if mode == MODE_SPLIT:
+    cfg, run = _records((marker, weights), args)
+    if cfg.mode == MODE_SPLIT:
         _run_split(cfg, run, w)
     else:
         _run_rows(cfg, run)
@@ -718,27 +732,21 @@ def _worker(w, marker, weights, params_addr, n_params, meta_addr, x_addr, steps,
 def _make_forward(parallel, weights):
     """Build a forward entry point.  One per (serial | parallel) and weights (float32, float64, or
     bfloat16 with float32 arithmetic), each compiled on its first call only: the types are fixed here,
-    not passed, which also keeps every argument a plain integer (Numba's dispatcher checks those
-    fastest).  The serial one runs MODE_ROWS with one worker and never compiles MODE_SPLIT."""
+    not passed, and the one argument is the address of the call's argument block (gru_fast._layout.ARGS).
+    The serial one runs MODE_ROWS with one worker and never compiles MODE_SPLIT."""
     float_type = np.float64 if weights == "float64" else np.float32
     weight_type = np.uint16 if weights == "bfloat16" else float_type
 
-    def forward_parallel(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-                         y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
-        """Run every layer: ``workers`` workers share the call (see the module docstring)."""
-        _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
+    def forward_parallel(args):
+        """Run every layer: the block's ``workers`` workers share the call (see the module docstring)."""
+        workers = _reset_sync(args)
         for w in prange(workers):
-            _worker(w, float_type(0), weight_type(0), params_addr, n_params, meta_addr, x_addr, steps, batch,
-                    batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
-                    block_steps)
+            _worker(w, float_type(0), weight_type(0), args)
 
-    def forward_serial(params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr,
-                       y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks, block_steps, workers):
-        """Run every layer in this thread (``mode`` is MODE_ROWS, ``chunks`` and ``workers`` 1)."""
-        _reset_sync(meta_addr, sync_addr, steps, mode, chunks)
-        cfg, run = _records((float_type(0), weight_type(0)), params_addr, n_params, meta_addr, x_addr, steps, batch,
-                            batch_major, h0_addr, lengths_addr, y_addr, h_n_addr, ws_addr, sync_addr, mode, chunks,
-                            block_steps)
+    def forward_serial(args):
+        """Run every layer in this thread (the block's ``mode`` is MODE_ROWS, ``chunks`` and ``workers`` 1)."""
+        _reset_sync(args)
+        cfg, run = _records((float_type(0), weight_type(0)), args)
         _run_rows(cfg, run)
 
     forward = forward_parallel if parallel else forward_serial

@@ -218,9 +218,9 @@ def test_split_call_whose_partner_never_runs_finishes_alone(rng, parallel_launch
     from gru_fast._memory import address
 
     operands = _schedule.Operands(address(x), T, 1, 0, 0, 0, address(y), address(h_n))
-    args = _schedule.kernel_args(model._kernel_model, operands, plan)
+    block = _schedule.argument_block(model._kernel_model, operands, plan)
     with numba_threads(1):
-        kernels.FORWARD["float32", True](*args)
+        kernels.FORWARD["float32", True](address(block))
     assert plan.sync[kernels.LINE * kernels.SYNC_STOLEN] == 2 * T  # both layers' T steps of chunk 1
     y_ref, h_ref = run_torch(module, x, None, None)
     assert_matches(y, y_ref, authority="torch.nn.GRU", dtype=np.float32, what="y")

@@ -33,13 +33,14 @@ CHILD = textwrap.dedent(
 
     import numba
     import gru_fast
-    from gru_fast import _schedule, kernels
+    from gru_fast import _layout, _schedule, kernels
 
     _schedule.Pace.wants_parallel = lambda self: True  # every call of a parallel plan launches in parallel
 
     seen = []  # Numba's count in the launching thread, and the workers gru_fast planned, per parallel launch
+    workers = lambda args: ctypes.c_int64.from_address(args + 8 * _layout.ARGS.index("workers")).value
     for key in [key for key in kernels.FORWARD if key[1]]:
-        kernels.FORWARD[key] = (lambda f: lambda *a: (seen.append((numba.get_num_threads(), a[-1])), f(*a))[1])(
+        kernels.FORWARD[key] = (lambda f: lambda a: (seen.append((numba.get_num_threads(), workers(a))), f(a))[1])(
             kernels.FORWARD[key])
 
     out = {"numba_num_threads": numba.config.NUMBA_NUM_THREADS, "layer": gru_fast.threading_layer(),

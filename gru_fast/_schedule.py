@@ -190,20 +190,21 @@ class Pace:
       against the calls' 99th percentile); not counted are the first call's time (thread start-up,
       cache loads) and that of a call after a pause of over _BACK_TO_BACK_S (the workers were asleep:
       a wake-up, not the shape's speed);
-    * while serial it probes every ``probe_every`` calls with two parallel calls in a row, timing only
-      the second: the first finds the other worker asleep and its cache cold after the serial calls
-      (130-480 us against 17 us warm for a B=1 H=256 step here), which says nothing about the shape's
-      parallel speed.  The plan turns parallel again when the mean of its last ``PROBES`` probes, less
-      the slowest ``TRIM``, is within ``SLOWER`` x its serial calls' time (the rule that turned it
-      serial).  Each probe slower than that doubles ``probe_every``, up to ``MAX_PROBE_EVERY``: beside
-      a neighbour spinning on the other core, the second call of a probe often waits a whole time
-      slice (a median of 4.8 ms for a 20 us step, measured here), so probes must grow rare for the
+    * while serial it probes every ``probe_every`` calls with ``PROBE_CALLS`` parallel calls in a row,
+      timing only the last: after serial calls the other worker has gone to sleep, and once woken it
+      may first run on the caller's core.  Measured here, B=1 H=256 step, 12 us warm: after 512 serial
+      calls the first parallel call took 117 us, the second 72, the third 17; after 64, 37, 17 and 15.
+      The plan turns parallel again when the mean of its last ``PROBES`` probes, less the slowest
+      ``TRIM``, is within ``SLOWER`` x its serial calls' time (the rule that turned it serial).  Each
+      probe slower than that doubles ``probe_every``, up to ``MAX_PROBE_EVERY``: beside a neighbour
+      spinning on the other core, the calls of a probe often wait a whole time slice (a median of 4.8 ms
+      for a 20 us step, measured here), so probes must grow rare (under 0.3 % of the calls) for the
       calls' 99th percentile to stay the serial path's.  The interval starts again from
       ``FIRST_PROBE_EVERY`` only when the plan turns serial after ``SHORT`` or more parallel calls.
     """
 
-    WINDOW, TRIM, PROBES, SLOWER, CHECK_EVERY = 16, 1, 8, 1.1, 4
-    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 512, 256
+    WINDOW, TRIM, PROBES, PROBE_CALLS, SLOWER, CHECK_EVERY = 16, 1, 8, 3, 1.1, 4
+    FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
                  "probe_every", "next_probe", "since", "warming", "after_pause")
 
@@ -218,19 +219,19 @@ class Pace:
         self.probe_every = self.FIRST_PROBE_EVERY
         self.next_probe = 0  # the call that starts the next probe
         self.since = 0  # the call at which the plan last turned parallel
-        self.warming = False  # this call is a probe's first, untimed one
+        self.warming = False  # this call is one of a probe's first, untimed ones
         self.after_pause = False  # this call follows a pause: the workers had gone to sleep (untimed)
 
     def wants_parallel(self) -> bool:
         self.calls += 1
         if not self.serial_mode:
             return True
-        phase = self.calls - self.next_probe
-        if phase > 1:  # the probe's timed call ran serially (another call had the workers): the next one
+        phase, timed = self.calls - self.next_probe, self.PROBE_CALLS - 1
+        if phase > timed:  # the probe's timed call ran serially (another call had the workers): the next one
             self.next_probe = self.calls + self.probe_every
             phase = -self.probe_every
-        self.warming = phase == 0
-        return 0 <= phase <= 1  # a probe: the warming call, then the timed one
+        self.warming = phase < timed
+        return 0 <= phase <= timed  # a probe: the warming calls, then the timed one
 
     def record(self, parallel: bool, seconds: float) -> None:
         if self.calls <= 1:

@@ -1,6 +1,6 @@
 """The matrix-product micro-kernels, written in LLVM IR: accumulators that stay in registers.
 
-The GRU's products are ``c = s + a @ W`` with ``a`` one to four rows (a batch's hidden states or
+The GRU's products are ``c = s + a @ W`` with ``a`` one to eight rows (a batch's hidden states or
 inputs), ``W`` (K, N) weights and ``s`` zero or a bias row.  Written as Numba loops, the best form
 streams a block of weight rows over the output and stores the output back after every block: at B=1
 that costs about a third of the time, and every block of every slice of columns pays a loop set-up
@@ -10,15 +10,16 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 
 * the output columns are processed in *groups* of 48 (three 16-column *tiles*: the z, r and n gates
   of 16 hidden units, see gru_fast.kernels), with one ``<16 x float>`` accumulator per tile and row:
-  12 registers for four rows, started at zero or at the bias;
+  12 registers for four rows, 24 for eight, started at zero or at the bias;
 * the weights are packed once (:func:`gru_fast.model._pack_into`) group by group, each group's K
   rows of 48 values contiguous, so a pass over k reads one stream (three streams per group ran slower);
 * every output element is ``s + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
-  order, the same whether it is computed with 1 or 4 rows, by whichever thread, for whichever range of
-  groups: serial and parallel runs agree bit for bit.
+  order, the same whether it is computed with 1, 2, 4 or 8 rows, by whichever thread, for whichever
+  range of groups: serial and parallel runs agree bit for bit.
 
-Four rows reach about 57 GMAC/s on one core here (the FMA peak), one row 24-29 GMAC/s (the rate the
-L2 cache delivers weights).  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
+On one core here, K=256 and 16 groups (768 KiB of weights, in the L2 cache): eight rows reach 82
+GMAC/s, four 60, one 17-29 (the rate the L2 cache delivers weights, shared by fewer rows); with K=128
+(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 only.  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
 registers), and machines without AVX-512 get it split into narrower vectors.
 
 The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights in *k pairs*
@@ -48,7 +49,8 @@ from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "SPAN_BF16"] + [f"{name}{rows}{kind}{weights}" for name, kind in
                                             (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))
-                                            for rows in (1, 2, 4) for weights in ("", "_bf16")]
+                                            for rows in (1, 2, 4) for weights in ("", "_bf16")] + [
+    f"{name}8{kind}" for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -349,6 +351,11 @@ project1, project2, project4 = (_make_gemm(rows, *GEMM_ALL, "bias") for rows in 
 recur1_all, recur2_all, recur4_all = (_make_gemm(rows, *GEMM_ALL, "zero") for rows in (1, 2, 4))  # h R^T
 recur1_zr, recur2_zr, recur4_zr = (_make_gemm(rows, *GEMM_ZR, "zero") for rows in (1, 2, 4))  # lbr=0: h R_zr^T
 recur1_n, recur2_n, recur4_n = (_make_gemm(rows, *GEMM_N, "zero") for rows in (1, 2, 4))  # lbr=0: (r*h) R_n^T
+# eight rows, for float32 (24 accumulators; float64's would take 48 registers): each weight loaded once
+# per eight rows, which keeps a pass compute-bound where four rows wait on the L2 cache
+project8, recur8_all, recur8_zr, recur8_n = (_make_gemm(8, *tiles, start) for tiles, start in
+                                             ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"),
+                                              (GEMM_N, "zero")))
 
 # the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
 # SPAN_BF16 groups per pass, two rows half as many: twelve independent fma chains instead of three or six

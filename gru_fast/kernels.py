@@ -236,11 +236,25 @@ def _copy(dst, src, lo, hi, at):
 PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 
 
-def _micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
-    """The micro-kernel of ``kind`` for ``rows`` rows (gru_fast._tiles), for weights stored as ``weights``'
-    type, ``w_offset`` weights past address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed
-    by ``weights``: float and bfloat16 models each compile only their own kernels."""
+def _micro(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
+    """The micro-kernel of ``kind`` for ``rows`` of the eight (c, a) row addresses (gru_fast._tiles): 1, 2,
+    4, or 8 up to :func:`_most_rows`, for weights stored as ``weights``' type, ``w_offset`` weights past
+    address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed by ``weights``: float and
+    bfloat16 models each compile only their own kernels."""
     raise NotImplementedError("call from a Numba kernel")
+
+
+def _most_rows(weights):
+    """The most rows of a product pass for weights stored as ``weights``' type: eight for float32, four
+    for float64 (eight rows' 24 accumulators of 16 doubles would not stay in registers) and bfloat16
+    (nor beside its widened weights)."""
+    raise NotImplementedError("call from a Numba kernel")
+
+
+@overload(_most_rows, jit_options=dict(JIT, inline="always"))
+def _most_rows_overload(weights):
+    most = 8 if weights == types.float32 else 4
+    return lambda weights: most
 
 
 def _kernels_of(rows, weights):
@@ -251,7 +265,7 @@ def _kernels_of(rows, weights):
 
 
 @overload(_micro, jit_options=dict(JIT, inline="always"))
-def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
+def _micro_overload(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
     if isinstance(weights, types.Float):
         pairs, itemsize, stored = False, weights.bitwidth // 8, "float"
     elif weights == types.uint16:
@@ -262,11 +276,10 @@ def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bia
     p2, all2, zr2, n2 = _kernels_of(2, stored)
     p4, all4, zr4, n4 = _kernels_of(4, stored)
 
-    def micro(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bias, k, n, marker, weights):
-        if pairs:  # w_offset = 48 * u0 * k values: u0 groups of ceil(k / 2) rows of 48 words
-            at = w + (w_offset // k) * ((k + 1) // 2) * itemsize if k > 0 else w
-        else:
-            at = w + w_offset * itemsize
+    @njit(**JIT, inline="always")
+    def at_most_four(kind, rows, c, a, at, bias, k, n, marker):
+        c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+        a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
         if rows == 4:
             if kind == PROJECT:
                 p4(c0, c1, c2, c3, a0, a1, a2, a3, at, bias, k, n, marker)
@@ -294,21 +307,51 @@ def _micro_overload(kind, rows, c0, c1, c2, c3, a0, a1, a2, a3, w, w_offset, bia
         else:
             n1(c0, a0, at, bias, k, n, marker)
 
-    return micro
+    @njit(**JIT, inline="always")
+    def weights_at(w, w_offset, k):
+        if pairs:  # w_offset = 48 * u0 * k values: u0 groups of ceil(k / 2) rows of 48 words
+            return w + (w_offset // k) * ((k + 1) // 2) * itemsize if k > 0 else w
+        return w + w_offset * itemsize
+
+    if weights != types.float32:
+        def micro(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
+            at_most_four(kind, rows, c, a, weights_at(w, w_offset, k), bias, k, n, marker)
+
+        return micro
+    p8, all8, zr8, n8 = _kernels_of(8, stored)
+
+    def micro_eight(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
+        at = weights_at(w, w_offset, k)
+        if rows != 8:
+            at_most_four(kind, rows, c, a, at, bias, k, n, marker)
+        elif kind == PROJECT:
+            p8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], at, bias,
+               k, n, marker)
+        elif kind == RECUR:
+            all8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], at,
+                 bias, k, n, marker)
+        elif kind == RECUR_ZR:
+            zr8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], at,
+                bias, k, n, marker)
+        else:
+            n8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], at, bias,
+               k, n, marker)
+
+    return micro_eight
 
 
 @kernel
 def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights, marker):
-    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2 or 4)
-    of the four (c, a) pairs, given as the rows' addresses (every array passed to a compiled function
-    costs a reference-count call on the way in and one on the way out); ``bias`` the bias row's address;
-    W stored as ``weights``' type, the rows as ``marker``'s."""
+    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2, 4
+    or 8) of the eight (c, a) pairs, given as the rows' addresses (every array passed to a compiled
+    function costs a reference-count call on the way in and one on the way out); ``bias`` the bias row's
+    address; W stored as ``weights``' type, the rows as ``marker``'s."""
     n = u1 - u0
     if n <= 0:
         return
     at = GROUP_COLUMNS * u0 * _value_bytes(marker)
-    _micro(kind, rows, c[0] + at, c[1] + at, c[2] + at, c[3] + at, a[0], a[1], a[2], a[3], w, GROUP_COLUMNS * u0 * k,
-           bias + at, k, n, marker, weights)  # group u0 starts after u0 groups of K rows of 48
+    _micro(kind, rows, (c[0] + at, c[1] + at, c[2] + at, c[3] + at, c[4] + at, c[5] + at, c[6] + at, c[7] + at), a,
+           w, GROUP_COLUMNS * u0 * k, bias + at, k, n, marker, weights)  # group u0 starts after u0 groups of K rows
 
 
 @kernel(inline=True)
@@ -318,44 +361,55 @@ def _row_at(m, r):
 
 
 @kernel(inline=True)
-def _rows_per_pass(left):
-    """Rows of the next product pass with ``left`` rows to go: four while three or more are left (three
-    cost one four-row pass, compute-bound, repeating a row: see :func:`_four_of`), else two or one."""
-    return left if left <= 2 else 4
+def _rows_per_pass(left, weights):
+    """Rows of the next product pass with ``left`` rows to go: eight (up to :func:`_most_rows`) while five
+    or more are left, four for three or four, else two or one.  Left-over rows cost one pass of the next
+    size up, repeating the last row (see :func:`_eight_of`): measured on one core here (float32, H=256),
+    eight rows run 82 GMAC/s, four 60 (the rate the L2 cache delivers weights for four), two 32-36, one
+    17-20."""
+    if left <= 2:
+        return left
+    return 4 if left <= 4 or _most_rows(weights) == 4 else 8
 
 
 @kernel(inline=True)
-def _four_of(n, i):
-    """Rows i..i+3 for a product pass (four, two or one of them used: :func:`_rows_per_pass`); past the
-    last of n rows, the last one again.  Three left-over rows cost one four-row pass (compute-bound)
-    instead of a two-row and a one-row pass; a repeated row computes the same values into the same place."""
+def _eight_of(n, i):
+    """Rows i..i+7 for a product pass (eight, four, two or one of them used: :func:`_rows_per_pass`); past
+    the last of n rows, the last one again: a repeated row computes the same values into the same place."""
     last = n - 1
-    return min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last)
+    return (min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last),
+            min(i + 6, last), min(i + 7, last))
 
 
 @kernel
 def _project(cfg, run, lv, block_start, block_end, b0, b1, u0, u1):
     """xp[(s - block_start) * B + b, tiles u0..u1] = x_row(s, b) @ W + b_x for steps s in
-    [block_start, block_end) and rows b in [b0, b1), up to four (step, row) pairs at a time
-    (:func:`_rows_per_pass`), block by block of unit tiles when there are more than four (see
+    [block_start, block_end) and rows b in [b0, b1), up to eight (step, row) pairs at a time
+    (:func:`_rows_per_pass`), block by block of unit tiles when there are more than eight (see
     :func:`_products`)."""
     rows = b1 - b0
     n = (block_end - block_start) * rows
-    block = u1 - u0 if n <= 4 else _group_block(lv.input_size, cfg.weights)
+    block = u1 - u0 if n <= 8 else _group_block(lv.input_size, cfg.weights)
     for g0 in range(u0, u1, block):
         g1 = min(u1, g0 + block)
         i = 0
         while i < n:
-            count = _rows_per_pass(n - i)
-            i0, i1, i2, i3 = _four_of(n, i)
+            count = _rows_per_pass(n - i, cfg.weights)
+            i0, i1, i2, i3, i4, i5, i6, i7 = _eight_of(n, i)
             c = (_row_at(lv.xp, _xp_row(cfg, i0, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i1, b0, rows)),
-                 _row_at(lv.xp, _xp_row(cfg, i2, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i3, b0, rows)))
+                 _row_at(lv.xp, _xp_row(cfg, i2, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i3, b0, rows)),
+                 _row_at(lv.xp, _xp_row(cfg, i4, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i5, b0, rows)),
+                 _row_at(lv.xp, _xp_row(cfg, i6, b0, rows)), _row_at(lv.xp, _xp_row(cfg, i7, b0, rows)))
             a = (_input_row(cfg, run, lv, i0, block_start, b0, rows),
                  _input_row(cfg, run, lv, i1, block_start, b0, rows),
                  _input_row(cfg, run, lv, i2, block_start, b0, rows),
-                 _input_row(cfg, run, lv, i3, block_start, b0, rows))
+                 _input_row(cfg, run, lv, i3, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i4, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i5, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i6, block_start, b0, rows),
+                 _input_row(cfg, run, lv, i7, block_start, b0, rows))
             _gemm(PROJECT, count, c, a, lv.w_x, lv.b_x.ctypes.data, lv.input_size, g0, g1, cfg.weights, cfg.clip)
-            i += 4
+            i += count
 
 
 @kernel(inline=True)
@@ -394,22 +448,24 @@ def _group_block(k, weights):
 
 @kernel
 def _products(kind, hr, rows_in, b0, b1, w, k, u0, u1, weights):
-    """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, up to four at a time
+    """hr[b, the kind's tiles of unit tiles u0..u1] = rows_in[b] @ R for rows b0..b1, up to eight at a time
     (RECUR: all three gates, RECUR_ZR: z and r, RECUR_N: n; the other columns are left alone).  Over more
-    than four rows, block by block of unit tiles (:func:`_group_block`); every output element is the same
+    than eight rows, block by block of unit tiles (:func:`_group_block`); every output element is the same
     chain of multiply-adds either way."""
-    block = u1 - u0 if b1 - b0 <= 4 else _group_block(k, weights)
+    block = u1 - u0 if b1 - b0 <= 8 else _group_block(k, weights)
     for g0 in range(u0, u1, block):
         g1 = min(u1, g0 + block)
         b = b0
         while b < b1:
-            count = _rows_per_pass(b1 - b)
-            i0, i1, i2, i3 = _four_of(b1 - b0, b - b0)
-            r0, r1, r2, r3 = b0 + i0, b0 + i1, b0 + i2, b0 + i3
-            _gemm(kind, count, (_row_at(hr, r0), _row_at(hr, r1), _row_at(hr, r2), _row_at(hr, r3)),
-                  (_row_at(rows_in, r0), _row_at(rows_in, r1), _row_at(rows_in, r2), _row_at(rows_in, r3)), w,
+            count = _rows_per_pass(b1 - b, weights)
+            i0, i1, i2, i3, i4, i5, i6, i7 = _eight_of(b1 - b, 0)
+            r0, r1, r2, r3, r4, r5, r6, r7 = b + i0, b + i1, b + i2, b + i3, b + i4, b + i5, b + i6, b + i7
+            _gemm(kind, count, (_row_at(hr, r0), _row_at(hr, r1), _row_at(hr, r2), _row_at(hr, r3), _row_at(hr, r4),
+                                _row_at(hr, r5), _row_at(hr, r6), _row_at(hr, r7)),
+                  (_row_at(rows_in, r0), _row_at(rows_in, r1), _row_at(rows_in, r2), _row_at(rows_in, r3),
+                   _row_at(rows_in, r4), _row_at(rows_in, r5), _row_at(rows_in, r6), _row_at(rows_in, r7)), w,
                   _row_at(hr, r0), k, g0, g1, weights, hr[0, 0])  # no bias; hr[0, 0]: only its type is used
-            b += 4
+            b += count
 
 
 # ---------------------------------------------------------------------------

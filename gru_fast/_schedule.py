@@ -200,7 +200,9 @@ class Pace:
       spinning on the other core, the calls of a probe often wait a whole time slice (a median of 4.8 ms
       for a 20 us step, measured here), so probes must grow rare (under 0.3 % of the calls) for the
       calls' 99th percentile to stay the serial path's.  The interval starts again from
-      ``FIRST_PROBE_EVERY`` only when the plan turns serial after ``SHORT`` or more parallel calls.
+      ``FIRST_PROBE_EVERY`` when the plan turns serial after ``SHORT`` or more parallel calls, and doubles
+      when it turns serial sooner: beside a busy neighbour a probe's last call can be quick (its worker
+      has just been given the core) while the calls that follow it stall again.
     """
 
     WINDOW, TRIM, PROBES, PROBE_CALLS, SLOWER, CHECK_EVERY = 16, 1, 8, 3, 1.1, 4
@@ -256,6 +258,8 @@ class Pace:
             self.probes.clear()
             if self.calls - self.since >= self.SHORT:
                 self.probe_every = self.FIRST_PROBE_EVERY
+            else:  # the probes that turned it parallel were misleading: probe less often
+                self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
             self.next_probe = self.calls + self.probe_every
 
     def _probed(self, seconds: float) -> None:

@@ -12,6 +12,8 @@ there; the float32 cell, :mod:`gru_fast._cell`, does the same operations on
   minimax polynomial of Cephes' ``expf`` (S. L. Moshier, *Methods and Programs
   for Mathematical Functions*, 1989), scaled by ``2**n`` built from its bits;
   within 2 ulp of the correctly rounded result on [-86.6, 88.7];
+* both polynomials and the reduction in fused multiply-adds (one rounding each,
+  and about a third fewer vector operations than a multiply and an add);
 * ``sigmoid(x) = 1 / (1 + exp(-x))``;
 * ``tanh``: Cephes' ``tanhf`` (odd polynomial below |x| = 0.625,
   ``1 - 2 / (exp(2|x|) + 1)`` above), within 2 ulp.
@@ -43,7 +45,7 @@ from numba.extending import overload
 
 from ._config import JIT
 from ._jit import kernel
-from ._memory import int32_bits_as_float32
+from ._memory import fused_multiply_add as fma, int32_bits_as_float32
 
 __all__ = ["exp", "sigmoid", "tanh", "like", "activate", "clip_range"]
 
@@ -82,12 +84,12 @@ def _exp_f32(x):
     # Clamps written "bound if x beyond bound else x": a NaN fails both tests and passes through.
     x = _EXP_HI if x > _EXP_HI else x
     x = _EXP_LO if x < _EXP_LO else x
-    fx = np.floor(x * _LOG2E + _HALF)
-    r = x - fx * _LN2_HI
-    r = r - fx * _LN2_LO
+    fx = np.floor(fma(x, _LOG2E, _HALF))
+    r = fma(fx, -_LN2_HI, x)
+    r = fma(fx, -_LN2_LO, r)
     z = r * r
-    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-    p = p * z + r + _ONE
+    p = fma(fma(fma(fma(fma(_P0, r, _P1), r, _P2), r, _P3), r, _P4), r, _P5)
+    p = fma(p, z, r) + _ONE
     fx = fx if fx == fx else _ZERO  # a NaN's exponent must not reach the integer conversion
     return p * int32_bits_as_float32((np.int64(fx) + 126) << 23) * _TWO
 
@@ -95,7 +97,7 @@ def _exp_f32(x):
 def _tanh_f32(x):
     a = abs(x)
     z = x * x
-    small = ((((_T0 * z + _T1) * z + _T2) * z + _T3) * z + _T4) * z * x + x
+    small = fma(fma(fma(fma(fma(_T0, z, _T1), z, _T2), z, _T3), z, _T4) * z, x, x)
     e = exp(_TWO * a)
     large = _ONE - _TWO / (e + _ONE)
     large = -large if x < _ZERO else large

@@ -16,7 +16,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["address", "pointer", "atomic_add", "atomic_load", "atomic_cas", "spin_pause", "yield_cpu",
+__all__ = ["address", "pointer", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause", "yield_cpu",
            "int32_bits_as_float32"]
 
 
@@ -168,3 +168,20 @@ def int32_bits_as_float32(typingctx, bits):
         return builder.bitcast(low, ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def fused_multiply_add(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma``), for floats of one type; vectorises to FMA instructions."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        ty = args[0].type
+        name = f"llvm.fma.f{a.bitwidth}"
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen

@@ -296,7 +296,8 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful; one
       row per thread from _SPLIT_ONE_ROW_MIN_MACS), or four rows per thread when a layer's weights are
       past _ROWS_MAX_LAYER_WEIGHT_BYTES, when a row's layer-step is large enough to pay for a handshake:
-      the threads share each step's hidden units, and the products take the rows four or two at a time;
+      the threads share each step's hidden units, and the products take the rows eight, four or two at a
+      time;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
     H, D, L = model.hidden, model.directions, model.layers

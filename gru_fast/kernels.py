@@ -24,7 +24,7 @@ Records
     activations.  The layout of all of it is :mod:`gru_fast._layout`'s.
 
 Matrix products
-    ``c += a @ W`` for one, two or four rows ``a``, by the LLVM-IR micro-kernels of
+    ``c += a @ W`` for one, two, four or (float32) eight rows ``a``, by the LLVM-IR micro-kernels of
     :mod:`gru_fast._tiles` (accumulators in registers).  No BLAS is called, so no second thread pool
     competes for the cores, and every output element is the same chain of fused multiply-adds
     whichever thread, row group or unit range computes it: serial and parallel runs agree bit for bit.
@@ -442,7 +442,7 @@ def _value_bytes_overload(marker):
 def _group_block(k, weights):
     """Unit tiles whose weights (k rows of 48 each) fit in WEIGHT_BLOCK_BYTES: a product over more rows
     than one pass takes runs block by block, so the rows' passes reuse a block from the L2 cache instead
-    of streaming all the weights again per four rows (an H=512 R is 3 MiB)."""
+    of streaming all the weights again per pass (an H=512 R is 3 MiB)."""
     return max(1, WEIGHT_BLOCK_BYTES // max(1, k * GROUP_COLUMNS * _value_bytes(weights)))
 
 

@@ -16,8 +16,8 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["address", "pointer", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause", "yield_cpu",
-           "int32_bits_as_float32"]
+__all__ = ["address", "pointer", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause",
+           "yield_cpu", "int32_bits_as_float32"]
 
 
 @intrinsic

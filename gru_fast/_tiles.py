@@ -19,8 +19,9 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 
 On one core here, K=256 and 16 groups (768 KiB of weights, in the L2 cache): eight rows reach 82
 GMAC/s, four 60, one 17-29 (the rate the L2 cache delivers weights, shared by fewer rows); with K=128
-(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 only.  ``<16 x double>`` is the same code for float64 (LLVM splits it into two
-registers), and machines without AVX-512 get it split into narrower vectors.
+(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 only.
+``<16 x double>`` is the same code for float64 (LLVM splits it into two registers), and machines
+without AVX-512 get it split into narrower vectors.
 
 The ``*_bf16`` kernels (``_make_gemm(..., weights="bf16")``) read bfloat16 weights in *k pairs*
 (:func:`gru_fast._bf16.pack_bf16`): per group, ceil(K/2) rows of 48 32-bit words, word j of row p

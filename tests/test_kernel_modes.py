@@ -194,6 +194,24 @@ def test_stream_step_split_between_threads(num_layers, rng, parallel_launches):
     assert len(parallel_launches) == 6
 
 
+@needs_two_threads
+def test_stream_follows_thread_count_changes_between_steps(rng, parallel_launches):
+    """A stream runs each step with the thread count then in force (a stream keeps plans per count):
+    steps alternating between one and two threads equal torch.nn.GRU over the frames so far, and only
+    the two-thread steps launch the parallel kernel."""
+    module = torch_gru(128, 256, 1, seed=16)
+    model = convert_torch(module)
+    x = _x(rng, (6, 1, 128), np.float32)
+    y_ref, h_ref = run_torch(module, x, None, None)
+    stream = model.stream(batch_size=1)
+    for t in range(6):
+        with numba_threads(1 + t % 2):
+            y_t = stream.step(x[t])
+        assert_matches(y_t, y_ref[t], authority="torch.nn.GRU", dtype=np.float32, what=f"y_{t}")
+    assert_matches(stream.state, h_ref, authority="torch.nn.GRU", dtype=np.float32, what="state")
+    assert len(parallel_launches) == 3
+
+
 def test_small_calls_stay_serial(rng, parallel_launches):
     """Below the work threshold no parallel region is launched (it would cost more than the call)."""
     model = convert_torch(torch_gru(10, 10, 1, bidirectional=True, seed=15))

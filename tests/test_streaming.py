@@ -190,6 +190,24 @@ def test_step_with_out_buffer(rng):
         assert np.array_equal(buf, expected)
 
 
+def test_step_refuses_out_overlapping_x_t(rng):
+    """API contract: ``out`` may not share memory with ``x_t`` (ValueError naming out, raised before the
+    step: x_t and the state are left as they were); an ``out`` that starts right after x_t in the same
+    buffer shares none and gives what a step on separate arrays gives."""
+    model = _onnx_model(rng, 2)  # I=4, H=5
+    buf = rng.standard_normal(12).astype(np.float32)
+    stream = model.stream(batch_size=1)
+    for start in (0, 3, 2):  # the same memory; y's first element on x_t's last; from its third on
+        before = buf.copy()
+        with pytest.raises(ValueError, match="out y shares memory with x_t"):
+            stream.step(buf[:4].reshape(1, 4), out=buf[start : start + 5].reshape(1, 5))
+        assert np.array_equal(buf, before), "the caller's x_t was overwritten"
+        assert np.array_equal(stream.state, np.zeros((2, 1, 5), np.float32)), "a refused step moved the state"
+    x_t = buf[:4].reshape(1, 4)
+    expected = model.stream(batch_size=1).step(x_t.copy())
+    assert np.array_equal(stream.step(x_t, out=buf[4:9].reshape(1, 5)), expected)
+
+
 def test_step_does_not_modify_its_input_or_h0(rng):
     """Documented: inputs are never modified (x_t, and the h0 given to stream())."""
     model = _onnx_model(rng, 2)

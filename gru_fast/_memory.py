@@ -3,7 +3,7 @@
 Numba wraps every ndarray argument in a fresh runtime MemInfo on each call,
 which counts as a Numba runtime allocation.  gru_fast promises that a
 steady-state call allocates nothing, so kernels take data addresses (plain
-integers) and rebuild array views with :func:`numba.carray`, which owns no
+integers) and rebuild array views with :func:`array_at`, which owns no
 memory.  The Python wrappers validate dtype, shape and C-contiguity before an
 address is taken, and keep the arrays alive for the duration of the call.
 """
@@ -14,9 +14,11 @@ import ctypes
 
 import numpy as np
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
 
-__all__ = ["address", "pointer", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause",
+__all__ = ["address", "pointer", "array_at", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause",
            "yield_cpu", "int32_bits_as_float32"]
 
 
@@ -31,6 +33,34 @@ def pointer(typingctx, addr, marker):
         return builder.inttoptr(args[0], context.get_value_type(ptr_type))
 
     return ptr_type(addr, marker), codegen
+
+
+@intrinsic
+def array_at(typingctx, addr, marker, shape):
+    """``(int address, scalar marker, tuple of sizes) -> C-contiguous array of typeof(marker)`` over the
+    memory at ``addr`` inside a kernel: a view that owns nothing, as ``numba.carray(pointer(addr, marker),
+    shape)`` makes, but built in the caller's own code.  ``numba.carray`` is a compiled function that
+    returns a new array, which a kernel compiled without the runtime's reference counts (see
+    gru_fast._jit.kernel) may not call."""
+    if not isinstance(addr, types.Integer) or not isinstance(shape, types.BaseTuple) or not all(
+            isinstance(size, types.Integer) for size in shape):
+        return None
+    array_type = types.Array(marker, len(shape), "C")
+
+    def codegen(context, builder, signature, args):
+        sizes = [context.cast(builder, value, size_type, types.intp)
+                 for size_type, value in zip(shape, cgutils.unpack_tuple(builder, args[2], len(shape)))]
+        itemsize = cgutils.intp_t(context.get_abi_sizeof(context.get_data_type(marker)))
+        strides, stride = [], itemsize
+        for size in reversed(sizes):
+            strides.append(stride)
+            stride = builder.mul(stride, size)
+        view = make_array(array_type)(context, builder)
+        populate_array(view, data=builder.inttoptr(args[0], context.get_data_type(marker).as_pointer()), shape=sizes,
+                       strides=strides[::-1], itemsize=itemsize, meminfo=None)
+        return view._getvalue()
+
+    return array_type(addr, marker, shape), codegen
 
 
 # The data pointer is the first field after the object header of NumPy's

@@ -21,7 +21,9 @@ Records
     two records that every other function takes: :data:`Config` (sizes, flags, strides, how the call is shared) and
     :data:`Run` (views of the inputs, outputs, weights and workspace).  :func:`_layer` gives the
     :data:`Layer` record of one (layer, direction): what it reads and writes, its weights, buffers and
-    activations.  The layout of all of it is :mod:`gru_fast._layout`'s.
+    activations.  The layout of all of it is :mod:`gru_fast._layout`'s.  The views own no memory
+    (:func:`gru_fast._memory.array_at`), so the functions are compiled without the runtime's reference
+    counts (:func:`gru_fast._jit.kernel`).
 
 Matrix products
     ``c += a @ W`` for one, two, four or (float32) eight rows ``a``, by the LLVM-IR micro-kernels of
@@ -59,7 +61,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from ._config import JIT, PARALLEL_JIT
@@ -69,7 +71,7 @@ from ._layout import (ARGS, GROUP_COLUMNS, LINE, META_CODES, META_DIRECTIONS, ME
                       OFFSET_R, OFFSET_W, OFFSETS_PER_BLOCK, PARAM_ACT, PARAM_CLIP, SYNC_DONE, SYNC_STOLEN, UNITS,
                       WEIGHTS, direction_offsets, padded_hidden, sync_slots, workspace_layout)
 from ._math import SIGMOID, TANH, activation, clipped, like, sigmoid, tanh
-from ._memory import atomic_add, atomic_cas, atomic_load, pointer, spin_pause, yield_cpu
+from ._memory import array_at, atomic_add, atomic_cas, atomic_load, spin_pause, yield_cpu
 from . import _tiles
 from ._cell import cell_reset, cell_update, cell_whole
 
@@ -127,9 +129,9 @@ Layer = namedtuple("Layer", [
 
 @kernel(inline=True)
 def _matrix(base, start, rows, cols):
-    """``base[start : start + rows * cols]`` as a (rows, cols) view.  carray, not ``reshape``: a reshape
+    """``base[start : start + rows * cols]`` as a (rows, cols) view.  A view by address, not ``reshape``: a reshape
     carries a shape-mismatch error path whose message formatting costs a second of compile time."""
-    return carray(pointer(base.ctypes.data + start * base.itemsize, base[0]), (rows, cols))  # base[0]: its type
+    return array_at(base.ctypes.data + start * base.itemsize, base[0], (rows, cols))  # base[0]: its type
 
 
 N_ARGS = len(ARGS)
@@ -139,7 +141,7 @@ assert N_ARGS == 17, "_arguments reads ARGS's fields one by one"
 @kernel(inline=True)
 def _arguments(args):
     """The fields of the argument block at address ``args``, in gru_fast._layout.ARGS's order."""
-    a = carray(pointer(args, np.int64(0)), (N_ARGS,))
+    a = array_at(args, np.int64(0), (N_ARGS,))
     return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15],
             a[16])
 
@@ -151,25 +153,25 @@ def _records(markers, args):
     marker, weights = markers
     (params_addr, n_params, meta_addr, x_addr, steps, batch, batch_major, h0_addr, lengths_addr, y_addr, h_n_addr,
      ws_addr, sync_addr, mode, chunks, block_steps, _) = _arguments(args)
-    head = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))
+    head = array_at(meta_addr, np.int64(0), (META_OFFSETS,))
     layers, directions, hidden = head[META_LAYERS], head[META_DIRECTIONS], head[META_HIDDEN]
-    meta = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
-    params = carray(pointer(params_addr, marker), (n_params,))
+    meta = array_at(meta_addr, np.int64(0), (META_OFFSETS + OFFSETS_PER_BLOCK * layers * directions,))
+    params = array_at(params_addr, marker, (n_params,))
     o_mid0, o_mid1, o_dirs, per_direction, end = workspace_layout(steps, batch, hidden, directions, layers,
                                                                   block_steps)
     cfg = Config(layers, directions, hidden, padded_hidden(hidden), meta[META_INPUT], meta[META_LBR] != 0,
                  meta[META_REVERSE] != 0, params[PARAM_CLIP], steps, batch, 1 if batch_major else batch,
                  steps if batch_major else 1, h0_addr != 0, lengths_addr != 0, mode, chunks, block_steps,
                  weights, o_dirs, per_direction)
-    workspace = carray(pointer(ws_addr, marker), (end,))
+    workspace = array_at(ws_addr, marker, (end,))
     rows, width = steps * batch, directions * hidden
     state_shape = (layers * directions, batch, hidden)
-    run = Run(carray(pointer(x_addr, marker), (rows, cfg.input_size)), carray(pointer(y_addr, marker), (rows, width)),
+    run = Run(array_at(x_addr, marker, (rows, cfg.input_size)), array_at(y_addr, marker, (rows, width)),
               _matrix(workspace, o_mid0, rows if layers > 1 else 0, width),
               _matrix(workspace, o_mid1, rows if layers > 2 else 0, width),
-              carray(pointer(h0_addr, marker), state_shape if h0_addr != 0 else (0, batch, hidden)),
-              carray(pointer(h_n_addr, marker), state_shape),
-              carray(pointer(lengths_addr, np.int64(0)), (batch if lengths_addr != 0 else 0,)),
+              array_at(h0_addr, marker, state_shape if h0_addr != 0 else (0, batch, hidden)),
+              array_at(h_n_addr, marker, state_shape),
+              array_at(lengths_addr, np.int64(0), (batch if lengths_addr != 0 else 0,)),
               params, meta, workspace, sync_addr)
     return cfg, run
 
@@ -481,7 +483,7 @@ def _unit_tiles(row, u0, u1, width):
     a negative index (the wrap-around select stops LLVM from vectorising) or builds a view per tile (at
     B=64 that cost a fifth of the call)."""
     start = row.ctypes.data + width * UNITS * u0 * row.itemsize
-    return carray(pointer(start, row[0]), (u1 - u0, width, UNITS))  # row[0]: only its type is used
+    return array_at(start, row[0], (u1 - u0, width, UNITS))  # row[0]: only its type is used
 
 
 @njit(**JIT, inline="always")
@@ -768,8 +770,8 @@ def _reset_sync(args):
     workers.  Not inlined into the parallel entry point: its parfor pass would see a store to an array
     nothing reads afterwards (the workers reach it by address) and drop it."""
     (_, _, meta_addr, _, steps, _, _, _, _, _, _, _, sync_addr, mode, chunks, _, workers) = _arguments(args)
-    layers = carray(pointer(meta_addr, np.int64(0)), (META_OFFSETS,))[META_LAYERS]
-    sync = carray(pointer(sync_addr, np.int64(0)), (sync_slots(steps, layers, mode, chunks),))
+    layers = array_at(meta_addr, np.int64(0), (META_OFFSETS,))[META_LAYERS]
+    sync = array_at(sync_addr, np.int64(0), (sync_slots(steps, layers, mode, chunks),))
     sync[:] = 0
     return workers
 

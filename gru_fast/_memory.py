@@ -18,30 +18,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
-__all__ = ["address", "pointer", "array_at", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause",
+__all__ = ["address", "array_at", "fused_multiply_add", "atomic_add", "atomic_load", "atomic_cas", "spin_pause",
            "yield_cpu", "int32_bits_as_float32"]
-
-
-@intrinsic
-def pointer(typingctx, addr, marker):
-    """``(int address, scalar marker) -> CPointer(typeof(marker))`` inside a kernel."""
-    if not isinstance(addr, types.Integer):
-        return None
-    ptr_type = types.CPointer(marker)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
-
-    return ptr_type(addr, marker), codegen
 
 
 @intrinsic
 def array_at(typingctx, addr, marker, shape):
     """``(int address, scalar marker, tuple of sizes) -> C-contiguous array of typeof(marker)`` over the
-    memory at ``addr`` inside a kernel: a view that owns nothing, as ``numba.carray(pointer(addr, marker),
-    shape)`` makes, but built in the caller's own code.  ``numba.carray`` is a compiled function that
-    returns a new array, which a kernel compiled without the runtime's reference counts (see
-    gru_fast._jit.kernel) may not call."""
+    memory at ``addr`` inside a kernel: a view that owns nothing, as ``numba.carray`` makes from a pointer,
+    but built in the caller's own code.  ``numba.carray`` is a compiled function that returns a new array,
+    which a kernel compiled without the runtime's reference counts (see gru_fast._jit.kernel) may not call."""
     if not isinstance(addr, types.Integer) or not isinstance(shape, types.BaseTuple) or not all(
             isinstance(size, types.Integer) for size in shape):
         return None

@@ -48,11 +48,18 @@ _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
 # 794 vs 755 us (medians 806 vs 967), H=192 (147K) 1,459 vs 1,324, H=256 (246K) 2,613 vs 2,049.
 _SPLIT_ONE_ROW_MIN_MACS = 128 << 10
 # In MODE_ROWS every thread reads a layer's whole W and R each step; past this many bytes they no longer
-# stay in a core's L2 (2 MiB here, shared with everything else), and four rows per thread (or one, however
-# small its work) are faster as a split, where each thread reads its share.  Measured here, T=200 I=64,
-# 2 threads, rows vs split: B=8 H=256 (0.94 MiB) 4,469 vs 5,331 us, H=384 (1.8 MiB) 11,491 vs 9,052;
-# B=2 H=384 6,446 vs 3,731.
+# stay in a core's L2 (2 MiB here, shared with everything else), and three or four rows per thread (or
+# one, however small its work) are faster as a split, where each thread reads its share; below it rows win,
+# a split's per-step handshake (a fifth of a B=6 H=128 step spent waiting) costing more than the weights it
+# spares.  Measured here, T=200 I=64, 2 threads, rows vs split: B=8 H=256 (0.94 MiB) 4,469 vs 5,331 us,
+# H=384 (1.8 MiB) 11,491 vs 9,052; B=6 H=128 (0.28 MiB) 1,004 vs 1,281, H=256 3,114 vs 3,409, H=384
+# 11,851 vs 8,315; B=5 H=128 986 vs 1,192; B=7 H=256 3,474 vs 3,886; B=2 H=384 6,446 vs 3,731.
 _ROWS_MAX_LAYER_WEIGHT_BYTES = 1 << 20
+# Two rows per thread run two-row products (the L2 cache's rate for two rows: 32-36 GMAC/s a core here) in
+# MODE_ROWS, a split's all rows at once over half the weights: rows win only below this many bytes of a
+# layer's weights.  Measured here, B=4 T=200 I=64, rows vs split: H=96 520 vs 639 us, H=128 (0.28 MiB) 749
+# vs 887, H=192 (0.56 MiB) 1,387 vs 1,420, H=256 (0.94 MiB) 2,277 vs 2,177, H=320 4,672 vs 4,016.
+_ROWS_TWO_MAX_LAYER_WEIGHT_BYTES = 3 << 18
 # Projected inputs of a block of steps are computed ahead of the recurrence; a block holds about this
 # many floats per worker (128 KiB in float32, well inside the 1 MiB L2 beside the weights).
 _BLOCK_FLOATS = 1 << 15
@@ -294,11 +301,11 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     """Choose how a call of this shape is shared between threads (see gru_fast.kernels):
 
     * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
-    * MODE_SPLIT for one direction with fewer than 4 rows per thread (a single sequence, a handful; one
-      row per thread from _SPLIT_ONE_ROW_MIN_MACS), or four rows per thread when a layer's weights are
-      past _ROWS_MAX_LAYER_WEIGHT_BYTES, when a row's layer-step is large enough to pay for a handshake:
-      the threads share each step's hidden units, and the products take the rows eight, four or two at a
-      time;
+    * MODE_SPLIT for one direction with a handful of rows, when a row's layer-step is large enough to pay
+      for a handshake: the threads share each step's hidden units, and the products take the rows eight,
+      four, two or one at a time.  That is: one row per thread from _SPLIT_ONE_ROW_MIN_MACS (or past
+      _ROWS_MAX_LAYER_WEIGHT_BYTES); one row for some threads and two for others, always; two rows per
+      thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES; three or four past _ROWS_MAX_LAYER_WEIGHT_BYTES;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
     H, D, L = model.hidden, model.directions, model.layers
@@ -307,12 +314,16 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     parallel = threads > 1 and macs >= _PARALLEL_MIN_MACS
     mode, chunks, workers = _layout.MODE_ROWS, 1, 1
     per_layer = per_step // L
-    weight_bytes = 2 if model.weights == "bfloat16" else model.dtype.itemsize
-    beyond_l2 = per_layer * weight_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
+    layer_bytes = per_layer * (2 if model.weights == "bfloat16" else model.dtype.itemsize)
+    beyond_l2 = layer_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
     if batch == threads:
         few_rows = beyond_l2 or per_layer >= _SPLIT_ONE_ROW_MIN_MACS
+    elif batch < 2 * threads:  # one row for some threads, two for others
+        few_rows = True
+    elif batch == 2 * threads:
+        few_rows = layer_bytes > _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES
     else:
-        few_rows = batch < 4 * threads or batch == 4 * threads and beyond_l2
+        few_rows = batch <= 4 * threads and beyond_l2
     split = (parallel and D == 1 and few_rows and model.linear_before_reset
              and per_layer >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
     if split:

@@ -92,11 +92,12 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, par
 
 
 @needs_two_threads
-@pytest.mark.parametrize("batch", [3, 7])
-def test_a_few_rows_split_hidden_units(batch, rng, parallel_launches):
-    """MODE_SPLIT also for a handful of sequences (fewer than 4 rows per thread, other than one each), with
-    lengths: equal to torch.nn.GRU and bit-identical to the serial run."""
-    module = torch_gru(40, 128, 2, seed=18)
+@pytest.mark.parametrize("batch, hidden", [(3, 128), (7, 384)])
+def test_a_few_rows_split_hidden_units(batch, hidden, rng, parallel_launches):
+    """MODE_SPLIT also for a handful of sequences (one or two rows per thread; three or four past
+    _ROWS_MAX_LAYER_WEIGHT_BYTES: I=40 H=384 is 1.9 MiB), with lengths: equal to torch.nn.GRU and
+    bit-identical to the serial run."""
+    module = torch_gru(40, hidden, 2, seed=18)
     model = convert_torch(module)
     T = 21
     with numba_threads(2):

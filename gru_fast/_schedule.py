@@ -518,12 +518,20 @@ def _run_in(weights: str, plan: Plan, operands: Operands, pace: "Pace | None") -
         pace.record(plan.parallel, perf_counter() - start)
 
 
+def _own_plans(model: KernelModel, steps: int, batch: int, threads: int) -> tuple[Plan, Plan]:
+    """(plan, serial plan) of a shape for ``threads``, outside the pool: the plan a call takes when
+    PARALLEL grants it, and the one it runs serially otherwise (the same plan when it is serial)."""
+    plan = make_plan(model, steps, batch, threads)
+    return plan, make_plan(model, steps, batch, 1) if plan.parallel else plan
+
+
 class ShapeRunner:
     """Runs calls of one model and shape (steps, batch) that never overlap -- a stream's steps, which take
     turns under the stream's lock -- in plans of its own instead of the pool's: per thread count a parallel
     plan (when the shape has one) and a serial one, made at the first call with that count.  A call then
     skips the pool's lookups and lock (1.4 us a call here, where a whole bound step at H=64 takes 3 us);
-    otherwise it runs as :func:`run` runs it.  Its plans are not counted in the pool's bytes: they live as long as the runner."""
+    otherwise it runs as :func:`run` runs it.  Its plans are not counted in the pool's bytes: they live as
+    long as the runner."""
 
     __slots__ = ("model", "steps", "batch", "plans")
 
@@ -536,9 +544,7 @@ class ShapeRunner:
         threads = _threads(model, self.steps, self.batch)
         plans = self.plans.get(threads)
         if plans is None:
-            plan = make_plan(model, self.steps, self.batch, threads)
-            plans = self.plans[threads] = (plan, make_plan(model, self.steps, self.batch, 1) if plan.parallel
-                                           else plan)
+            plans = self.plans[threads] = _own_plans(model, self.steps, self.batch, threads)
         plan, serial = plans
         pace = plan.pace
         if plan.parallel and not PARALLEL.acquire(plan):
@@ -566,8 +572,7 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
     :func:`launch`).
     """
     steps, batch = calls[0].steps, calls[0].batch
-    plan = make_plan(model, steps, batch, _threads(model, steps, batch))
-    serial = make_plan(model, steps, batch, 1) if plan.parallel else plan
+    plan, serial = _own_plans(model, steps, batch, _threads(model, steps, batch))
     forward = kernels.FORWARD[model.weights, False]
     launches, blocks = [], []
     for operands in calls:

@@ -45,12 +45,11 @@ class _Vec:
         self.b = builder
         module = builder.module
 
-        def declare(name):
-            return module.globals.get(name) or ir.Function(module, ir.FunctionType(_V, [_V]), name)
+        def declare(name, operands=1):
+            return module.globals.get(name) or ir.Function(module, ir.FunctionType(_V, [_V] * operands), name)
 
         self._floor, self._fabs = declare("llvm.floor.v16f32"), declare("llvm.fabs.v16f32")
-        self._fma = module.globals.get("llvm.fma.v16f32") or ir.Function(module, ir.FunctionType(_V, [_V] * 3),
-                                                                          "llvm.fma.v16f32")
+        self._fma = declare("llvm.fma.v16f32", 3)
 
     @staticmethod
     def const(value):

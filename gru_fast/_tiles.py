@@ -19,7 +19,8 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 
 On one core here, K=256 and 16 groups (768 KiB of weights, in the L2 cache): eight rows reach 82
 GMAC/s, four 60, one 17-29 (the rate the L2 cache delivers weights, shared by fewer rows); with K=128
-(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 only.
+(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 and
+bfloat16 only.
 ``<16 x double>`` is the same code for float64 (LLVM splits it into two registers), and machines
 without AVX-512 get it split into narrower vectors.
 
@@ -35,8 +36,9 @@ rounds, the range over four runs on a shared machine): one row 32-34 GMAC/s agai
 H=256 (best rounds 44 against 31), 26-34 against 13-16 at H=384, 24-27 against 6 at H=512 (3 MiB of
 float32 weights, past L2); four rows 51-53 against 53-58 at H=256 (compute-bound there, and the integer
 operations take vector-port slots the fmas would use), 49-52 against 32-39 at H=384, 38-42 against
-21-24 at H=512.  With two groups per pass one row ran 2-3 GMAC/s slower than with four, with one group
-about 6 slower.  AVX512_BF16's ``vdpbf16ps`` (a pair of multiply-adds per lane, the rows rounded to
+21-24 at H=512; eight rows (medians, one run) 71 against four rows' 65 and float32's 80 at H=256, 72
+against 67 and 71 at H=384.  With two groups per pass one row ran 2-3 GMAC/s slower than with four,
+with one group about 6 slower.  AVX512_BF16's ``vdpbf16ps`` (a pair of multiply-adds per lane, the rows rounded to
 bfloat16 too) is not used: here it issues about once every two cycles, so four rows ran 37-42 GMAC/s
 against widening's 48-70, and one row, bound by L2 either way, 28-39 against 28-36
 (scripts/bf16_dot.py).
@@ -50,8 +52,7 @@ from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "SPAN_BF16"] + [f"{name}{rows}{kind}{weights}" for name, kind in
                                             (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))
-                                            for rows in (1, 2, 4) for weights in ("", "_bf16")] + [
-    f"{name}8{kind}" for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))]
+                                            for rows in (1, 2, 4, 8) for weights in ("", "_bf16")]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -374,3 +375,7 @@ recur4_zr_bf16 = _make_gemm(4, *GEMM_ZR, "zero", "bf16")
 recur1_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16", SPAN_BF16)
 recur2_n_bf16 = _make_gemm(2, *GEMM_N, "zero", "bf16", SPAN_BF16 // 2)
 recur4_n_bf16 = _make_gemm(4, *GEMM_N, "zero", "bf16")
+# eight rows, as float32's: each pair row of weights loaded and widened once per eight rows
+project8_bf16, recur8_all_bf16, recur8_zr_bf16, recur8_n_bf16 = (
+    _make_gemm(8, *tiles, start, "bf16")
+    for tiles, start in ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"), (GEMM_N, "zero")))

@@ -26,7 +26,7 @@ Records
     counts (:func:`gru_fast._jit.kernel`).
 
 Matrix products
-    ``c += a @ W`` for one, two, four or (float32) eight rows ``a``, by the LLVM-IR micro-kernels of
+    ``c += a @ W`` for one, two, four or (float32, bfloat16) eight rows ``a``, by the LLVM-IR micro-kernels of
     :mod:`gru_fast._tiles` (accumulators in registers).  No BLAS is called, so no second thread pool
     competes for the cores, and every output element is the same chain of fused multiply-adds
     whichever thread, row group or unit range computes it: serial and parallel runs agree bit for bit.
@@ -247,15 +247,14 @@ def _micro(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
 
 
 def _most_rows(weights):
-    """The most rows of a product pass for weights stored as ``weights``' type: eight for float32, four
-    for float64 (eight rows' 24 accumulators of 16 doubles would not stay in registers) and bfloat16
-    (nor beside its widened weights)."""
+    """The most rows of a product pass for weights stored as ``weights``' type: eight for float32 and
+    bfloat16, four for float64 (eight rows' 24 accumulators of 16 doubles would not stay in registers)."""
     raise NotImplementedError("call from a Numba kernel")
 
 
 @overload(_most_rows, jit_options=dict(JIT, inline="always"))
 def _most_rows_overload(weights):
-    most = 8 if weights == types.float32 else 4
+    most = 4 if weights == types.float64 else 8
     return lambda weights: most
 
 
@@ -315,7 +314,7 @@ def _micro_overload(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
             return w + (w_offset // k) * ((k + 1) // 2) * itemsize if k > 0 else w
         return w + w_offset * itemsize
 
-    if weights != types.float32:
+    if weights == types.float64:
         def micro(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
             at_most_four(kind, rows, c, a, weights_at(w, w_offset, k), bias, k, n, marker)
 

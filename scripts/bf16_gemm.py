@@ -4,9 +4,10 @@ the time of a B=1 model call with each.
     python scripts/bf16_gemm.py [--hidden 256 384 512] [--rounds 100] [--batch-ms 2] [--json PATH]
                               [--no-spans] [--no-model] [--no-gemm]
 
-Kernels: one thread, K = H, n_groups = H / 16 (3H output columns), 1 and 4 rows, zero start: the
-kernels ``recur1_all`` / ``recur4_all`` (float32 weights, 12 H^2 bytes) against ``recur1_all_bf16`` /
-``recur4_all_bf16`` (bfloat16 weights in k pairs, 6 H^2 bytes) of :mod:`gru_fast._tiles`.  The weights
+Kernels: one thread, K = H, n_groups = H / 16 (3H output columns), 1, 4 and 8 rows, zero start: the
+kernels ``recur1_all`` / ``recur4_all`` / ``recur8_all`` (float32 weights, 12 H^2 bytes) against
+``recur1_all_bf16`` / ``recur4_all_bf16`` / ``recur8_all_bf16`` (bfloat16 weights in k pairs, 6 H^2
+bytes) of :mod:`gru_fast._tiles`.  The weights
 are reused call after call, as in a GRU's steps, so they stay in whichever cache holds them.  A timed
 call runs the kernel enough times to last about 0.5 ms.  For one row, ``bf16 x1`` and ``bf16 x2`` are
 the library's one-row kernel built with 1 and 2 groups per pass over k instead of
@@ -57,26 +58,36 @@ recur1_all_bf16_x2 = t._make_gemm(1, *t.GEMM_ALL, "zero", "bf16", 2)
 
 @njit(cache=False)
 def _loop_float32(rows, c, a, w, k, n_groups, n):
-    c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
-    a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
+    c0, c1, c2, c3, c4, c5, c6, c7 = (c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data,
+                                      c[4].ctypes.data, c[5].ctypes.data, c[6].ctypes.data, c[7].ctypes.data)
+    a0, a1, a2, a3, a4, a5, a6, a7 = (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data,
+                                      a[4].ctypes.data, a[5].ctypes.data, a[6].ctypes.data, a[7].ctypes.data)
     for _ in range(n):
         if rows == 1:
             t.recur1_all(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
-        else:
+        elif rows == 4:
             t.recur4_all(c0, c1, c2, c3, a0, a1, a2, a3, w.ctypes.data, c0, k, n_groups, np.float32(0))
+        else:
+            t.recur8_all(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, w.ctypes.data, c0, k,
+                         n_groups, np.float32(0))
 
 
 @njit(cache=False)
 def _loop_bf16(rows, c, a, w, k, n_groups, n):
-    """rows 4: recur4_all_bf16; rows 1: recur1_all_bf16; rows -1, -2: its one-row form with 1, 2 groups
-    per pass."""
-    c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data
-    a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data
+    """rows 8, 4, 1: recur8_all_bf16, recur4_all_bf16, recur1_all_bf16; rows -1, -2: the one-row form
+    with 1, 2 groups per pass."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = (c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data,
+                                      c[4].ctypes.data, c[5].ctypes.data, c[6].ctypes.data, c[7].ctypes.data)
+    a0, a1, a2, a3, a4, a5, a6, a7 = (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data,
+                                      a[4].ctypes.data, a[5].ctypes.data, a[6].ctypes.data, a[7].ctypes.data)
     for _ in range(n):
         if rows == 1:
             t.recur1_all_bf16(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
         elif rows == 4:
             t.recur4_all_bf16(c0, c1, c2, c3, a0, a1, a2, a3, w.ctypes.data, c0, k, n_groups, np.float32(0))
+        elif rows == 8:
+            t.recur8_all_bf16(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, w.ctypes.data, c0, k,
+                              n_groups, np.float32(0))
         elif rows == -1:
             recur1_all_bf16_x1(c0, a0, w.ctypes.data, c0, k, n_groups, np.float32(0))
         else:
@@ -88,7 +99,7 @@ class _GemmRunner(Runner):
 
     def __init__(self, variant, rows, a, w, k, n_groups, inner):
         super().__init__()
-        self.c = np.zeros((4, GROUP_COLS * n_groups), np.float32)
+        self.c = np.zeros((8, GROUP_COLS * n_groups), np.float32)
         if variant == "float32":
             self.loop, mode = _loop_float32, rows
         else:  # "bf16", "bf16 x1", "bf16 x2"
@@ -106,7 +117,7 @@ class _GemmRunner(Runner):
 def _weights(hidden, seed=0):
     rng = np.random.default_rng(seed)
     m = (rng.standard_normal((3 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
-    a = np.tanh(rng.standard_normal((4, hidden))).astype(np.float32)  # a hidden state: in (-1, 1)
+    a = np.tanh(rng.standard_normal((8, hidden))).astype(np.float32)  # hidden states: in (-1, 1)
     w32 = _aligned_zeros(m.size, np.dtype(np.float32))
     _pack_into(w32, m, hidden)
     packed = pack_bf16(m, hidden)
@@ -116,14 +127,14 @@ def _weights(hidden, seed=0):
 
 
 def _errors(m, a, hidden, outputs):
-    """Max abs error of each variant's 4-row output against the float64 product of the bfloat16 weights
+    """Max abs error of each variant's 8-row output against the float64 product of the bfloat16 weights
     (float32 for "float32") and the float32 activations, over the largest possible error scale
     sum_k |a_k w_k| of a column."""
     wide = from_bf16(to_bf16(m)).astype(np.float64)
     result = {}
     for name, c in outputs.items():
         w = m.astype(np.float64) if name == "float32" else wide
-        exact = a.astype(np.float64) @ w.T  # (4, 3H) in ONNX gate order
+        exact = a.astype(np.float64) @ w.T  # (8, 3H) in ONNX gate order
         scale = np.abs(a.astype(np.float64)) @ np.abs(w.T)
         # packed column 48g + 16q + j is gate q of unit 16g + j
         cols = np.array([q * hidden + 16 * g + j for g in range(hidden // 16) for q in range(3) for j in range(16)])
@@ -151,7 +162,7 @@ def run_gemm(hiddens=(256, 384, 512), rounds=100, batch_ms=2.0, spans=True):
         k, n_groups = hidden, hidden // 16
         m, a, w = _weights(hidden)
         outputs = {}
-        for rows in (1, 4):
+        for rows in (1, 4, 8):
             names = ["float32", "bf16"] + ([f"bf16 x{s}" for s in SPANS] if spans and rows == 1 else [])
             macs = rows * k * GROUP_COLS * n_groups
             inner = max(1, int(0.5e-3 * 25e9 / macs))  # about 0.5 ms at 25 GMAC/s
@@ -162,7 +173,7 @@ def run_gemm(hiddens=(256, 384, 512), rounds=100, batch_ms=2.0, spans=True):
                 r.update(hidden=hidden, rows=rows, weight_kib=w[name.split(" ")[0]].nbytes / 1024,
                          us_per_kernel=timings[name].median_us / inner)
                 rows_out.append(r)
-                if rows == 4:
+                if rows == 8:
                     outputs[name] = runners[name].outputs().copy()
                 if " x" in name:  # another span: the same fma chains, the same bits
                     same_bits[f"H={hidden} {name}"] = bool(np.array_equal(runners[name].outputs()[:1],

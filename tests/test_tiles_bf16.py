@@ -1,4 +1,4 @@
-"""The bfloat16-weight product kernels of gru_fast._tiles (and its eight-row float32 ones) and the
+"""The bfloat16-weight product kernels of gru_fast._tiles (and its eight-row ones) and the
 bfloat16 rounding of gru_fast._bf16.
 
 * Rounding: :func:`gru_fast._bf16.to_bf16` against PyTorch's ``tensor.to(torch.bfloat16)``, bit for bit,
@@ -15,8 +15,9 @@ bfloat16 rounding of gru_fast._bf16.
   (n for the ``_zr`` kernels, z and r for the ``_n`` kernels) are left as they were.
 * Bit for bit: 4-row results equal 1-row and 2-row results row by row, and the bf16 kernels equal the
   float32 kernels (1, 2 and 4 rows) run on the widened weights (the widening is exact and the fma chain the same, in k order).
-* The eight-row float32 kernels: against the float64 numpy product within the same bound, columns they
-  do not compute untouched, and bit for bit the four-row kernels' results row by row.
+* The eight-row kernels, float32 and bfloat16: against the float64 numpy product within the same bound,
+  columns they do not compute untouched, bit for bit the four-row kernels' results row by row, and the
+  bfloat16 ones the float32 ones' on the widened weights.
 """
 
 from __future__ import annotations
@@ -84,26 +85,36 @@ def _make_runner(suffix):
 
 _run_bf16 = _make_runner("_bf16")
 _run_float32 = _make_runner("")
-_P8, _ALL8, _ZR8, _N8 = t.project8, t.recur8_all, t.recur8_zr, t.recur8_n
 
 
-@njit(cache=False)
-def _run_eight(kind, rows, c, a, w, w_at, bias, k, n_groups):
-    """The eight-row float32 kernel of ``kind`` (``rows`` must be 8), called as :func:`_make_runner`'s."""
-    m = np.float32(0)
-    wp = w.ctypes.data + w_at * w.itemsize
-    c0, c1, c2, c3, c4, c5, c6, c7 = (c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data,
-                                      c[4].ctypes.data, c[5].ctypes.data, c[6].ctypes.data, c[7].ctypes.data)
-    a0, a1, a2, a3, a4, a5, a6, a7 = (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data,
-                                      a[4].ctypes.data, a[5].ctypes.data, a[6].ctypes.data, a[7].ctypes.data)
-    if kind == 0:
-        _P8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bias.ctypes.data, k, n_groups, m)
-    elif kind == 1:
-        _ALL8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bias.ctypes.data, k, n_groups, m)
-    elif kind == 2:
-        _ZR8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bias.ctypes.data, k, n_groups, m)
-    else:
-        _N8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bias.ctypes.data, k, n_groups, m)
+def _make_eight(suffix):
+    """A jitted runner of the eight-row kernels (``suffix``: "" or "_bf16"), called as
+    :func:`_make_runner`'s with ``rows`` 8."""
+    p8, all8, zr8, n8 = (getattr(t, f"{name}8{kind}{suffix}")
+                         for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n")))
+
+    @njit(cache=False)
+    def run(kind, rows, c, a, w, w_at, bias, k, n_groups):
+        m = np.float32(0)
+        wp, bp = w.ctypes.data + w_at * w.itemsize, bias.ctypes.data
+        c0, c1, c2, c3, c4, c5, c6, c7 = (c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data,
+                                          c[4].ctypes.data, c[5].ctypes.data, c[6].ctypes.data, c[7].ctypes.data)
+        a0, a1, a2, a3, a4, a5, a6, a7 = (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data,
+                                          a[4].ctypes.data, a[5].ctypes.data, a[6].ctypes.data, a[7].ctypes.data)
+        if kind == 0:
+            p8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
+        elif kind == 1:
+            all8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
+        elif kind == 2:
+            zr8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
+        else:
+            n8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
+
+    return run
+
+
+_run_eight_float32 = _make_eight("")
+_run_eight_bf16 = _make_eight("_bf16")
 
 
 KS = [0, 1, 2, 3, 7, 16, 33, 100, 257]  # odd K: the last pair has no row K
@@ -300,14 +311,20 @@ def test_bad_arguments():
         pack_bf16(np.zeros((0, 2), np.float32), 0)
 
 
+@pytest.mark.parametrize("weights", ["float32", "bf16"])
 @pytest.mark.parametrize("kind", [PROJECT, RECUR, RECUR_ZR, RECUR_N], ids=["project", "all", "zr", "n"])
 @pytest.mark.parametrize("k", KS)
-def test_eight_row_kernels_match_float64_product_and_four_rows(kind, k):
+def test_eight_row_kernels_match_float64_product_and_four_rows(kind, k, weights):
     m, _, bias, hidden, u0, n_groups = _case(kind, k)
     a = np.random.default_rng(k + 7).standard_normal((8, k)).astype(np.float32)
-    w = np.zeros(bias.size // 48 * k * 48, np.float32)
+    w32 = np.zeros(bias.size // 48 * k * 48, np.float32)  # float32 weights, packed: those given, or the widened bf16
+    if weights == "bf16":
+        m = from_bf16(to_bf16(m))  # what the bfloat16 words stand for, exactly
+        w, run_eight, run_four = pack_bf16(m, hidden), _run_eight_bf16, _run_bf16
+    else:
+        w, run_eight, run_four = w32, _run_eight_float32, _run_float32
     if k:
-        _pack_into(w, m, hidden)
+        _pack_into(w32, m, hidden)
     dense = _dense(m.astype(np.float64), hidden)
     s = bias.astype(np.float64) if kind == PROJECT else np.zeros(bias.size)
     a64 = a.astype(np.float64)
@@ -318,9 +335,11 @@ def test_eight_row_kernels_match_float64_product_and_four_rows(kind, k):
         for q in TILES[kind]:
             cols[48 * g + 16 * q : 48 * g + 16 * q + 16] = True
 
-    eight = _call(_run_eight, kind, 8, a, w, bias, k, u0, n_groups)
+    eight = _call(run_eight, kind, 8, a, w, bias, k, u0, n_groups)
     assert np.all(eight[:, ~cols] == SENTINEL)
     assert np.all(np.abs(eight[:, cols] - exact[:, cols]) <= bound[:, cols])
     for row in (0, 4):  # four rows at a time: the same bits
-        np.testing.assert_array_equal(_call(_run_float32, kind, 4, a[row : row + 4], w, bias, k, u0, n_groups),
+        np.testing.assert_array_equal(_call(run_four, kind, 4, a[row : row + 4], w, bias, k, u0, n_groups),
                                       eight[row : row + 4])
+    if weights == "bf16":  # the float32 kernel on the widened weights: the same bits
+        np.testing.assert_array_equal(_call(_run_eight_float32, kind, 8, a, w32, bias, k, u0, n_groups), eight)

@@ -47,14 +47,24 @@ _SPLIT_MIN_MACS_PER_LAYER_STEP = 48 << 10
 # row, layer and step.  Measured here, B=2 T=200 I=64, 2 threads, rows vs split, best of 7: H=128 (74K)
 # 794 vs 755 us (medians 806 vs 967), H=192 (147K) 1,459 vs 1,324, H=256 (246K) 2,613 vs 2,049.
 _SPLIT_ONE_ROW_MIN_MACS = 128 << 10
-# In MODE_ROWS every thread reads a layer's whole W and R each step; past this many bytes they no longer
-# stay in a core's L2 (2 MiB here, shared with everything else), and three or four rows per thread (or
-# one, however small its work) are faster as a split, where each thread reads its share; below it rows win,
-# a split's per-step handshake (a fifth of a B=6 H=128 step spent waiting) costing more than the weights it
-# spares.  Measured here, T=200 I=64, 2 threads, rows vs split: B=8 H=256 (0.94 MiB) 4,469 vs 5,331 us,
-# H=384 (1.8 MiB) 11,491 vs 9,052; B=6 H=128 (0.28 MiB) 1,004 vs 1,281, H=256 3,114 vs 3,409, H=384
-# 11,851 vs 8,315; B=5 H=128 986 vs 1,192; B=7 H=256 3,474 vs 3,886; B=2 H=384 6,446 vs 3,731.
+# One row per thread: in MODE_ROWS every thread reads a layer's whole W and R; past this many bytes they no
+# longer stay in a core's L2 (2 MiB here, shared with everything else) and a split is faster, where each
+# thread reads its share, however small a row's work.  Measured here, T=200 I=64, B=2 H=384 (1.8 MiB), rows
+# vs split: 6,446 vs 3,731 us.
 _ROWS_MAX_LAYER_WEIGHT_BYTES = 1 << 20
+# Three or four rows per thread: MODE_ROWS runs four-row products over all of R every step (float32: the
+# L2 cache's rate for four rows, 60 GMAC/s a core at H=256), a split eight-row products over half of R
+# (compute-bound, about 80) plus a handshake per step (a fifth of a B=6 H=128 step spent waiting).  The
+# input projection runs in blocks of steps in both, reading W once a block, so R decides, whatever I: a
+# split wins past this many bytes of R in the arithmetic's dtype (bfloat16 weights are widened to float32
+# and their products cost float32's time).  Measured here, 2 threads, rows vs split, float32: T=200 I=64
+# B=8 H=256 (0.75 MiB) 4,469 vs 5,331 us, H=320 (1.2 MiB) 8,261 vs 7,469, H=384 11,491 vs 9,052; B=6
+# H=128 1,004 vs 1,281, H=256 3,114 vs 3,409, H=320 7,686 vs 6,392, H=384 11,851 vs 8,315; B=5 H=128 986
+# vs 1,192; B=7 H=256 3,474 vs 3,886; T=100 I=128 B=8 H=256, three runs: 3,597 vs 3,688, 1,990 vs 2,236,
+# 2,340 vs 2,769; T=100 I=256 B=8 H=256 3,636 vs 3,799, B=6 3,220 vs 3,508, T=200 B=8 H=288 (0.95 MiB)
+# 6,016 vs 6,294.  bfloat16, T=200 I=64 B=8: H=320 9,864 vs 9,545, H=384 13,618 vs 12,971.  float64
+# (1.5 MiB at H=256), T=200 I=64 B=8: H=192 12,685 vs 13,465, H=256 21,109 vs 19,438.
+_ROWS_MAX_RECURRENT_BYTES = 1 << 20
 # Two rows per thread run two-row products (the L2 cache's rate for two rows: 32-36 GMAC/s a core here) in
 # MODE_ROWS, a split's all rows at once over half the weights: rows win only below this many bytes of a
 # layer's weights.  Measured here, B=4 T=200 I=64, rows vs split: H=96 520 vs 639 us, H=128 (0.28 MiB) 749
@@ -305,7 +315,7 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
       for a handshake: the threads share each step's hidden units, and the products take the rows eight,
       four, two or one at a time.  That is: one row per thread from _SPLIT_ONE_ROW_MIN_MACS (or past
       _ROWS_MAX_LAYER_WEIGHT_BYTES); one row for some threads and two for others, always; two rows per
-      thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES; three or four past _ROWS_MAX_LAYER_WEIGHT_BYTES;
+      thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES; three or four past _ROWS_MAX_RECURRENT_BYTES;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
     H, D, L = model.hidden, model.directions, model.layers
@@ -315,15 +325,14 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     mode, chunks, workers = _layout.MODE_ROWS, 1, 1
     per_layer = per_step // L
     layer_bytes = per_layer * (2 if model.weights == "bfloat16" else model.dtype.itemsize)
-    beyond_l2 = layer_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES
     if batch == threads:
-        few_rows = beyond_l2 or per_layer >= _SPLIT_ONE_ROW_MIN_MACS
+        few_rows = layer_bytes > _ROWS_MAX_LAYER_WEIGHT_BYTES or per_layer >= _SPLIT_ONE_ROW_MIN_MACS
     elif batch < 2 * threads:  # one row for some threads, two for others
         few_rows = True
     elif batch == 2 * threads:
         few_rows = layer_bytes > _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES
     else:
-        few_rows = batch <= 4 * threads and beyond_l2
+        few_rows = batch <= 4 * threads and 3 * H * H * model.dtype.itemsize > _ROWS_MAX_RECURRENT_BYTES
     split = (parallel and D == 1 and few_rows and model.linear_before_reset
              and per_layer >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
     if split:

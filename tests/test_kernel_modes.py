@@ -95,7 +95,7 @@ def test_one_sequence_splits_hidden_units(num_layers, unbatched, dtype, rng, par
 @pytest.mark.parametrize("batch, hidden", [(3, 128), (7, 384)])
 def test_a_few_rows_split_hidden_units(batch, hidden, rng, parallel_launches):
     """MODE_SPLIT also for a handful of sequences (one or two rows per thread; three or four past
-    _ROWS_MAX_LAYER_WEIGHT_BYTES: I=40 H=384 is 1.9 MiB), with lengths: equal to torch.nn.GRU and
+    _ROWS_MAX_RECURRENT_BYTES: R is 1.7 MiB at H=384), with lengths: equal to torch.nn.GRU and
     bit-identical to the serial run."""
     module = torch_gru(40, hidden, 2, seed=18)
     model = convert_torch(module)
@@ -152,20 +152,22 @@ def test_rows_are_shared_between_threads(batch, bidirectional, hidden, rng, para
 
 
 @needs_two_threads
-@pytest.mark.parametrize("batch, bf16_mode", [(2, kernels.MODE_SPLIT), (8, kernels.MODE_ROWS)])
-def test_one_or_four_rows_per_thread_split_when_worth_it(batch, bf16_mode, rng, parallel_launches):
-    """Four rows per thread are shared by rows while a layer's weights fit a core's L2; past
-    _ROWS_MAX_LAYER_WEIGHT_BYTES (I=64 H=384: 1.8 MiB in float32) every thread would read all of them each
-    step, so the step is split; bfloat16 weights (0.9 MiB) stay by rows.  One row per thread is split from
+@pytest.mark.parametrize("batch, input_size, hidden, mode", [(2, 64, 384, kernels.MODE_SPLIT),
+                                                             (8, 64, 384, kernels.MODE_SPLIT),
+                                                             (8, 256, 256, kernels.MODE_ROWS)])
+def test_one_or_four_rows_per_thread_split_when_worth_it(batch, input_size, hidden, mode, rng, parallel_launches):
+    """Four rows per thread are shared by rows while R (3H x H) is at most _ROWS_MAX_RECURRENT_BYTES, the
+    input's size aside (I=256 H=256: 0.75 MiB of R, 1.5 MiB with W); past it (H=384: 1.7 MiB) the step is
+    split, for bfloat16 weights too (their arithmetic is float32's).  One row per thread is split from
     _SPLIT_ONE_ROW_MIN_MACS (I=64 H=384: 516K per step), whatever the weights.  Authority: torch.nn.GRU, and
     the serial run bit for bit (the split's products take the rows two at a time at B=2)."""
-    module = torch_gru(64, 384, 1, seed=15)
+    module = torch_gru(input_size, hidden, 1, seed=15)
     model = convert_torch(module)
     T = 7
     with numba_threads(2):
-        assert _plan(model, T, batch).mode == kernels.MODE_SPLIT
-        assert _plan(model.with_weights("bfloat16"), T, batch).mode == bf16_mode
-    x = _x(rng, (T, batch, 64), np.float32)
+        assert _plan(model, T, batch).mode == mode
+        assert _plan(model.with_weights("bfloat16"), T, batch).mode == mode
+    x = _x(rng, (T, batch, input_size), np.float32)
     _check_serial_and_parallel(model, x, run_torch(module, x, None, None), authority="torch.nn.GRU")
     assert len(parallel_launches) == 1
 

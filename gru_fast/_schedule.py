@@ -203,15 +203,19 @@ class Pace:
       faster than all of it), or the best of the last four serial calls when there were some;
     * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
-      every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first
-      parallel calls of a millisecond-long shape each waited about 4 ms: every one of them counts
-      against the calls' 99th percentile); not counted are the first call's time (thread start-up,
-      cache loads) and that of a call after a pause of over _BACK_TO_BACK_S (the workers were asleep:
-      a wake-up, not the shape's speed);
+      every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on; and at once on a second *stall* within
+      ``WINDOW`` calls, a parallel call over ``STALL_S`` slower than ``workers`` x the fastest one (a
+      worker waited for a scheduler time slice: beside a busy neighbour the first parallel calls of a
+      1 ms shape stalled one in four, each by about 4 ms, and every stalled call counts against the
+      calls' 99th percentile: the mean alone took four stalls to turn it).  Not counted are the first
+      call's time (thread start-up, cache loads) and, while parallel, that of a call after a pause of
+      over _BACK_TO_BACK_S (the workers were asleep: a wake-up, not the shape's speed);
     * while serial it probes every ``probe_every`` calls with ``PROBE_CALLS`` parallel calls in a row,
       timing only the last: after serial calls the other worker has gone to sleep, and once woken it
       may first run on the caller's core.  Measured here, B=1 H=256 step, 12 us warm: after 512 serial
       calls the first parallel call took 117 us, the second 72, the third 17; after 64, 37, 17 and 15.
+      Where the serial calls take ``LONG_CALL_S`` or more, that wake-up is a small part of a call and a
+      probe is one call (beside a neighbour, each call of a probe may stall).
       The plan turns parallel again when the mean of its last ``PROBES`` probes, less the slowest
       ``TRIM``, is within ``SLOWER`` x its serial calls' time (the rule that turned it serial).  Each
       probe slower than that doubles ``probe_every``, up to ``MAX_PROBE_EVERY``: beside a neighbour
@@ -225,8 +229,9 @@ class Pace:
 
     WINDOW, TRIM, PROBES, PROBE_CALLS, SLOWER, CHECK_EVERY = 16, 1, 8, 3, 1.1, 4
     FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
+    STALL_S, LONG_CALL_S = 1e-3, 0.5e-3
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "next_probe", "since", "warming", "after_pause")
+                 "probe_every", "next_probe", "since", "warming", "after_pause", "last_stall", "probe_calls")
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -241,12 +246,17 @@ class Pace:
         self.since = 0  # the call at which the plan last turned parallel
         self.warming = False  # this call is one of a probe's first, untimed ones
         self.after_pause = False  # this call follows a pause: the workers had gone to sleep (untimed)
+        self.last_stall = -self.WINDOW  # the call of the latest stall
+        self.probe_calls = self.PROBE_CALLS  # calls of the current probe
 
     def wants_parallel(self) -> bool:
         self.calls += 1
         if not self.serial_mode:
             return True
-        phase, timed = self.calls - self.next_probe, self.PROBE_CALLS - 1
+        phase = self.calls - self.next_probe
+        if phase == 0:  # a probe starts
+            self.probe_calls = 1 if min(self.serial_times, default=0.0) >= self.LONG_CALL_S else self.PROBE_CALLS
+        timed = self.probe_calls - 1
         if phase > timed:  # the probe's timed call ran serially (another call had the workers): the next one
             self.next_probe = self.calls + self.probe_every
             phase = -self.probe_every
@@ -259,26 +269,34 @@ class Pace:
         if not parallel:
             self.serial_times.append(seconds)
             return
-        if self.after_pause:
-            return
-        if self.serial_mode:
+        if self.serial_mode:  # a probe: its warming calls (or, for long calls, its length) absorb a wake-up
             if not self.warming:
                 self._probed(seconds)
             return
+        if self.after_pause:
+            return
         if seconds < self.fastest:
             self.fastest = seconds
+        elif seconds > self.workers * self.fastest + self.STALL_S:
+            if self.calls - self.last_stall <= self.WINDOW:
+                self._turn_serial()
+                return
+            self.last_stall = self.calls
         times = self.parallel_times
         times.append(seconds)
         # judged every CHECK_EVERY calls: a stream step's whole budget is microseconds
         if len(times) >= self.CHECK_EVERY and self.calls % self.CHECK_EVERY == 0 \
                 and self._trimmed_mean(times) > self.SLOWER * self._serial_cost():
-            self.serial_mode = True
-            self.probes.clear()
-            if self.calls - self.since >= self.SHORT:
-                self.probe_every = self.FIRST_PROBE_EVERY
-            else:  # the probes that turned it parallel were misleading: probe less often
-                self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
-            self.next_probe = self.calls + self.probe_every
+            self._turn_serial()
+
+    def _turn_serial(self) -> None:
+        self.serial_mode = True
+        self.probes.clear()
+        if self.calls - self.since >= self.SHORT:
+            self.probe_every = self.FIRST_PROBE_EVERY
+        else:  # the probes that turned it parallel were misleading: probe less often
+            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+        self.next_probe = self.calls + self.probe_every
 
     def _probed(self, seconds: float) -> None:
         self.fastest = min(self.fastest, seconds)

@@ -117,6 +117,61 @@ def test_pace_ignores_a_lone_stall_on_an_idle_machine():
     assert not pace.serial_mode and all(ran)
 
 
+def test_pace_turns_serial_at_a_second_stall():
+    """A 1 ms call (1.5 ms serially) whose parallel calls start stalling beside a neighbour (one in four
+    waits 4 ms for its second core): the plan runs serially from the second stall on, where the mean of
+    the window alone would wait for more of them; a lone stall leaves it parallel."""
+    times = iter([1e-3] * 40 + [5e-3] + [1e-3] * 3 + [5e-3] + [1e-3] * 100)
+    pace, ran = _paced(lambda: next(times), 1.5e-3, 60)
+    assert ran[:45] == [True] * 45 and not any(ran[45:]), ran.index(False)
+    assert pace.serial_mode
+
+    times = iter([1e-3] * 40 + [5e-3] + [1e-3] * 20 + [5e-3] + [1e-3] * 100)  # stalls 21 calls apart
+    pace, ran = _paced(lambda: next(times), 1.5e-3, 100)
+    assert not pace.serial_mode and all(ran)
+
+
+def test_pace_probes_long_calls_with_one_call():
+    """Where a serial call takes LONG_CALL_S or more, waking the other worker is a small part of a parallel
+    call: a probe is one parallel call (each of which may stall beside a neighbour), not PROBE_CALLS.
+    Shorter calls keep PROBE_CALLS calls a probe."""
+    for serial_seconds, probe_calls in ((0.9e-3, 1), (16e-6, _schedule.Pace.PROBE_CALLS)):
+        pace = _schedule.Pace(workers=2)
+        ran = []
+        for call in range(5000):
+            parallel = pace.wants_parallel()
+            stalled = call >= 50
+            pace.record(parallel, (8e-3 if stalled else serial_seconds / 1.5) if parallel else serial_seconds)
+            ran.append(parallel)
+        assert pace.serial_mode
+        runs = [len(run) for run in "".join("p" if p else "." for p in ran[100:]).split(".") if run]
+        assert runs and set(runs) == {probe_calls}, runs
+
+
+def test_pace_judges_probes_that_follow_long_serial_calls():
+    """Serial calls of 3 ms each leave the workers idle for longer than _BACK_TO_BACK_S, so every probe
+    comes "after a pause" (PARALLEL.acquire sets ``after_pause``); probes are judged all the same: beside
+    a neighbour (every parallel call stalls, 8 ms) they grow rare, and once it is gone (2 ms parallel
+    calls) the plan turns parallel again."""
+    pace = _schedule.Pace(workers=2)
+    ran = []
+
+    def call(parallel_seconds):
+        parallel = pace.wants_parallel()
+        if parallel:
+            pace.after_pause = pace.serial_mode  # as PARALLEL.acquire finds it after a 3 ms serial call
+        pace.record(parallel, parallel_seconds if parallel else 3e-3)
+        ran.append(parallel)
+
+    for i in range(6000):
+        call(2e-3 if i < 50 else 8e-3)
+    assert pace.serial_mode and pace.probe_every == _schedule.Pace.MAX_PROBE_EVERY
+    assert sum(ran[100:]) <= len(ran[100:]) // 200
+    for _ in range(3 * _schedule.Pace.PROBES * _schedule.Pace.MAX_PROBE_EVERY):
+        call(2e-3)
+    assert not pace.serial_mode
+
+
 def test_pace_runs_serially_beside_a_neighbour_and_probes_back():
     """One parallel call in ten, at random, waits a scheduler time slice (8 ms) for its second core: the
     mean is far over the serial path's, so calls run serially with ever rarer parallel probes (PROBE_CALLS

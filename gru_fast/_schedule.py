@@ -200,22 +200,24 @@ class Pace:
     serially while its parallel calls cost more than its serial ones would:
 
     * the serial cost is at most ``workers`` x the fastest parallel call (a share of the work cannot run
-      faster than all of it), or the best of the last four serial calls when there were some;
+      faster than all of it), or the best of the last four serial calls: the plan's ``CALIBRATE``-th call
+      runs serially to have one (B=1 T=100 H=256: 0.95 ms against the bound's 1.3; with the bound, beside
+      a busy neighbour the plan ran 76 parallel calls, a fifth of them stalled 4 ms, before turning
+      serial);
     * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
-      every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on; and at once on a second *stall* within
-      ``WINDOW`` calls, a parallel call over ``STALL_S`` slower than ``workers`` x the fastest one (a
-      worker waited for a scheduler time slice: beside a busy neighbour the first parallel calls of a
-      1 ms shape stalled one in four, each by about 4 ms, and every stalled call counts against the
-      calls' 99th percentile: the mean alone took four stalls to turn it).  Not counted are the first
-      call's time (thread start-up, cache loads) and, while parallel, that of a call after a pause of
-      over _BACK_TO_BACK_S (the workers were asleep: a wake-up, not the shape's speed);
+      every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first
+      parallel calls of a millisecond-long shape each waited about 4 ms, and every one of them counts
+      against the calls' 99th percentile; still the mean decides, not a count of such stalls: another
+      engine's thread pool spinning on beside it stalls a few calls in a row, and turning serial on two
+      stalls kept a B=8 call serial, 4.9 ms against 2.9, in most of the benchmark's interleaved
+      rounds).  Not counted are the first call's time (thread start-up, cache loads) and, while
+      parallel, that of a call after a pause of over _BACK_TO_BACK_S (the workers were asleep: a
+      wake-up, not the shape's speed);
     * while serial it probes every ``probe_every`` calls with ``PROBE_CALLS`` parallel calls in a row,
       timing only the last: after serial calls the other worker has gone to sleep, and once woken it
       may first run on the caller's core.  Measured here, B=1 H=256 step, 12 us warm: after 512 serial
       calls the first parallel call took 117 us, the second 72, the third 17; after 64, 37, 17 and 15.
-      Where the serial calls take ``LONG_CALL_S`` or more, that wake-up is a small part of a call and a
-      probe is one call (beside a neighbour, each call of a probe may stall).
       The plan turns parallel again when the mean of its last ``PROBES`` probes, less the slowest
       ``TRIM``, is within ``SLOWER`` x its serial calls' time (the rule that turned it serial).  Each
       probe slower than that doubles ``probe_every``, up to ``MAX_PROBE_EVERY``: beside a neighbour
@@ -224,14 +226,23 @@ class Pace:
       calls' 99th percentile to stay the serial path's.  The interval starts again from
       ``FIRST_PROBE_EVERY`` when the plan turns serial after ``SHORT`` or more parallel calls, and doubles
       when it turns serial sooner: beside a busy neighbour a probe's last call can be quick (its worker
-      has just been given the core) while the calls that follow it stall again.
+      has just been given the core) while the calls that follow it stall again;
+    * a *long* plan, whose serial cost is ``LONG_CALL_S`` or more: waking the worker is a small part of
+      such a call, so a probe is one call; the interval grows to at most ``LONG_PROBE_SPACING_S`` of
+      serial calls; and its last ``LONG_PROBES`` probes within the limit turn it parallel again.  By a
+      short plan's rules, a plan of 3 ms calls that turned serial during a burst of stalls (another
+      engine's thread pool spinning beside it) would come back after 8 probes, 1.5 s at least, and 25 s
+      once its probes had grown 1,024 calls apart; by these, after 3 probes, 0.6 s, with probes 2 s
+      apart at most.
     """
 
     WINDOW, TRIM, PROBES, PROBE_CALLS, SLOWER, CHECK_EVERY = 16, 1, 8, 3, 1.1, 4
     FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
-    STALL_S, LONG_CALL_S = 1e-3, 0.5e-3
+    LONG_CALL_S, LONG_PROBES, LONG_PROBE_SPACING_S = 0.5e-3, 3, 2.0
+    CALIBRATE = 3
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "next_probe", "since", "warming", "after_pause", "last_stall", "probe_calls")
+                 "probe_every", "next_probe", "since", "warming", "after_pause", "long",
+                 "probe_calls", "max_probe_every")
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -243,20 +254,17 @@ class Pace:
         self.serial_mode = False
         self.probe_every = self.FIRST_PROBE_EVERY
         self.next_probe = 0  # the call that starts the next probe
-        self.since = 0  # the call at which the plan last turned parallel
+        self.since = -self.SHORT  # the call at which the plan last turned parallel (from the start: long ago)
         self.warming = False  # this call is one of a probe's first, untimed ones
         self.after_pause = False  # this call follows a pause: the workers had gone to sleep (untimed)
-        self.last_stall = -self.WINDOW  # the call of the latest stall
-        self.probe_calls = self.PROBE_CALLS  # calls of the current probe
+        self.long = False  # probes of a long plan (set when it turns serial)
+        self.probe_calls, self.max_probe_every = self.PROBE_CALLS, self.MAX_PROBE_EVERY
 
     def wants_parallel(self) -> bool:
         self.calls += 1
         if not self.serial_mode:
-            return True
-        phase = self.calls - self.next_probe
-        if phase == 0:  # a probe starts
-            self.probe_calls = 1 if min(self.serial_times, default=0.0) >= self.LONG_CALL_S else self.PROBE_CALLS
-        timed = self.probe_calls - 1
+            return self.calls != self.CALIBRATE
+        phase, timed = self.calls - self.next_probe, self.probe_calls - 1
         if phase > timed:  # the probe's timed call ran serially (another call had the workers): the next one
             self.next_probe = self.calls + self.probe_every
             phase = -self.probe_every
@@ -277,11 +285,6 @@ class Pace:
             return
         if seconds < self.fastest:
             self.fastest = seconds
-        elif seconds > self.workers * self.fastest + self.STALL_S:
-            if self.calls - self.last_stall <= self.WINDOW:
-                self._turn_serial()
-                return
-            self.last_stall = self.calls
         times = self.parallel_times
         times.append(seconds)
         # judged every CHECK_EVERY calls: a stream step's whole budget is microseconds
@@ -292,21 +295,33 @@ class Pace:
     def _turn_serial(self) -> None:
         self.serial_mode = True
         self.probes.clear()
+        serial_cost = self._serial_cost()
+        self.long = serial_cost >= self.LONG_CALL_S
+        first = self.FIRST_PROBE_EVERY
+        if self.long:
+            spacing = int(self.LONG_PROBE_SPACING_S / serial_cost)
+            self.probe_calls, self.max_probe_every = 1, max(first, min(self.MAX_PROBE_EVERY, spacing))
+        else:
+            self.probe_calls, self.max_probe_every = self.PROBE_CALLS, self.MAX_PROBE_EVERY
         if self.calls - self.since >= self.SHORT:
-            self.probe_every = self.FIRST_PROBE_EVERY
+            self.probe_every = first
         else:  # the probes that turned it parallel were misleading: probe less often
-            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+            self.probe_every = max(first, min(2 * self.probe_every, self.max_probe_every))
         self.next_probe = self.calls + self.probe_every
 
     def _probed(self, seconds: float) -> None:
         self.fastest = min(self.fastest, seconds)
         limit = self.SLOWER * self._serial_cost()
         if seconds > limit:
-            self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
         self.next_probe = self.calls + self.probe_every
         probes = self.probes
         probes.append(seconds)
-        if len(probes) == self.PROBES and self._trimmed_mean(probes) <= limit:
+        if self.long:
+            back = len(probes) >= self.LONG_PROBES and max(list(probes)[-self.LONG_PROBES:]) <= limit
+        else:
+            back = len(probes) == self.PROBES and self._trimmed_mean(probes) <= limit
+        if back:
             self.serial_mode = False
             self.parallel_times.clear()
             self.since = self.calls

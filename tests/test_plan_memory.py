@@ -106,29 +106,32 @@ def _paced(parallel_seconds, serial_seconds, calls):
     return pace, ran
 
 
+def _all_but_calibration(ran):
+    """Every call ran parallel but the one that measured the serial path (the CALIBRATE-th)."""
+    calibrate = _schedule.Pace.CALIBRATE - 1
+    return ran[calibrate] is False and all(ran[:calibrate] + ran[calibrate + 1 :])
+
+
 def test_pace_keeps_a_parallel_plan_parallel_while_it_is_faster():
     pace, ran = _paced(lambda: 10e-6, 16e-6, 2000)
-    assert not pace.serial_mode and all(ran)
+    assert not pace.serial_mode and _all_but_calibration(ran)
+    assert list(pace.serial_times) == [16e-6]
+
+
+def test_pace_measures_the_serial_path_to_judge_stalls():
+    """B=1 T=100 H=256 beside a busy neighbour: parallel calls of 0.65 ms, one in six stalled 4.9 ms, a
+    serial call 0.95 ms.  The mean of the parallel calls is under 1.1 x twice the fastest (the bound on
+    the serial cost before any serial call), so without the measured serial call the plan would stay
+    parallel; with it, the plan turns serial within the first two windows."""
+    calls = iter(range(10**6))
+    pace, ran = _paced(lambda: 4.9e-3 if next(calls) % 6 == 5 else 0.65e-3, 0.95e-3, 200)
+    assert pace.serial_mode and False in ran[_schedule.Pace.CALIBRATE :2 * _schedule.Pace.WINDOW]
 
 
 def test_pace_ignores_a_lone_stall_on_an_idle_machine():
     times = iter([10e-6] * 50 + [8e-3] + [10e-6] * 1000)
     pace, ran = _paced(lambda: next(times), 16e-6, 1000)
-    assert not pace.serial_mode and all(ran)
-
-
-def test_pace_turns_serial_at_a_second_stall():
-    """A 1 ms call (1.5 ms serially) whose parallel calls start stalling beside a neighbour (one in four
-    waits 4 ms for its second core): the plan runs serially from the second stall on, where the mean of
-    the window alone would wait for more of them; a lone stall leaves it parallel."""
-    times = iter([1e-3] * 40 + [5e-3] + [1e-3] * 3 + [5e-3] + [1e-3] * 100)
-    pace, ran = _paced(lambda: next(times), 1.5e-3, 60)
-    assert ran[:45] == [True] * 45 and not any(ran[45:]), ran.index(False)
-    assert pace.serial_mode
-
-    times = iter([1e-3] * 40 + [5e-3] + [1e-3] * 20 + [5e-3] + [1e-3] * 100)  # stalls 21 calls apart
-    pace, ran = _paced(lambda: next(times), 1.5e-3, 100)
-    assert not pace.serial_mode and all(ran)
+    assert not pace.serial_mode and _all_but_calibration(ran)
 
 
 def test_pace_probes_long_calls_with_one_call():
@@ -151,8 +154,9 @@ def test_pace_probes_long_calls_with_one_call():
 def test_pace_judges_probes_that_follow_long_serial_calls():
     """Serial calls of 3 ms each leave the workers idle for longer than _BACK_TO_BACK_S, so every probe
     comes "after a pause" (PARALLEL.acquire sets ``after_pause``); probes are judged all the same: beside
-    a neighbour (every parallel call stalls, 8 ms) they grow rare, and once it is gone (2 ms parallel
-    calls) the plan turns parallel again."""
+    a neighbour (every parallel call stalls, 8 ms) they grow rare, LONG_PROBE_SPACING_S of serial calls
+    apart at most (a long plan's), and once it is gone (2 ms parallel calls) the plan turns parallel
+    again."""
     pace = _schedule.Pace(workers=2)
     ran = []
 
@@ -165,10 +169,29 @@ def test_pace_judges_probes_that_follow_long_serial_calls():
 
     for i in range(6000):
         call(2e-3 if i < 50 else 8e-3)
-    assert pace.serial_mode and pace.probe_every == _schedule.Pace.MAX_PROBE_EVERY
+    cap = int(_schedule.Pace.LONG_PROBE_SPACING_S / 3e-3)  # the measured serial cost
+    assert pace.serial_mode and pace.long and pace.probe_every == pace.max_probe_every == cap
     assert sum(ran[100:]) <= len(ran[100:]) // 200
     for _ in range(3 * _schedule.Pace.PROBES * _schedule.Pace.MAX_PROBE_EVERY):
         call(2e-3)
+    assert not pace.serial_mode
+
+
+def test_pace_brings_a_long_plan_back_soon_after_a_burst():
+    """A 2.5 ms call (4 ms serially) stalls in a burst (another engine's thread pool spinning beside it:
+    parallel calls of 10 ms in a row) and turns serial; once the burst is over, the plan is parallel
+    again after LONG_PROBES one-call probes FIRST_PROBE_EVERY calls apart, not after PROBES probes of a
+    short plan."""
+    pace = _schedule.Pace(workers=2)
+    ran = []
+    for call in range(300):
+        parallel = pace.wants_parallel()
+        pace.record(parallel, (10e-3 if 30 <= call < 40 else 2.5e-3) if parallel else 4e-3)
+        ran.append(parallel)
+    turned = ran.index(False, _schedule.Pace.CALIBRATE)
+    assert 30 < turned <= 40 and pace.long
+    back = turned + _schedule.Pace.LONG_PROBES * _schedule.Pace.FIRST_PROBE_EVERY
+    assert ran[turned:back].count(True) == _schedule.Pace.LONG_PROBES and all(ran[back:])
     assert not pace.serial_mode
 
 

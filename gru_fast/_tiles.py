@@ -38,9 +38,9 @@ float32 weights, past L2); four rows 51-53 against 53-58 at H=256 (compute-bound
 operations take vector-port slots the fmas would use), 49-52 against 32-39 at H=384, 38-42 against
 21-24 at H=512; eight rows (medians, one run) 71 against four rows' 65 and float32's 80 at H=256, 72
 against 67 and 71 at H=384.  With two groups per pass one row ran 2-3 GMAC/s slower than with four,
-with one group about 6 slower.  AVX512_BF16's ``vdpbf16ps`` (a pair of multiply-adds per lane, the rows rounded to
-bfloat16 too) is not used: here it issues about once every two cycles, so four rows ran 37-42 GMAC/s
-against widening's 48-70, and one row, bound by L2 either way, 28-39 against 28-36
+with one group about 6 slower.  AVX512_BF16's ``vdpbf16ps`` (a pair of multiply-adds per lane, the
+rows rounded to bfloat16 too) is not used: here it issues about once every two cycles, so four rows ran
+37-42 GMAC/s against widening's 48-70, and one row, bound by L2 either way, 28-39 against 28-36
 (scripts/bf16_dot.py).
 """
 

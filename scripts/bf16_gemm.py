@@ -7,12 +7,11 @@ the time of a B=1 model call with each.
 Kernels: one thread, K = H, n_groups = H / 16 (3H output columns), 1, 4 and 8 rows, zero start: the
 kernels ``recur1_all`` / ``recur4_all`` / ``recur8_all`` (float32 weights, 12 H^2 bytes) against
 ``recur1_all_bf16`` / ``recur4_all_bf16`` / ``recur8_all_bf16`` (bfloat16 weights in k pairs, 6 H^2
-bytes) of :mod:`gru_fast._tiles`.  The weights
-are reused call after call, as in a GRU's steps, so they stay in whichever cache holds them.  A timed
-call runs the kernel enough times to last about 0.5 ms.  For one row, ``bf16 x1`` and ``bf16 x2`` are
-the library's one-row kernel built with 1 and 2 groups per pass over k instead of
-:data:`gru_fast._tiles.SPAN_BF16` (``--no-spans`` leaves them out); their bits are checked equal to
-the library kernel's.
+bytes) of :mod:`gru_fast._tiles`.  The weights are reused call after call, as in a GRU's steps, so they
+stay in whichever cache holds them.  A timed call runs the kernel enough times to last about 0.5 ms.
+For one row, ``bf16 x1`` and ``bf16 x2`` are the library's one-row kernel built with 1 and 2 groups per
+pass over k instead of :data:`gru_fast._tiles.SPAN_BF16` (``--no-spans`` leaves them out); their bits
+are checked equal to the library kernel's.
 
 Model (B=1): ``gru_fast.GRU`` I=H=256 with random weights, ``model.stream(1).bind(x_t, out=y_t)`` (one
 step per call) against the same with ``model.with_weights("bfloat16")``; and T=100 I=64 H=256, the whole

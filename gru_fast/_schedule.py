@@ -306,7 +306,7 @@ class Pace:
         if self.calls - self.since >= self.SHORT:
             self.probe_every = first
         else:  # the probes that turned it parallel were misleading: probe less often
-            self.probe_every = max(first, min(2 * self.probe_every, self.max_probe_every))
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
         self.next_probe = self.calls + self.probe_every
 
     def _probed(self, seconds: float) -> None:

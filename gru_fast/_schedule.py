@@ -345,8 +345,8 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
 
     * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
     * MODE_SPLIT for one direction with a handful of rows, when a row's layer-step is large enough to pay
-      for a handshake: the threads share each step's hidden units, and the products take the rows eight,
-      four, two or one at a time.  That is: one row per thread from _SPLIT_ONE_ROW_MIN_MACS (or past
+      for a handshake: the threads share each step's hidden units, and the products take all the rows in
+      one pass (up to eight, four with float64: gru_fast.kernels._rows_per_pass).  That is: one row per thread from _SPLIT_ONE_ROW_MIN_MACS (or past
       _ROWS_MAX_LAYER_WEIGHT_BYTES); one row for some threads and two for others, always; two rows per
       thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES; three or four past _ROWS_MAX_RECURRENT_BYTES;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
@@ -370,8 +370,8 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
              and per_layer >= _SPLIT_MIN_MACS_PER_LAYER_STEP and H > _layout.UNITS)
     if split:
         # few rows per thread: sharing each step's hidden units makes the products passes over two rows
-        # (32-36 GMAC/s a core here, H=256) or four (48-62) instead of one-row passes (17-20) on a slice
-        # of rows
+        # (57 GMAC/s a core here, H=256), three (76) or more (86) instead of one-row passes (31.5) on a
+        # slice of rows
         mode, chunks = _layout.MODE_SPLIT, min(threads, -(-H // _layout.UNITS))
         workers = chunks
     elif parallel and D * batch < threads:

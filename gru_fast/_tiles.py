@@ -14,13 +14,14 @@ whole step.  Numba has no vector types, so these kernels are generated as LLVM I
 * the weights are packed once (:func:`gru_fast.model._pack_into`) group by group, each group's K
   rows of 48 values contiguous, so a pass over k reads one stream (three streams per group ran slower);
 * every output element is ``s + a[0]*w[0] + a[1]*w[1] + ...`` as a chain of fused multiply-adds in k
-  order, the same whether it is computed with 1, 2, 4 or 8 rows, by whichever thread, for whichever
-  range of groups: serial and parallel runs agree bit for bit.
+  order, the same whether it is computed with 1, 2, 3, 4, 6 or 8 rows, by whichever thread, for
+  whichever range of groups: serial and parallel runs agree bit for bit.
 
-On one core here, K=256 and 16 groups (768 KiB of weights, in the L2 cache): eight rows reach 82
-GMAC/s, four 60, one 17-29 (the rate the L2 cache delivers weights, shared by fewer rows); with K=128
-(384 KiB) four and eight rows both reach 86-89 GMAC/s, the FMA peak.  Eight rows are float32 and
-bfloat16 only.
+On one core here (about 2.9 GHz: 93 GMAC/s of fmas at most), K=256 and 16 groups (768 KiB of weights,
+in the L2 cache), medians of interleaved rounds: one row 31.5 GMAC/s and two 57 (the rate the L2 cache
+delivers weights: one 64-byte load per fma, or per two), three 76, four 86, six 87 and eight 86 (the
+fmas' rate); the same at K=192-384 and with half the groups.  Three, six and eight rows are float32
+and bfloat16 only.
 ``<16 x double>`` is the same code for float64 (LLVM splits it into two registers), and machines
 without AVX-512 get it split into narrower vectors.
 
@@ -52,7 +53,7 @@ from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "SPAN_BF16"] + [f"{name}{rows}{kind}{weights}" for name, kind in
                                             (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n"))
-                                            for rows in (1, 2, 4, 8) for weights in ("", "_bf16")]
+                                            for rows in (1, 2, 3, 4, 6, 8) for weights in ("", "_bf16")]
 
 TILE = 16  # columns per tile
 GROUP = 3  # tiles per group: one tile of each gate
@@ -353,11 +354,13 @@ project1, project2, project4 = (_make_gemm(rows, *GEMM_ALL, "bias") for rows in 
 recur1_all, recur2_all, recur4_all = (_make_gemm(rows, *GEMM_ALL, "zero") for rows in (1, 2, 4))  # h R^T
 recur1_zr, recur2_zr, recur4_zr = (_make_gemm(rows, *GEMM_ZR, "zero") for rows in (1, 2, 4))  # lbr=0: h R_zr^T
 recur1_n, recur2_n, recur4_n = (_make_gemm(rows, *GEMM_N, "zero") for rows in (1, 2, 4))  # lbr=0: (r*h) R_n^T
-# eight rows, for float32 (24 accumulators; float64's would take 48 registers): each weight loaded once
-# per eight rows, which keeps a pass compute-bound where four rows wait on the L2 cache
-project8, recur8_all, recur8_zr, recur8_n = (_make_gemm(8, *tiles, start) for tiles, start in
-                                             ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"),
-                                              (GEMM_N, "zero")))
+# three, six and eight rows, for float32 (float64's eight would take 48 registers): each weight loaded
+# once per pass, so three rows need no fourth, repeated row, and five to eight no eight-row pass over
+# repeated rows (see gru_fast.kernels._rows_per_pass)
+project3, recur3_all, recur3_zr, recur3_n, project6, recur6_all, recur6_zr, recur6_n, \
+    project8, recur8_all, recur8_zr, recur8_n = (
+        _make_gemm(rows, *tiles, start) for rows in (3, 6, 8)
+        for tiles, start in ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"), (GEMM_N, "zero")))
 
 # the same products with bfloat16 weights (k pairs) and float32 everything else; one row computes
 # SPAN_BF16 groups per pass, two rows half as many: twelve independent fma chains instead of three or six
@@ -375,7 +378,8 @@ recur4_zr_bf16 = _make_gemm(4, *GEMM_ZR, "zero", "bf16")
 recur1_n_bf16 = _make_gemm(1, *GEMM_N, "zero", "bf16", SPAN_BF16)
 recur2_n_bf16 = _make_gemm(2, *GEMM_N, "zero", "bf16", SPAN_BF16 // 2)
 recur4_n_bf16 = _make_gemm(4, *GEMM_N, "zero", "bf16")
-# eight rows, as float32's: each pair row of weights loaded and widened once per eight rows
-project8_bf16, recur8_all_bf16, recur8_zr_bf16, recur8_n_bf16 = (
-    _make_gemm(8, *tiles, start, "bf16")
-    for tiles, start in ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"), (GEMM_N, "zero")))
+# three, six and eight rows, as float32's: each pair row of weights loaded and widened once per pass
+project3_bf16, recur3_all_bf16, recur3_zr_bf16, recur3_n_bf16, project6_bf16, recur6_all_bf16, recur6_zr_bf16, \
+    recur6_n_bf16, project8_bf16, recur8_all_bf16, recur8_zr_bf16, recur8_n_bf16 = (
+        _make_gemm(rows, *tiles, start, "bf16") for rows in (3, 6, 8)
+        for tiles, start in ((GEMM_ALL, "bias"), (GEMM_ALL, "zero"), (GEMM_ZR, "zero"), (GEMM_N, "zero")))

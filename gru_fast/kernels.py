@@ -239,10 +239,10 @@ PROJECT, RECUR, RECUR_ZR, RECUR_N = 0, 1, 2, 3
 
 
 def _micro(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
-    """The micro-kernel of ``kind`` for ``rows`` of the eight (c, a) row addresses (gru_fast._tiles): 1, 2,
-    4, or 8 up to :func:`_most_rows`, for weights stored as ``weights``' type, ``w_offset`` weights past
-    address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed by ``weights``: float and
-    bfloat16 models each compile only their own kernels."""
+    """The micro-kernel of ``kind`` for ``rows`` of the eight (c, a) row addresses (gru_fast._tiles): 1, 2
+    or 4, and where :func:`_most_rows` is eight also 3, 6 or 8, for weights stored as ``weights``' type,
+    ``w_offset`` weights past address ``w`` (bfloat16: counted as K rows, stored in k pairs).  Typed by
+    ``weights``: float and bfloat16 models each compile only their own kernels."""
     raise NotImplementedError("call from a Numba kernel")
 
 
@@ -319,11 +319,39 @@ def _micro_overload(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
             at_most_four(kind, rows, c, a, weights_at(w, w_offset, k), bias, k, n, marker)
 
         return micro
+    p3, all3, zr3, n3 = _kernels_of(3, stored)
+    p6, all6, zr6, n6 = _kernels_of(6, stored)
     p8, all8, zr8, n8 = _kernels_of(8, stored)
+
+    @njit(**JIT, inline="always")
+    def three(kind, c, a, at, bias, k, n, marker):
+        if kind == PROJECT:
+            p3(c[0], c[1], c[2], a[0], a[1], a[2], at, bias, k, n, marker)
+        elif kind == RECUR:
+            all3(c[0], c[1], c[2], a[0], a[1], a[2], at, bias, k, n, marker)
+        elif kind == RECUR_ZR:
+            zr3(c[0], c[1], c[2], a[0], a[1], a[2], at, bias, k, n, marker)
+        else:
+            n3(c[0], c[1], c[2], a[0], a[1], a[2], at, bias, k, n, marker)
+
+    @njit(**JIT, inline="always")
+    def six(kind, c, a, at, bias, k, n, marker):
+        if kind == PROJECT:
+            p6(c[0], c[1], c[2], c[3], c[4], c[5], a[0], a[1], a[2], a[3], a[4], a[5], at, bias, k, n, marker)
+        elif kind == RECUR:
+            all6(c[0], c[1], c[2], c[3], c[4], c[5], a[0], a[1], a[2], a[3], a[4], a[5], at, bias, k, n, marker)
+        elif kind == RECUR_ZR:
+            zr6(c[0], c[1], c[2], c[3], c[4], c[5], a[0], a[1], a[2], a[3], a[4], a[5], at, bias, k, n, marker)
+        else:
+            n6(c[0], c[1], c[2], c[3], c[4], c[5], a[0], a[1], a[2], a[3], a[4], a[5], at, bias, k, n, marker)
 
     def micro_eight(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
         at = weights_at(w, w_offset, k)
-        if rows != 8:
+        if rows == 3:
+            three(kind, c, a, at, bias, k, n, marker)
+        elif rows == 6:
+            six(kind, c, a, at, bias, k, n, marker)
+        elif rows != 8:
             at_most_four(kind, rows, c, a, at, bias, k, n, marker)
         elif kind == PROJECT:
             p8(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], at, bias,
@@ -343,10 +371,10 @@ def _micro_overload(kind, rows, c, a, w, w_offset, bias, k, n, marker, weights):
 
 @kernel
 def _gemm(kind, rows, c, a, w, bias, k, u0, u1, weights, marker):
-    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2, 4
-    or 8) of the eight (c, a) pairs, given as the rows' addresses (every array passed to a compiled
-    function costs a reference-count call on the way in and one on the way out); ``bias`` the bias row's
-    address; W stored as ``weights``' type, the rows as ``marker``'s."""
+    """Product ``kind`` into rows c[m][48*u0 : 48*u1] from rows a[m] (K = k values), for ``rows`` (1, 2, 3,
+    4, 6 or 8: :func:`_rows_per_pass`) of the eight (c, a) pairs, given as the rows' addresses (every
+    array passed to a compiled function costs a reference-count call on the way in and one on the way
+    out); ``bias`` the bias row's address; W stored as ``weights``' type, the rows as ``marker``'s."""
     n = u1 - u0
     if n <= 0:
         return
@@ -363,19 +391,25 @@ def _row_at(m, r):
 
 @kernel(inline=True)
 def _rows_per_pass(left, weights):
-    """Rows of the next product pass with ``left`` rows to go: eight (up to :func:`_most_rows`) while five
-    or more are left, four for three or four, else two or one.  Left-over rows cost one pass of the next
-    size up, repeating the last row (see :func:`_eight_of`): measured on one core here (float32, H=256),
-    eight rows run 82 GMAC/s, four 60 (the rate the L2 cache delivers weights for four), two 32-36, one
-    17-20."""
+    """Rows of the next product pass with ``left`` rows to go: eight while seven or more are left, six for
+    five or six, else all of them; up to four with float64 (:func:`_most_rows`), where three rows take a
+    four-row pass.  A pass over fewer rows than its kernel's repeats the last row (see :func:`_eight_of`).
+    Measured on one core here (float32, H=256; gru_fast._tiles): one row runs 31.5 GMAC/s, two 57, three
+    76, four 86, six 87, eight 86, so a kernel per row count up to four, and six for five or six rows:
+    as a pass of the next size up three rows ran 64.5 GMAC/s (four rows' time), six 65 (eight rows'),
+    five 54 in an eight-row pass against 72.5 in a six-row one; seven take an eight-row pass (75)."""
     if left <= 2:
         return left
-    return 4 if left <= 4 or _most_rows(weights) == 4 else 8
+    if _most_rows(weights) == 4:
+        return 4
+    if left <= 4:
+        return left
+    return 6 if left <= 6 else 8
 
 
 @kernel(inline=True)
 def _eight_of(n, i):
-    """Rows i..i+7 for a product pass (eight, four, two or one of them used: :func:`_rows_per_pass`); past
+    """Rows i..i+7 for a product pass (the first :func:`_rows_per_pass` of them used); past
     the last of n rows, the last one again: a repeated row computes the same values into the same place."""
     last = n - 1
     return (min(i, last), min(i + 1, last), min(i + 2, last), min(i + 3, last), min(i + 4, last), min(i + 5, last),

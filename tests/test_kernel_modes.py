@@ -277,9 +277,10 @@ def test_kernel_cache_stamp_covers_every_compiled_module():
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_a_rows_result_does_not_depend_on_its_batch(bidirectional, rng, parallel_launches):
     """Every output element is the same chain of operations whatever rows share its batch: a batch of 9
-    (MODE_ROWS, four-row products, the last rows repeated) gives each sequence exactly what it gets alone
-    (one-row products; MODE_SPLIT for the unidirectional model).  So Dask blocks, CLI chunks or any other
-    batching give bit-identical results.  Authority for the values: torch.nn.GRU."""
+    (MODE_ROWS: five rows in a six-row pass, the last row repeated, and four) gives each sequence exactly
+    what it gets alone (one-row products; MODE_SPLIT for the unidirectional model) and in batches of 3, 5
+    and 6 (three-row passes, six-row passes).  So Dask blocks, CLI chunks or any other batching give
+    bit-identical results.  Authority for the values: torch.nn.GRU."""
     module = torch_gru(48, 128, 2, bidirectional=bidirectional, seed=17)
     model = convert_torch(module)
     T, B = 13, 9
@@ -290,7 +291,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(bidirectional, rng, parallel
         y_ref, h_ref = run_torch(module, x, None, lengths)
         assert_matches(y, y_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="y")
         assert_matches(h_n, h_ref, authority="torch.nn.GRU (packed)", dtype=np.float32, what="h_n")
-        for b in range(B):
-            y_b, h_b = model(np.ascontiguousarray(x[:, b : b + 1]), lengths=lengths[b : b + 1])
-            assert np.array_equal(y_b, y[:, b : b + 1]) and np.array_equal(h_b, h_n[:, b : b + 1]), b
+        for b0, b1 in [(b, b + 1) for b in range(B)] + [(0, 3), (3, 9), (2, 7)]:
+            y_b, h_b = model(np.ascontiguousarray(x[:, b0:b1]), lengths=lengths[b0:b1])
+            assert np.array_equal(y_b, y[:, b0:b1]) and np.array_equal(h_b, h_n[:, b0:b1]), (b0, b1)
     assert parallel_launches  # the batch of 9 ran in parallel (and, unidirectional, so did each sequence)

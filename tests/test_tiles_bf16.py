@@ -14,10 +14,11 @@ bfloat16 rounding of gru_fast._bf16.
   followed by a NaN at a[K], which the kernels must not read.  The columns a kernel does not compute
   (n for the ``_zr`` kernels, z and r for the ``_n`` kernels) are left as they were.
 * Bit for bit: 4-row results equal 1-row and 2-row results row by row, and the bf16 kernels equal the
-  float32 kernels (1, 2 and 4 rows) run on the widened weights (the widening is exact and the fma chain the same, in k order).
+  float32 kernels (1, 2 and 4 rows) run on the widened weights (the widening is exact and the fma chain
+  the same, in k order).
 * The eight-row kernels, float32 and bfloat16: against the float64 numpy product within the same bound,
-  columns they do not compute untouched, bit for bit the four-row kernels' results row by row, and the
-  bfloat16 ones the float32 ones' on the widened weights.
+  columns they do not compute untouched, bit for bit the four-, six- and three-row kernels' results row
+  by row, and the bfloat16 ones (eight, six and three rows) the float32 ones' on the widened weights.
 """
 
 from __future__ import annotations
@@ -87,21 +88,43 @@ _run_bf16 = _make_runner("_bf16")
 _run_float32 = _make_runner("")
 
 
-def _make_eight(suffix):
-    """A jitted runner of the eight-row kernels (``suffix``: "" or "_bf16"), called as
-    :func:`_make_runner`'s with ``rows`` 8."""
-    p8, all8, zr8, n8 = (getattr(t, f"{name}8{kind}{suffix}")
-                         for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n")))
+def _make_many(suffix):
+    """A jitted runner of the three-, six- and eight-row kernels (``suffix``: "" or "_bf16"), called as
+    :func:`_make_runner`'s with ``rows`` 3, 6 or 8."""
+    kernels = tuple(getattr(t, f"{name}{rows}{kind}{suffix}") for rows in (3, 6, 8)
+                    for name, kind in (("project", ""), ("recur", "_all"), ("recur", "_zr"), ("recur", "_n")))
+    p3, all3, zr3, n3, p6, all6, zr6, n6, p8, all8, zr8, n8 = kernels
 
     @njit(cache=False)
     def run(kind, rows, c, a, w, w_at, bias, k, n_groups):
         m = np.float32(0)
         wp, bp = w.ctypes.data + w_at * w.itemsize, bias.ctypes.data
-        c0, c1, c2, c3, c4, c5, c6, c7 = (c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[3].ctypes.data,
-                                          c[4].ctypes.data, c[5].ctypes.data, c[6].ctypes.data, c[7].ctypes.data)
-        a0, a1, a2, a3, a4, a5, a6, a7 = (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[3].ctypes.data,
-                                          a[4].ctypes.data, a[5].ctypes.data, a[6].ctypes.data, a[7].ctypes.data)
-        if kind == 0:
+        last = rows - 1  # c and a hold ``rows`` rows; the eight addresses repeat the last one past them
+        c0, c1, c2, c3 = c[0].ctypes.data, c[1].ctypes.data, c[2].ctypes.data, c[min(3, last)].ctypes.data
+        c4, c5, c6, c7 = (c[min(4, last)].ctypes.data, c[min(5, last)].ctypes.data, c[min(6, last)].ctypes.data,
+                          c[last].ctypes.data)
+        a0, a1, a2, a3 = a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, a[min(3, last)].ctypes.data
+        a4, a5, a6, a7 = (a[min(4, last)].ctypes.data, a[min(5, last)].ctypes.data, a[min(6, last)].ctypes.data,
+                          a[last].ctypes.data)
+        if rows == 3:
+            if kind == 0:
+                p3(c0, c1, c2, a0, a1, a2, wp, bp, k, n_groups, m)
+            elif kind == 1:
+                all3(c0, c1, c2, a0, a1, a2, wp, bp, k, n_groups, m)
+            elif kind == 2:
+                zr3(c0, c1, c2, a0, a1, a2, wp, bp, k, n_groups, m)
+            else:
+                n3(c0, c1, c2, a0, a1, a2, wp, bp, k, n_groups, m)
+        elif rows == 6:
+            if kind == 0:
+                p6(c0, c1, c2, c3, c4, c5, a0, a1, a2, a3, a4, a5, wp, bp, k, n_groups, m)
+            elif kind == 1:
+                all6(c0, c1, c2, c3, c4, c5, a0, a1, a2, a3, a4, a5, wp, bp, k, n_groups, m)
+            elif kind == 2:
+                zr6(c0, c1, c2, c3, c4, c5, a0, a1, a2, a3, a4, a5, wp, bp, k, n_groups, m)
+            else:
+                n6(c0, c1, c2, c3, c4, c5, a0, a1, a2, a3, a4, a5, wp, bp, k, n_groups, m)
+        elif kind == 0:
             p8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
         elif kind == 1:
             all8(c0, c1, c2, c3, c4, c5, c6, c7, a0, a1, a2, a3, a4, a5, a6, a7, wp, bp, k, n_groups, m)
@@ -113,8 +136,8 @@ def _make_eight(suffix):
     return run
 
 
-_run_eight_float32 = _make_eight("")
-_run_eight_bf16 = _make_eight("_bf16")
+_run_many_float32 = _make_many("")
+_run_many_bf16 = _make_many("_bf16")
 
 
 KS = [0, 1, 2, 3, 7, 16, 33, 100, 257]  # odd K: the last pair has no row K
@@ -314,15 +337,15 @@ def test_bad_arguments():
 @pytest.mark.parametrize("weights", ["float32", "bf16"])
 @pytest.mark.parametrize("kind", [PROJECT, RECUR, RECUR_ZR, RECUR_N], ids=["project", "all", "zr", "n"])
 @pytest.mark.parametrize("k", KS)
-def test_eight_row_kernels_match_float64_product_and_four_rows(kind, k, weights):
+def test_three_six_and_eight_row_kernels_match_float64_product_and_four_rows(kind, k, weights):
     m, _, bias, hidden, u0, n_groups = _case(kind, k)
     a = np.random.default_rng(k + 7).standard_normal((8, k)).astype(np.float32)
     w32 = np.zeros(bias.size // 48 * k * 48, np.float32)  # float32 weights, packed: those given, or the widened bf16
     if weights == "bf16":
         m = from_bf16(to_bf16(m))  # what the bfloat16 words stand for, exactly
-        w, run_eight, run_four = pack_bf16(m, hidden), _run_eight_bf16, _run_bf16
+        w, run_many, run_four = pack_bf16(m, hidden), _run_many_bf16, _run_bf16
     else:
-        w, run_eight, run_four = w32, _run_eight_float32, _run_float32
+        w, run_many, run_four = w32, _run_many_float32, _run_float32
     if k:
         _pack_into(w32, m, hidden)
     dense = _dense(m.astype(np.float64), hidden)
@@ -335,11 +358,16 @@ def test_eight_row_kernels_match_float64_product_and_four_rows(kind, k, weights)
         for q in TILES[kind]:
             cols[48 * g + 16 * q : 48 * g + 16 * q + 16] = True
 
-    eight = _call(run_eight, kind, 8, a, w, bias, k, u0, n_groups)
+    eight = _call(run_many, kind, 8, a, w, bias, k, u0, n_groups)
     assert np.all(eight[:, ~cols] == SENTINEL)
     assert np.all(np.abs(eight[:, cols] - exact[:, cols]) <= bound[:, cols])
     for row in (0, 4):  # four rows at a time: the same bits
         np.testing.assert_array_equal(_call(run_four, kind, 4, a[row : row + 4], w, bias, k, u0, n_groups),
                                       eight[row : row + 4])
-    if weights == "bf16":  # the float32 kernel on the widened weights: the same bits
-        np.testing.assert_array_equal(_call(_run_eight_float32, kind, 8, a, w32, bias, k, u0, n_groups), eight)
+    for rows, first in ((6, 0), (6, 2), (3, 0), (3, 5)):  # six and three rows at a time: the same bits
+        np.testing.assert_array_equal(_call(run_many, kind, rows, a[first : first + rows], w, bias, k, u0, n_groups),
+                                      eight[first : first + rows])
+    if weights == "bf16":  # the float32 kernels on the widened weights: the same bits
+        for rows in (8, 6, 3):
+            np.testing.assert_array_equal(_call(_run_many_float32, kind, rows, a[:rows], w32, bias, k, u0, n_groups),
+                                          eight[:rows])

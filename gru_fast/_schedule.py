@@ -346,9 +346,10 @@ def make_plan(model: KernelModel, steps: int, batch: int, threads: int, key: tup
     * MODE_ROWS, the default: units of (direction, batch rows), one worker each for every step;
     * MODE_SPLIT for one direction with a handful of rows, when a row's layer-step is large enough to pay
       for a handshake: the threads share each step's hidden units, and the products take all the rows in
-      one pass (up to eight, four with float64: gru_fast.kernels._rows_per_pass).  That is: one row per thread from _SPLIT_ONE_ROW_MIN_MACS (or past
-      _ROWS_MAX_LAYER_WEIGHT_BYTES); one row for some threads and two for others, always; two rows per
-      thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES; three or four past _ROWS_MAX_RECURRENT_BYTES;
+      one pass (up to eight, four with float64: gru_fast.kernels._rows_per_pass).  That is: one row per
+      thread from _SPLIT_ONE_ROW_MIN_MACS (or past _ROWS_MAX_LAYER_WEIGHT_BYTES); one row for some
+      threads and two for others, always; two rows per thread past _ROWS_TWO_MAX_LAYER_WEIGHT_BYTES;
+      three or four past _ROWS_MAX_RECURRENT_BYTES;
     * serial (one worker) below _PARALLEL_MIN_MACS multiply-adds.
     """
     H, D, L = model.hidden, model.directions, model.layers

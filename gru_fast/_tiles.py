@@ -54,6 +54,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = ["TILE", "GROUP", "SPAN_BF16"] + [f"{name}{rows}{kind}{weights}" for name, kind in
@@ -102,22 +103,11 @@ def _prefetch_rows(builder, a_ptrs, k_n, per_line):
     name = "llvm.prefetch.p0i8"
     prefetch = builder.module.globals.get(name) or ir.Function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name)
-    before = builder.block
-    head = builder.append_basic_block("prefetch.line")
-    body = builder.append_basic_block("prefetch.body")
-    after = builder.append_basic_block("prefetch.done")
-    builder.branch(head)
-    builder.position_at_end(head)
-    k = builder.phi(i64)
-    k.add_incoming(ir.Constant(i64, 0), before)
-    builder.cbranch(builder.icmp_signed("<", k, k_n), body, after)
-    builder.position_at_end(body)
-    for ptr in a_ptrs:  # read, keep in all cache levels, data
-        builder.call(prefetch, [builder.bitcast(builder.gep(ptr, [k]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                ir.Constant(i32, 1)])
-    k.add_incoming(builder.add(k, ir.Constant(i64, per_line)), body)
-    builder.branch(head)
-    builder.position_at_end(after)
+    zero, line = ir.Constant(i64, 0), ir.Constant(i64, per_line)
+    with cgutils.for_range_slice(builder, zero, k_n, line, intp=i64) as (k, _):
+        for ptr in a_ptrs:  # read, keep in all cache levels, data
+            builder.call(prefetch, [builder.bitcast(builder.gep(ptr, [k]), i8p), ir.Constant(i32, 0),
+                                    ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
 def _pairs_codegen(rows, tiles, start, span):

@@ -503,8 +503,9 @@ class _ParallelPolicy(Guard):
         super().__init__()
         self.last_end = 0.0
 
-    def acquire(self, plan) -> bool:
-        now = perf_counter()
+    def acquire(self, plan, now: float) -> bool:
+        """Whether a call of ``plan`` arriving at ``now`` (``perf_counter()``) may launch in parallel; when
+        it may, the lock is held until :meth:`release`."""
         recent = now - self.last_end <= _BACK_TO_BACK_S
         self.last_end = now
         if plan.brief and not recent:
@@ -513,27 +514,16 @@ class _ParallelPolicy(Guard):
         if not pace.wants_parallel():
             return False
         pace.after_pause = not recent
-        return self.lock.acquire(blocking=False)
+        return self.lock.acquire(False)
 
-    def release(self, plan) -> None:
-        self.last_end = perf_counter()
+    def release(self) -> float:
+        """End a granted parallel call; returns the time it ended (``perf_counter()``)."""
+        self.last_end = end = perf_counter()
         self.lock.release()
+        return end
 
 
 PARALLEL = _ParallelPolicy()
-
-
-def launch(weights: str, plan: Plan, args: int) -> None:
-    """Run ``plan``'s forward entry point on the argument block at address ``args``; a parallel plan was
-    granted by PARALLEL and is handed back.  The entry point is looked up in ``kernels.FORWARD`` at every
-    launch."""
-    if plan.parallel:
-        try:
-            kernels.FORWARD[weights, True](args)
-        finally:
-            PARALLEL.release(plan)
-    else:
-        kernels.FORWARD[weights, False](args)
 
 
 def run(model: KernelModel, operands: Operands) -> None:
@@ -541,24 +531,38 @@ def run(model: KernelModel, operands: Operands) -> None:
     serially (same results)."""
     steps, batch = operands.steps, operands.batch
     plan = take_plan(model, steps, batch)
-    pace = plan.pace
-    if plan.parallel and not PARALLEL.acquire(plan):
-        PLANS.give(plan)
-        plan = take_plan(model, steps, batch, 1)
-    _run_in(model.weights, plan, operands, pace)
+    if not plan.parallel:
+        _serially(model.weights, plan, operands)
+    else:
+        start = perf_counter()
+        if PARALLEL.acquire(plan, start):
+            _OPERANDS.pack_into(plan.args, 8 * _layout.ARG_X, *operands)
+            _parallel(model.weights, plan, plan.args_addr, start)
+        else:  # its time tells the parallel plan's Pace what the serial path costs
+            pace = plan.pace
+            PLANS.give(plan)
+            plan = take_plan(model, steps, batch, 1)
+            start = perf_counter()
+            _serially(model.weights, plan, operands)
+            pace.record(False, perf_counter() - start)
     PLANS.give(plan)
 
 
-def _run_in(weights: str, plan: Plan, operands: Operands, pace: "Pace | None") -> None:
-    """Write ``operands`` into ``plan``'s argument block and launch it (a parallel plan granted by
-    PARALLEL); with a ``pace`` (of the call's parallel plan, whichever plan runs), the time is recorded."""
+def _serially(weights: str, plan: Plan, operands: Operands) -> None:
+    """Write ``operands`` into the serial ``plan``'s argument block and run it."""
     _OPERANDS.pack_into(plan.args, 8 * _layout.ARG_X, *operands)
-    if pace is None:
-        launch(weights, plan, plan.args_addr)
-    else:
-        start = perf_counter()
-        launch(weights, plan, plan.args_addr)
-        pace.record(plan.parallel, perf_counter() - start)
+    kernels.FORWARD[weights, False](plan.args_addr)
+
+
+def _parallel(weights: str, plan: Plan, args: int, start: float) -> None:
+    """Run ``plan``'s parallel entry point on the argument block at address ``args``, a call PARALLEL
+    granted at ``start``; hand the grant back and record the call's time with the plan's Pace.  The entry
+    point is looked up in ``kernels.FORWARD`` at every launch."""
+    try:
+        kernels.FORWARD[weights, True](args)
+    finally:
+        end = PARALLEL.release()
+    plan.pace.record(True, end - start)
 
 
 def _own_plans(model: KernelModel, steps: int, batch: int, threads: int) -> tuple[Plan, Plan]:
@@ -589,10 +593,16 @@ class ShapeRunner:
         if plans is None:
             plans = self.plans[threads] = _own_plans(model, self.steps, self.batch, threads)
         plan, serial = plans
-        pace = plan.pace
-        if plan.parallel and not PARALLEL.acquire(plan):
-            plan = serial
-        _run_in(model.weights, plan, operands, pace)
+        if not plan.parallel:
+            _serially(model.weights, plan, operands)
+            return
+        start = perf_counter()
+        if PARALLEL.acquire(plan, start):
+            _OPERANDS.pack_into(plan.args, 8 * _layout.ARG_X, *operands)
+            _parallel(model.weights, plan, plan.args_addr, start)
+        else:
+            _serially(model.weights, serial, operands)
+            plan.pace.record(False, perf_counter() - start)
 
 
 class Binding(NamedTuple):
@@ -611,8 +621,8 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
     The thread count is read now.  The plans are the binding's own, not the pool's (a bound call may run
     from any thread, one at a time), and every argument block is written here: a launch of a serial plan
     is the entry point's call on one integer and nothing else (a ``functools.partial``), the fast path of
-    a small model.  The serial entry point is looked up now; the parallel one at every launch (see
-    :func:`launch`).
+    a small model; a parallel plan's launch is a :class:`_BoundParallel`.  The serial entry point is looked
+    up now; the parallel one at every launch (see :func:`_parallel`).
     """
     steps, batch = calls[0].steps, calls[0].batch
     plan, serial = _own_plans(model, steps, batch, _threads(model, steps, batch))
@@ -625,17 +635,27 @@ def bind(model: KernelModel, calls: Sequence[Operands]) -> Binding:
         if plan.parallel:
             block = argument_block(model, operands, plan)
             blocks.append(block)
-            launches.append(functools.partial(_parallel_if_granted, model.weights, plan, address(block), serially))
+            launches.append(_BoundParallel(model.weights, plan, address(block), serially))
         else:
             launches.append(serially)
     return Binding(tuple(launches), model, (plan, serial), tuple(blocks))
 
 
-def _parallel_if_granted(weights: str, plan: Plan, args: int, serially) -> None:
-    start = perf_counter()
-    granted = PARALLEL.acquire(plan)
-    if granted:
-        launch(weights, plan, args)
-    else:
-        serially()
-    plan.pace.record(granted, perf_counter() - start)
+class _BoundParallel:
+    """A bound call of a parallel plan: its parallel kernel when PARALLEL grants it, else ``serially``
+    (the serial plan's launch); either way the time goes to the plan's Pace.  A class with slots: a
+    streaming step's whole Python path is a few microseconds, and each function it goes through costs."""
+
+    __slots__ = ("weights", "plan", "args", "serially")
+
+    def __init__(self, weights: str, plan: Plan, args: int, serially):
+        self.weights, self.plan, self.args, self.serially = weights, plan, args, serially
+
+    def __call__(self) -> None:
+        plan = self.plan
+        start = perf_counter()
+        if PARALLEL.acquire(plan, start):
+            _parallel(self.weights, plan, self.args, start)
+        else:
+            self.serially()
+            plan.pace.record(False, perf_counter() - start)

@@ -199,11 +199,20 @@ class Pace:
     milliseconds, for its core.  Serial and parallel runs give identical results, so the plan runs
     serially while its parallel calls cost more than its serial ones would:
 
-    * the serial cost is at most ``workers`` x the fastest parallel call (a share of the work cannot run
-      faster than all of it), or the best of the last four serial calls: the plan's ``CALIBRATE``-th call
-      runs serially to have one (B=1 T=100 H=256: 0.95 ms against the bound's 1.3; with the bound, beside
-      a busy neighbour the plan ran 76 parallel calls, a fifth of them stalled 4 ms, before turning
-      serial);
+    * the serial cost is the best of the last four serial calls: the plan's ``CALIBRATE``-th call and
+      the next (``CALIBRATIONS`` in all) run serially to have two, so that a hiccup of the host in one
+      does not set the cost (while the plan is parallel no serial call refreshes it).  A *cold* call is
+      not counted: a brief call after a pause runs serially (:class:`_ParallelPolicy`) and finds its
+      weights out of cache (140-215 us for a streaming step of B=1 I=H=256 that takes 28 us warm).
+      Before any serial call, ``workers`` x the fastest parallel call stands in.  It is no bound: a
+      core's share of the weights may fit its L2 cache where all of them do not, and the host's speed
+      drifts.  That step ran 14-17 us in parallel and 28-30 serially; taken as a bound, twice its
+      fastest parallel call (10.4 us, in a faster phase of the host) put the serial cost at 20.8 us, and
+      windows of parallel calls with two or three hiccups of the host (trimmed means of 23-28 us)
+      turned it serial ten times in 15 rounds of the benchmark's batches (7-47 % of its calls serial, at
+      twice the time, in four runs).  The measured serial call also judges stalls sooner than the
+      stand-in (B=1 T=100 H=256: 0.95 ms against 1.3; with the stand-in, beside a busy neighbour the
+      plan ran 76 parallel calls, a fifth of them stalled 4 ms, before turning serial);
     * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
       every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first
@@ -239,9 +248,9 @@ class Pace:
     WINDOW, TRIM, PROBES, PROBE_CALLS, SLOWER, CHECK_EVERY = 16, 1, 8, 3, 1.1, 4
     FIRST_PROBE_EVERY, MAX_PROBE_EVERY, SHORT = 64, 1024, 256
     LONG_CALL_S, LONG_PROBES, LONG_PROBE_SPACING_S = 0.5e-3, 3, 2.0
-    CALIBRATE = 3
+    CALIBRATE, CALIBRATIONS = 3, 2
     __slots__ = ("workers", "calls", "fastest", "parallel_times", "serial_times", "probes", "serial_mode",
-                 "probe_every", "next_probe", "since", "warming", "after_pause", "long",
+                 "probe_every", "next_probe", "since", "warming", "after_pause", "cold", "long",
                  "probe_calls", "max_probe_every")
 
     def __init__(self, workers: int):
@@ -257,13 +266,14 @@ class Pace:
         self.since = -self.SHORT  # the call at which the plan last turned parallel (from the start: long ago)
         self.warming = False  # this call is one of a probe's first, untimed ones
         self.after_pause = False  # this call follows a pause: the workers had gone to sleep (untimed)
+        self.cold = False  # this brief call follows a pause and runs serially, its caches cold (untimed)
         self.long = False  # probes of a long plan (set when it turns serial)
         self.probe_calls, self.max_probe_every = self.PROBE_CALLS, self.MAX_PROBE_EVERY
 
     def wants_parallel(self) -> bool:
         self.calls += 1
         if not self.serial_mode:
-            return self.calls != self.CALIBRATE
+            return not self.CALIBRATE <= self.calls < self.CALIBRATE + self.CALIBRATIONS
         phase, timed = self.calls - self.next_probe, self.probe_calls - 1
         if phase > timed:  # the probe's timed call ran serially (another call had the workers): the next one
             self.next_probe = self.calls + self.probe_every
@@ -275,7 +285,8 @@ class Pace:
         if self.calls <= 1:
             return
         if not parallel:
-            self.serial_times.append(seconds)
+            if not self.cold:
+                self.serial_times.append(seconds)
             return
         if self.serial_mode:  # a probe: its warming calls (or, for long calls, its length) absorb a wake-up
             if not self.warming:
@@ -327,7 +338,7 @@ class Pace:
             self.since = self.calls
 
     def _serial_cost(self) -> float:
-        return min(self.workers * self.fastest, min(self.serial_times, default=float("inf")))
+        return min(self.serial_times) if self.serial_times else self.workers * self.fastest
 
     @classmethod
     def _trimmed_mean(cls, times) -> float:
@@ -508,9 +519,10 @@ class _ParallelPolicy(Guard):
         it may, the lock is held until :meth:`release`."""
         recent = now - self.last_end <= _BACK_TO_BACK_S
         self.last_end = now
-        if plan.brief and not recent:
-            return False
         pace = plan.pace
+        pace.cold = plan.brief and not recent
+        if pace.cold:
+            return False
         if not pace.wants_parallel():
             return False
         pace.after_pause = not recent

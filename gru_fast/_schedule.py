@@ -502,17 +502,23 @@ class _ParallelPolicy(Guard):
     * a brief call goes parallel only when the previous parallel-sized call ended within
       _BACK_TO_BACK_S (the workers are still awake);
     * a call goes parallel only while its plan's :class:`Pace` finds parallel calls of its shape faster
-      than serial ones.
+      than serial ones;
+    * a call that would wake the workers (no parallel call ended within _BACK_TO_BACK_S) runs serially
+      while the machine has no core free for them (:func:`_cores_taken`, asked again _BACK_TO_BACK_S
+      after it last found none): woken, a worker would wait for a core, a scheduler time slice, and the
+      parallel region ends only when each worker has run.
 
     A thread that is late anyway (a busy machine) is handled inside the kernel: the other worker takes
     over its share of each step until it catches up (see gru_fast.kernels, MODE_SPLIT).
     """
 
-    __slots__ = ("last_end",)
+    __slots__ = ("last_end", "parallel_end", "taken_until")
 
     def __init__(self):
         super().__init__()
-        self.last_end = 0.0
+        self.last_end = 0.0  # the start of the latest call, or the end of the latest parallel one
+        self.parallel_end = 0.0  # the end of the latest parallel call
+        self.taken_until = 0.0  # until then, calls that would wake the workers take the machine as busy
 
     def acquire(self, plan, now: float) -> bool:
         """Whether a call of ``plan`` arriving at ``now`` (``perf_counter()``) may launch in parallel; when
@@ -525,14 +531,56 @@ class _ParallelPolicy(Guard):
             return False
         if not pace.wants_parallel():
             return False
+        since = now - self.parallel_end
+        if since > _BACK_TO_BACK_S:
+            if now < self.taken_until:
+                return False
+            if _cores_taken(plan.workers, plan.workers - 1 if since < _WORKERS_SPIN_S else 0):
+                self.taken_until = now + _BACK_TO_BACK_S
+                return False
         pace.after_pause = not recent
         return self.lock.acquire(False)
 
     def release(self) -> float:
         """End a granted parallel call; returns the time it ended (``perf_counter()``)."""
-        self.last_end = end = perf_counter()
+        self.last_end = self.parallel_end = end = perf_counter()
         self.lock.release()
         return end
+
+
+def _open_loadavg() -> int | None:
+    try:
+        return os.open("/proc/loadavg", os.O_RDONLY)
+    except OSError:  # not Linux
+        return None
+
+
+_LOADAVG = _open_loadavg()
+_CPUS = os.cpu_count() or 1
+# After a parallel region, GNU OpenMP's workers spin before they sleep (libgomp's default 300,000 rounds
+# of `pause`; here the machine's count of running tasks stayed raised 4-8 ms after a batch of calls): so
+# long, they are among the running tasks _cores_taken counts, on the cores a launch would use.
+_WORKERS_SPIN_S = 0.02
+
+
+def _running_tasks() -> int | None:
+    """The machine's tasks running or waiting to run right now (the fourth field of /proc/loadavg, the
+    caller among them; about a microsecond to read), or None where it cannot be read."""
+    if _LOADAVG is None:
+        return None
+    try:
+        return int(os.pread(_LOADAVG, 64, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cores_taken(workers: int, spinning: int) -> bool:
+    """Whether the machine lacks ``workers - 1`` free CPUs beside the caller's right now; ``spinning``
+    running tasks are gru_fast's own workers, still spinning after a recent parallel call.  The count is
+    the whole machine's, against all its CPUs: inside a container limited to some of them this finds no
+    core free only when every CPU of the host is taken.  False where the count cannot be read."""
+    running = _running_tasks()
+    return running is not None and running - 1 - spinning > _CPUS - workers
 
 
 PARALLEL = _ParallelPolicy()

@@ -4,8 +4,10 @@ rounds are quiet they print their figures with a warning -- the demo's table, th
 its charts.  Also the harness's other promises to a user: stale charts are not left beside a new
 report, and a measurement that cannot run names every missing module and the extra that brings it.
 
-No speed is asserted: the busy machine is simulated through the meter's source (/proc/stat), and the
-one test on a real busy machine (child processes spinning on every CPU) checks only the meter.
+No speed is asserted: the busy machine is simulated through the meter's source (/proc/stat).  Two tests
+run on a real busy machine (child processes spinning on every CPU): the meter's, and the engine's, which
+runs a parallel-sized call serially while no core is free for its second worker and in parallel again once
+the spinners are gone (gru_fast._schedule: PARALLEL reads the machine's count of running tasks).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import gru_fast
-from gru_fast import _demo, peers
+from gru_fast import _demo, _schedule, kernels, peers
 
 from conftest import REPO_ROOT
 
@@ -60,6 +63,47 @@ def test_the_meter_sees_other_processes_spinning_on_every_cpu():
             spinner.kill()
             spinner.wait()
     assert share > peers.BUSY_SHARE, share
+
+
+@contextlib.contextmanager
+def _spinning_on_every_cpu():
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)  # the children are up and spinning
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def test_a_parallel_call_runs_serially_while_no_core_is_free(monkeypatch):
+    """Woken beside processes spinning on every CPU, the second worker of a parallel call would wait for a
+    core (a scheduler time slice, milliseconds): the call runs serially instead, with the same bits, and
+    once the machine is free again the calls run in parallel."""
+    if _schedule._running_tasks() is None or gru_fast.get_num_threads() < 2:
+        pytest.skip("needs /proc/loadavg (Linux) and two threads")
+    monkeypatch.setattr(_schedule.Pace, "wants_parallel", lambda self: True)  # only the machine decides
+    launches = []
+    forward = kernels.FORWARD["float32", True]
+    monkeypatch.setitem(kernels.FORWARD, ("float32", True), lambda args: (launches.append(1), forward(args))[1])
+    rng = np.random.default_rng(0)
+    H, I = 256, 64
+    model = gru_fast.GRU([(rng.uniform(-0.1, 0.1, (1, 3 * H, I)).astype(np.float32),
+                           rng.uniform(-0.1, 0.1, (1, 3 * H, H)).astype(np.float32), None)])
+    x = rng.standard_normal((100, 1, I)).astype(np.float32)
+    call = model.bind(x)  # B=1 T=100: split in two
+    with gru_fast.threads(1):
+        expected = model(x)[0]
+    call()  # compiles (or loads) the parallel kernel before the machine is busy
+    with _spinning_on_every_cpu():
+        del launches[:]
+        busy = [call()[0].copy() for _ in range(10)]
+        assert launches == []
+    time.sleep(0.1)
+    free = [call()[0].copy() for _ in range(10)]
+    assert launches
+    assert all(np.array_equal(y, expected) for y in busy + free)
 
 
 def test_quiet_rounds_leaves_busy_rounds_out_and_says_when_too_few_are_quiet():

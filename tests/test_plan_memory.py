@@ -171,8 +171,9 @@ def test_pace_does_not_count_cold_serial_calls(monkeypatch):
     otherwise fill the last serial times with cold ones within four pauses."""
     clock = [100.0]
     monkeypatch.setattr(_schedule, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_schedule, "_running_tasks", lambda: 1)  # an idle machine
     policy, pace = _schedule._ParallelPolicy(), _schedule.Pace(workers=2)
-    plan = SimpleNamespace(brief=True, pace=pace)
+    plan = SimpleNamespace(brief=True, pace=pace, workers=2)
 
     def call(after):
         clock[0] += after
@@ -189,6 +190,47 @@ def test_pace_does_not_count_cold_serial_calls(monkeypatch):
         for _ in range(20):
             call(1e-6)
     assert list(pace.serial_times) == [29e-6] * _schedule.Pace.CALIBRATIONS and pace._serial_cost() == 29e-6
+
+
+def test_a_call_that_would_wake_the_workers_waits_for_a_free_core(monkeypatch):
+    """PARALLEL reads the machine's count of running tasks (/proc/loadavg) when a parallel launch would
+    wake sleeping workers: on a 2-CPU machine with a neighbour running beside the caller the call runs
+    serially (its second worker would wait for the neighbour's time slice), and the machine counts as busy
+    for _BACK_TO_BACK_S before it is read again.  Within _WORKERS_SPIN_S of a parallel call gru_fast's own
+    worker may still be spinning, one of the running tasks; back to back, nothing is read."""
+    clock, running, reads = [100.0], [1], []
+
+    def running_tasks():
+        reads.append(clock[0])
+        return running[0]
+
+    monkeypatch.setattr(_schedule, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_schedule, "_running_tasks", running_tasks)
+    monkeypatch.setattr(_schedule, "_CPUS", 2)
+    policy = _schedule._ParallelPolicy()
+    pace = _schedule.Pace(workers=2)
+    plan = SimpleNamespace(brief=False, pace=pace, workers=2)
+    pace.calls = 10  # past the calibration calls
+
+    def call(after, seconds=1e-3):
+        clock[0] += after
+        granted = policy.acquire(plan, clock[0])
+        clock[0] += seconds
+        if granted:
+            policy.release()
+        return granted
+
+    assert call(1.0) and len(reads) == 1  # idle, workers asleep: read, parallel
+    assert call(1e-6) and len(reads) == 1  # back to back: not read
+    running[0] = 2
+    assert call(5e-3) and len(reads) == 2  # 5 ms after a parallel call: the other task is our worker
+    running[0] = 3
+    assert not call(5e-3) and len(reads) == 3  # one task more: no core free
+    assert not call(5e-4) and len(reads) == 3  # within _BACK_TO_BACK_S of that: busy, not read
+    running[0] = 2
+    assert not call(0.05) and len(reads) == 4  # workers asleep since: a neighbour beside the caller
+    running[0] = 1
+    assert call(3e-3) and len(reads) == 5  # the neighbour is gone
 
 
 def test_pace_ignores_a_lone_stall_on_an_idle_machine():

@@ -35,7 +35,8 @@ CHILD = textwrap.dedent(
     import gru_fast
     from gru_fast import _layout, _schedule, kernels
 
-    _schedule.Pace.wants_parallel = lambda self: True  # every call of a parallel plan launches in parallel
+    _schedule.Pace.wants_parallel = lambda self: True  # every call of a parallel plan launches in parallel,
+    _schedule._cores_taken = lambda workers, spinning: False  # beside whatever else runs
 
     seen = []  # Numba's count in the launching thread, and the workers gru_fast planned, per parallel launch
     workers = lambda args: ctypes.c_int64.from_address(args + 8 * _layout.ARGS.index("workers")).value

@@ -565,7 +565,7 @@ _WORKERS_SPIN_S = 0.02
 
 def _running_tasks() -> int | None:
     """The machine's tasks running or waiting to run right now (the fourth field of /proc/loadavg, the
-    caller among them; about a microsecond to read), or None where it cannot be read."""
+    caller among them; 1-2 us to read here), or None where it cannot be read."""
     if _LOADAVG is None:
         return None
     try:

@@ -121,8 +121,8 @@ def test_pace_keeps_a_parallel_plan_parallel_while_it_is_faster():
 
 def test_pace_measures_the_serial_path_to_judge_stalls():
     """B=1 T=100 H=256 beside a busy neighbour: parallel calls of 0.65 ms, one in six stalled 4.9 ms, a
-    serial call 0.95 ms.  The mean of the parallel calls is under 1.1 x twice the fastest (the bound on
-    the serial cost before any serial call), so without the measured serial call the plan would stay
+    serial call 0.95 ms.  The mean of the parallel calls is under 1.1 x twice the fastest (what stands in
+    for the serial cost before any serial call), so without the measured serial call the plan would stay
     parallel; with it, the plan turns serial within the first two windows."""
     calls = iter(range(10**6))
     pace, ran = _paced(lambda: 4.9e-3 if next(calls) % 6 == 5 else 0.65e-3, 0.95e-3, 200)

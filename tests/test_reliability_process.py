@@ -52,7 +52,7 @@ WORKER_SCRIPT = textwrap.dedent(
     import gru_fast
     from gru_fast import _schedule, kernels
 
-    _schedule._cores_taken = lambda workers, spinning: False  # launch beside whatever else runs (the rule: tests/test_plan_memory.py)
+    _schedule._cores_taken = lambda workers, spinning: False  # launch even on a busy machine (see test_plan_memory)
     START = sys.argv[1]
     JOIN_TIMEOUT = 90.0
     launches = []

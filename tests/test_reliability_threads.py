@@ -42,7 +42,7 @@ CHILD = textwrap.dedent(
     import gru_fast
     from gru_fast import _schedule, kernels
 
-    _schedule._cores_taken = lambda workers, spinning: False  # launch beside whatever else runs (the rule: tests/test_plan_memory.py)
+    _schedule._cores_taken = lambda workers, spinning: False  # launch even on a busy machine (see test_plan_memory)
     THREADS = int(os.environ.get("TEST_THREADS", %(threads)d))
     CALLS = int(os.environ.get("TEST_CALLS", %(calls)d))
     JOIN_TIMEOUT = 240.0
@@ -284,7 +284,7 @@ OPENMP_CHILD = textwrap.dedent(
     import gru_fast
     from gru_fast import _schedule, kernels
 
-    _schedule._cores_taken = lambda workers, spinning: False  # launch beside whatever else runs (the rule: tests/test_plan_memory.py)
+    _schedule._cores_taken = lambda workers, spinning: False  # launch even on a busy machine (see test_plan_memory)
     launches = []
     for key in [key for key in kernels.FORWARD if key[1]]:
         kernels.FORWARD[key] = (lambda f: lambda *a: (launches.append(1), f(*a))[1])(kernels.FORWARD[key])

@@ -203,16 +203,16 @@ class Pace:
       the next (``CALIBRATIONS`` in all) run serially to have two, so that a hiccup of the host in one
       does not set the cost (while the plan is parallel no serial call refreshes it).  A *cold* call is
       not counted: a brief call after a pause runs serially (:class:`_ParallelPolicy`) and finds its
-      weights out of cache (140-215 us for a streaming step of B=1 I=H=256 that takes 28 us warm).
+      weights out of cache (125-215 us for a streaming step of B=1 I=H=256 that takes 17-30 us warm).
       Before any serial call, ``workers`` x the fastest parallel call stands in.  It is no bound: a
       core's share of the weights may fit its L2 cache where all of them do not, and the host's speed
-      drifts.  That step ran 14-17 us in parallel and 28-30 serially; taken as a bound, twice its
-      fastest parallel call (10.4 us, in a faster phase of the host) put the serial cost at 20.8 us, and
-      windows of parallel calls with two or three hiccups of the host (trimmed means of 23-28 us)
-      turned it serial ten times in 15 rounds of the benchmark's batches (7-47 % of its calls serial, at
-      twice the time, in four runs).  The measured serial call also judges stalls sooner than the
-      stand-in (B=1 T=100 H=256: 0.95 ms against 1.3; with the stand-in, beside a busy neighbour the
-      plan ran 76 parallel calls, a fifth of them stalled 4 ms, before turning serial);
+      drifts.  In one phase of the host that step ran 14-17 us in parallel and 28-30 serially; taken as
+      a bound, twice its fastest parallel call (10.4 us, in a faster phase) put the serial cost at 20.8
+      us, and windows of parallel calls with two or three hiccups of the host (trimmed means of 23-28
+      us) turned it serial ten times in 15 rounds of the benchmark's batches (6-48 % of its calls
+      serial, at twice the time, in four runs).  The measured serial call also judges stalls sooner
+      than the stand-in (B=1 T=100 H=256: 0.95 ms against 1.3; with the stand-in, beside a busy
+      neighbour the plan ran 76 parallel calls, a fifth of them stalled 4 ms, before turning serial);
     * the plan turns serial when the mean of its last ``WINDOW`` parallel times, less the slowest
       ``TRIM`` (a lone stall on an idle machine is not a trend), exceeds ``SLOWER`` x that cost, judged
       every ``CHECK_EVERY`` calls from the ``CHECK_EVERY``-th on (beside a busy neighbour the first

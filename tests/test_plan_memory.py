@@ -166,7 +166,7 @@ def test_pace_calibrates_the_serial_cost_on_more_than_one_call():
 
 def test_pace_does_not_count_cold_serial_calls(monkeypatch):
     """A brief call after a pause of over _BACK_TO_BACK_S runs serially (PARALLEL does not wake the
-    workers for it) and finds the weights out of cache: 140-215 us for that 28 us streaming step.  Its
+    workers for it) and finds the weights out of cache: 125-215 us for a 17-30 us streaming step.  Its
     time is not the serial path's: calls that come in batches (a benchmark's, a server's bursts) would
     otherwise fill the last serial times with cold ones within four pauses."""
     clock = [100.0]

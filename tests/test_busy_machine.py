@@ -49,24 +49,9 @@ def _machine_quiet_snapshot():
     return own, own, time.perf_counter()
 
 
-def test_the_meter_sees_other_processes_spinning_on_every_cpu():
-    if not os.path.exists("/proc/stat"):
-        pytest.skip("the meter reads /proc/stat (Linux); elsewhere it falls back to the load average")
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
-    try:
-        time.sleep(0.3)  # the children are up and spinning
-        meter = peers.CpuMeter()
-        time.sleep(1.0)
-        share = meter.share()
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
-    assert share > peers.BUSY_SHARE, share
-
-
 @contextlib.contextmanager
 def _spinning_on_every_cpu():
+    """A child process spinning in a Python loop on every CPU, up and spinning inside the block."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
         time.sleep(0.3)  # the children are up and spinning
@@ -75,6 +60,16 @@ def _spinning_on_every_cpu():
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+def test_the_meter_sees_other_processes_spinning_on_every_cpu():
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("the meter reads /proc/stat (Linux); elsewhere it falls back to the load average")
+    with _spinning_on_every_cpu():
+        meter = peers.CpuMeter()
+        time.sleep(1.0)
+        share = meter.share()
+    assert share > peers.BUSY_SHARE, share
 
 
 def test_a_parallel_call_runs_serially_while_no_core_is_free(monkeypatch):
